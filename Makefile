@@ -1,0 +1,32 @@
+# make demo  - set up .venv if needed, then run notebooks 01-05 on the offline demo profile
+# make test  - set up .venv if needed, then run the test suite
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+# The CPU wheel here; on a CUDA machine use e.g. TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"
+TORCH  ?= torch==2.13.0
+RUN    ?= demo
+PYTEST_ARGS ?= -n 2
+
+.PHONY: env demo test lab clean-demo
+
+env: $(VENV)/.installed
+
+$(VENV)/.installed: requirements.txt pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q $(TORCH)
+	$(BIN)/pip install -q -r requirements.txt
+	$(BIN)/pip install -q --no-deps --no-build-isolation -e .
+	touch $@
+
+demo: env
+	$(BIN)/python -m helpers.runs --profile demo --run-name $(RUN)
+
+test: env
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+lab: env
+	$(BIN)/jupyter lab notebooks/
+
+clean-demo:
+	rm -rf data/demo outputs/runs/$(RUN)

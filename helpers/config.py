@@ -1,0 +1,225 @@
+"""One typed run config, a few named profiles, and the run folder it lives in.
+
+A run is a folder `outputs/runs/<run_name>/` holding `config.json`. The first notebook that opens a
+run creates it from a profile; later notebooks read it back and apply their own papermill
+parameters on top. Unknown fields and bad values are errors that say what is wrong.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class RunConfig:
+    """Everything that decides what a run does. Paths are relative to the project root."""
+
+    profile: str = "demo"  # a key of PROFILES: demo | hw6 | sd-baseline | tiny
+    run_name: str = "demo"
+    outputs_dir: str = "outputs"  # runs go to <outputs_dir>/runs/<run_name>, caches to <outputs_dir>/cache
+    seed: int = 0
+
+    # data
+    data_dir: str = "data/demo"  # holds train_info.json, train/, test.json (course format) ...
+    manifest: str = ""  # ... or a JSONL manifest of {"image", "caption"} rows instead
+    resolution: int = 16  # images are resized to this square size before encoding
+    val_fraction: float = 0.1  # share of monsters (groups) held out for validation
+    caption_dropout: float = 0.1  # share of captions replaced by "" so one model learns CFG
+    max_images: int = 0  # 0 = all; >0 keeps the first N training images (quick trials)
+
+    # frozen parts
+    text_encoder: str = "minilm"  # minilm | tiny | a CLIP id or path | any HF text-encoder id
+    max_tokens: int = 32  # captions are padded/truncated to this many tokens (CLIP: 77)
+    autoencoder: str = "identity"  # identity (pixel space) | tiny | an AutoencoderKL id or path
+    autoencoder_subfolder: str = ""  # e.g. "vae" for CompVis/stable-diffusion-v1-4
+
+    # U-Net
+    unet_preset: str = "demo"  # tiny | demo | hw6-base | hw6-large
+
+    # training
+    max_steps: int = 600
+    batch_size: int = 64
+    grad_accum: int = 1
+    lr: float = 1e-3
+    lr_schedule: str = "cosine"  # any name diffusers' get_scheduler knows
+    warmup_steps: int = 50
+    weight_decay: float = 0.01
+    max_grad_norm: float = 1.0
+    prediction_type: str = "epsilon"  # epsilon | v_prediction
+    min_snr_gamma: float = 0.0  # 0 = off; 5 is the paper's choice
+    offset_noise: float = 0.0
+    ema_max_decay: float = 0.9999
+    ema_power: float = 0.75  # EMA warm-up: decay = 1 - (1 + step) ** -power, capped at max
+    mixed_precision: str = "auto"  # auto (bf16 on CUDA) | no | bf16 | fp16
+    compile: bool = False
+    gradient_checkpointing: bool = False
+    checkpoint_every: int = 200
+    keep_checkpoints: int = 2
+    log_every: int = 10
+    preview_every: int = 200
+    num_train_timesteps: int = 1000
+    beta_schedule: str = "squaredcos_cap_v2"
+
+    # sampling
+    scheduler: str = "dpm++2m-karras"  # see helpers.sample.SCHEDULERS
+    sample_steps: int = 25
+    guidance: float = 3.0
+    guidance_rescale: float = 0.0
+    sample_batch_size: int = 64
+    use_ema: bool = True
+    output_size: int = 256  # the course wants 256x256 PNGs
+
+    # evaluation
+    guidance_sweep: list = field(default_factory=lambda: [1.0, 2.0, 3.0, 5.0, 7.5])
+    clip_model: str = "openai/clip-vit-base-patch32"
+    eval_max_images: int = 0  # 0 = the whole validation split / test set
+
+    # sd-baseline
+    sd_model: str = "CompVis/stable-diffusion-v1-4"
+
+    @property
+    def run_dir(self) -> Path:
+        return resolve_path(self.outputs_dir) / "runs" / self.run_name
+
+    @property
+    def cache_dir(self) -> Path:
+        return resolve_path(self.outputs_dir) / "cache"
+
+    @property
+    def data_path(self) -> Path:
+        return resolve_path(self.data_dir)
+
+    def validate(self) -> "RunConfig":
+        problems = []
+        for f in fields(self):
+            value, kind = getattr(self, f.name), type(f.default) if f.default is not dataclasses.MISSING else list
+            if kind is float and isinstance(value, int) and not isinstance(value, bool):
+                setattr(self, f.name, float(value))
+            elif not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+                problems.append(f"{f.name}={value!r} should be a {kind.__name__}")
+        if self.profile not in PROFILES:
+            problems.append(f"profile={self.profile!r} is not one of {sorted(PROFILES)}")
+        for name in ("resolution", "max_steps", "batch_size", "grad_accum", "sample_steps", "max_tokens"):
+            if isinstance(getattr(self, name), int) and getattr(self, name) < 1:
+                problems.append(f"{name}={getattr(self, name)!r} must be at least 1")
+        for name in ("val_fraction", "caption_dropout"):
+            if isinstance(getattr(self, name), float) and not 0.0 <= getattr(self, name) < 1.0:
+                problems.append(f"{name}={getattr(self, name)!r} must be in [0, 1)")
+        if self.prediction_type not in ("epsilon", "v_prediction"):
+            problems.append(f"prediction_type={self.prediction_type!r} must be 'epsilon' or 'v_prediction'")
+        if self.mixed_precision not in ("auto", "no", "bf16", "fp16"):
+            problems.append(f"mixed_precision={self.mixed_precision!r} must be auto, no, bf16 or fp16")
+        if problems:
+            raise ValueError("Bad run config:\n  " + "\n  ".join(problems))
+        return self
+
+    def replace(self, **overrides) -> "RunConfig":
+        """A copy with `overrides` applied; None values mean 'keep' (papermill's unset parameters)."""
+        overrides = {k: v for k, v in overrides.items() if v is not None}
+        check_fields(overrides)
+        return dataclasses.replace(self, **overrides).validate()
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, ensure_ascii=False)
+
+
+# Names people bring from diffusers' example scripts, mapped to ours for the error message.
+ALIASES = {"learning_rate": "lr", "train_batch_size": "batch_size", "num_train_steps": "max_steps",
+           "max_train_steps": "max_steps", "guidance_scale": "guidance", "num_inference_steps": "sample_steps",
+           "gradient_accumulation_steps": "grad_accum", "snr_gamma": "min_snr_gamma"}
+
+
+def check_fields(names) -> None:
+    known = [f.name for f in fields(RunConfig)]
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        def hint(n):
+            close = [ALIASES[n]] if n in ALIASES else difflib.get_close_matches(n, known, 1)
+            return f"{n!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
+        hints = [hint(n) for n in unknown]
+        raise ValueError(f"Unknown config field(s): {', '.join(hints)}. Known fields: {', '.join(known)}")
+
+
+# Each profile is a set of overrides on the defaults above (which are the demo's).
+PROFILES: dict[str, dict] = {
+    "demo": {},
+    "hw6": dict(
+        data_dir="data/hw6", resolution=256, text_encoder="openai/clip-vit-base-patch32", max_tokens=77,
+        autoencoder="CompVis/stable-diffusion-v1-4", autoencoder_subfolder="vae", unet_preset="hw6-base",
+        max_steps=30_000, batch_size=64, lr=1e-4, warmup_steps=500, checkpoint_every=2000, preview_every=1000,
+        log_every=50, beta_schedule="scaled_linear", guidance=3.0, sample_batch_size=64, ema_max_decay=0.9999,
+        caption_dropout=0.1, min_snr_gamma=5.0,
+    ),
+    "sd-baseline": dict(
+        data_dir="data/hw6", resolution=256, text_encoder="CompVis/stable-diffusion-v1-4", max_tokens=77,
+        autoencoder="CompVis/stable-diffusion-v1-4", autoencoder_subfolder="vae", guidance=7.5,
+        sample_steps=25, beta_schedule="scaled_linear",
+    ),
+    "tiny": dict(
+        data_dir="data/tiny", resolution=16, text_encoder="tiny", max_tokens=16, autoencoder="identity",
+        unet_preset="tiny", max_steps=4, batch_size=8, warmup_steps=1, checkpoint_every=2, preview_every=4,
+        log_every=1, sample_steps=3, sample_batch_size=8, guidance_sweep=[1.0, 3.0], output_size=32,
+    ),
+}
+
+
+def profile_config(profile: str, **overrides) -> RunConfig:
+    if profile not in PROFILES:
+        raise ValueError(f"Unknown profile {profile!r}; choose one of {sorted(PROFILES)}")
+    base = RunConfig(profile=profile, run_name=profile).replace(**PROFILES[profile])
+    return base.replace(**overrides)
+
+
+def load_config(path: str | Path) -> RunConfig:
+    path = Path(path)
+    if path.is_dir():
+        path = path / "config.json"
+    try:
+        values = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"No run config at {path}: run notebooks/01_data.ipynb for this run first") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: malformed JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
+    check_fields(values)
+    return RunConfig(**values).validate()
+
+
+def save_config(cfg: RunConfig) -> Path:
+    cfg.run_dir.mkdir(parents=True, exist_ok=True)
+    path = cfg.run_dir / "config.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(cfg.to_json(), encoding="utf-8")
+    tmp.replace(path)
+    return path
+
+
+def open_run(run_name: str, profile: str | None = None, outputs_dir: str = "outputs", **overrides) -> RunConfig:
+    """The config of run `run_name`: read from its folder if it exists, else made from `profile`.
+
+    Notebook parameters left as None keep the stored value. The result is saved back, so the run
+    folder always holds the config that was actually used.
+    """
+    path = resolve_path(outputs_dir) / "runs" / run_name / "config.json"
+    if path.exists():
+        cfg = load_config(path)
+        if profile is not None and profile != cfg.profile:
+            raise ValueError(f"Run {run_name!r} was made with profile {cfg.profile!r}, not {profile!r}: "
+                             f"pick another run_name or delete {path.parent}")
+        changed = {k: v for k, v in overrides.items() if v is not None and getattr(cfg, k, object()) != v}
+        cfg = cfg.replace(**overrides)
+        if changed:
+            print(f"Run {run_name}: updating config.json with {changed}")
+    else:
+        cfg = profile_config(profile or "demo", run_name=run_name, outputs_dir=str(outputs_dir), **overrides)
+    save_config(cfg)
+    return cfg
+
+
+def resolve_path(p: str | Path) -> Path:
+    p = Path(p)
+    return p if p.is_absolute() else PROJECT_ROOT / p

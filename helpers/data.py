@@ -1,0 +1,257 @@
+"""Captioned image sets: the course format, a generic JSONL manifest, and what is wrong with them.
+
+Both formats become one list of `ImageRecord`s. Problems are never dropped silently: every loader
+returns a `DataReport` that counts and lists what was skipped and why, and can be written to disk.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import random
+import re
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    path: Path  # the image file
+    key: str  # its caption entry, e.g. "0_attack1" (course) or the image stem (manifest)
+    group: str  # what a split keeps on one side: the monster id (course) or the image itself
+    captions: tuple[str, ...]  # every caption it may be trained with (one is drawn per step)
+    action: str = ""  # the action phrase, "" when none
+
+
+@dataclass(frozen=True)
+class Prompt:
+    key: str
+    image_name: str  # file name the generated image must have
+    text: str
+
+
+@dataclass
+class DataReport:
+    """Everything the loaders skipped or flagged, by kind, with the files concerned."""
+
+    problems: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
+    counts: dict[str, int] = field(default_factory=dict)
+
+    def add(self, kind: str, item: str) -> None:
+        self.problems[kind].append(item)
+
+    def summary(self) -> str:
+        lines = [f"{k}: {v}" for k, v in self.counts.items()]
+        for kind, items in self.problems.items():
+            shown = ", ".join(items[:5]) + (f", … (+{len(items) - 5} more)" if len(items) > 5 else "")
+            lines.append(f"{kind}: {len(items)} ({shown})")
+        return "\n".join(lines) if lines else "no problems"
+
+    def write(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"counts": self.counts, "problems": dict(self.problems)},
+                                   indent=2, ensure_ascii=False), encoding="utf-8")
+        return path
+
+
+def read_json(path: str | Path):
+    """json.load with messages that name the file (and the line and column of a syntax error)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: file not found")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: malformed JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+
+
+# ---------------------------------------------------------------- the course format
+
+
+def compose_caption(description: str, action: str) -> str:
+    """The course's caption: a description, then the action phrase when there is one."""
+    return f"{description.strip()} {action.strip()}".strip()
+
+
+def key_of_image(name: str) -> tuple[str, str] | None:
+    """'100_main_3.png' -> ('100_main', '3'): the key is everything before the last underscore."""
+    m = re.fullmatch(r"(.+)_(\d+)\.png", name)
+    return (m.group(1), m.group(2)) if m else None
+
+
+def load_course_data(data_dir: str | Path) -> tuple[list[ImageRecord], DataReport]:
+    """Index `train_info.json` + `train/*.png` (no decoding here; that happens once, when caching)."""
+    data_dir = Path(data_dir)
+    info_path, train_dir = data_dir / "train_info.json", data_dir / "train"
+    info = read_json(info_path)
+    if not isinstance(info, dict):
+        raise ValueError(f"{info_path}: expected an object of {{key: entry}}, got {type(info).__name__}")
+    if not train_dir.is_dir():
+        raise FileNotFoundError(f"{train_dir}: folder of training images not found")
+    report = DataReport()
+    captions = {key: _entry_captions(info_path, key, entry, report) for key, entry in info.items()}
+    records, seen_keys = [], set()
+    for path in sorted(train_dir.iterdir()):
+        parsed = key_of_image(path.name)
+        if parsed is None:
+            report.add("files not named <key>_<frame>.png", path.name)
+        elif parsed[0] not in captions:
+            report.add("images whose key has no entry in train_info.json", path.name)
+        elif not captions[parsed[0]]:
+            report.add("images skipped because their entry has no usable given_description", path.name)
+        else:
+            key = parsed[0]
+            seen_keys.add(key)
+            records.append(ImageRecord(path, key, key.split("_")[0], captions[key],
+                                       info[key].get("action_description") or ""))
+    for key in info:
+        if key not in seen_keys and captions[key]:
+            report.add("keys in train_info.json with no images", key)
+    report.counts.update(entries=len(info), images=len(records), monsters=len({r.group for r in records}))
+    return records, report
+
+
+def _entry_captions(path: Path, key: str, entry, report: DataReport) -> tuple[str, ...]:
+    descriptions = entry.get("given_description") if isinstance(entry, dict) else None
+    if isinstance(descriptions, str):
+        descriptions = [descriptions]
+    if not descriptions or not all(isinstance(d, str) and d.strip() for d in descriptions):
+        report.add(f"entries without a usable given_description (in {path.name})", key)
+        return ()
+    action = entry.get("action_description") or ""
+    return tuple(compose_caption(d, action) for d in descriptions)
+
+
+def load_prompts(path: str | Path) -> list[Prompt]:
+    """Read a course-format `test.json`, refusing anything that would write a bad results folder."""
+    path = Path(path)
+    entries = read_json(path)
+    if not isinstance(entries, dict):
+        raise ValueError(f"{path}: expected an object of {{key: entry}}, got {type(entries).__name__}")
+    prompts, problems, names = [], [], Counter()
+    for key, entry in entries.items():
+        name = entry.get("image_name") if isinstance(entry, dict) else None
+        if not isinstance(name, str) or not name:
+            problems.append(f"{key!r}: missing image_name")
+            continue
+        if not name.lower().endswith(".png"):
+            problems.append(f"{key!r}: image_name {name!r} is not a .png")
+        if Path(name).name != name or name in (".", "..") or "\\" in name:
+            problems.append(f"{key!r}: image_name {name!r} would be written outside the results folder")
+        names[name] += 1
+        text = entry.get("text_prompt") or compose_caption(entry.get("given_description", ""),
+                                                            entry.get("action_description", ""))
+        prompts.append(Prompt(key, name, text))
+    problems += [f"image_name {n!r} is used {c} times" for n, c in names.items() if c > 1]
+    if problems:
+        raise ValueError(f"{path}: {len(problems)} problem(s):\n  " + "\n  ".join(problems))
+    return prompts
+
+
+# ---------------------------------------------------------------- any captioned images
+
+
+def load_manifest(path: str | Path) -> tuple[list[ImageRecord], DataReport]:
+    """A JSONL file of {"image": path relative to the file, "caption": str or [str], "group"?: str}."""
+    path = Path(path)
+    report, by_image = DataReport(), defaultdict(list)
+    groups = {}
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                image, caption = row["image"], row["caption"]
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}: malformed JSON at line {lineno}, column {e.colno}: {e.msg}") from None
+            except (KeyError, TypeError):
+                raise ValueError(f"{path}: line {lineno} needs the fields 'image' and 'caption'") from None
+            by_image[image] += [caption] if isinstance(caption, str) else list(caption)
+            groups[image] = str(row.get("group", image))
+    records = []
+    for image, caps in by_image.items():
+        file = path.parent / image
+        if not file.exists():
+            report.add("images listed in the manifest but missing", str(file))
+            continue
+        records.append(ImageRecord(file, Path(image).stem, groups[image], tuple(caps)))
+    report.counts.update(rows=sum(len(c) for c in by_image.values()), images=len(records))
+    return records, report
+
+
+def write_manifest(rows: list[dict], path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    return path
+
+
+def coco_to_manifest(captions_json: str | Path, image_dir: str | Path, out: str | Path) -> Path:
+    """COCO `captions_*.json` (images + annotations) → manifest with one row per caption."""
+    coco = read_json(captions_json)
+    out = Path(out)
+    files = {im["id"]: im["file_name"] for im in coco["images"]}
+    rows = [{"image": _relative(Path(image_dir) / files[a["image_id"]], out.parent), "caption": a["caption"].strip()}
+            for a in coco["annotations"]]
+    return write_manifest(rows, out)
+
+
+def flickr_to_manifest(captions_csv: str | Path, image_dir: str | Path, out: str | Path) -> Path:
+    """Flickr8k/30k-style CSV with `image,caption` columns (or the `image_name| comment` variant)."""
+    captions_csv, out = Path(captions_csv), Path(out)
+    text = captions_csv.read_text(encoding="utf-8")
+    delimiter = "|" if text.splitlines()[0].count("|") else ","
+    rows = []
+    for row in csv.DictReader(text.splitlines(), delimiter=delimiter, skipinitialspace=True):
+        row = {k.strip(): (v or "").strip() for k, v in row.items() if k}
+        image = row.get("image") or row.get("image_name") or row.get("filename")
+        caption = row.get("caption") or row.get("comment")
+        if not image or not caption:
+            raise ValueError(f"{captions_csv}: needs columns image (or image_name) and caption (or comment); "
+                             f"got {sorted(row)}")
+        rows.append({"image": _relative(Path(image_dir) / image, out.parent), "caption": caption})
+    return write_manifest(rows, out)
+
+
+def _relative(path: Path, start: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(start.resolve()))
+    except ValueError:
+        return str(path.resolve())
+
+
+# ---------------------------------------------------------------- shared by both
+
+
+def load_records(data_dir: str | Path, manifest: str | Path = "") -> tuple[list[ImageRecord], DataReport]:
+    return load_manifest(manifest) if manifest else load_course_data(data_dir)
+
+
+def split_by_group(records: list[ImageRecord], val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Indices of train and validation records; every group (monster) lands wholly on one side."""
+    groups = sorted({r.group for r in records}, key=_natural)
+    random.Random(seed).shuffle(groups)
+    n_val = round(len(groups) * val_fraction) if val_fraction > 0 else 0
+    if val_fraction > 0 and len(groups) > 1:
+        n_val = min(max(n_val, 1), len(groups) - 1)
+    val_groups = set(groups[:n_val])
+    train = [i for i, r in enumerate(records) if r.group not in val_groups]
+    val = [i for i, r in enumerate(records) if r.group in val_groups]
+    return train, val
+
+
+def _natural(s: str):
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", s)]
+
+
+def count_long_captions(captions, tokenizer, max_tokens: int) -> tuple[int, list[int]]:
+    """How many captions the tokenizer would cut at `max_tokens`, and every caption's token length."""
+    lengths = [len(ids) for ids in tokenizer(list(captions), truncation=False)["input_ids"]]
+    return sum(n > max_tokens for n in lengths), lengths
+

@@ -1,0 +1,71 @@
+"""Reading images the way every model here wants them: RGB on white, square, as tensors in [-1, 1]."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+
+class BadImageError(ValueError):
+    """An image file that is missing or cannot be decoded; the message names the file."""
+
+
+def load_rgb(path: str | Path) -> Image.Image:
+    """Open any PNG/JPEG as RGB, compositing transparency (RGBA, LA, palette with alpha) onto white."""
+    path = Path(path)
+    try:
+        with Image.open(path) as im:
+            im.load()
+    except FileNotFoundError:
+        raise BadImageError(f"{path}: file not found") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise BadImageError(f"{path}: cannot decode image ({e})") from None
+    if im.mode == "P":
+        im = im.convert("RGBA" if "transparency" in im.info else "RGB")
+    if im.mode in ("RGBA", "LA", "PA"):
+        im = im.convert("RGBA")
+        white = Image.new("RGBA", im.size, (255, 255, 255, 255))
+        im = Image.alpha_composite(white, im)
+    return im.convert("RGB")
+
+
+def square_resize(im: Image.Image, size: int) -> Image.Image:
+    """Pad to a square on white (sprites must not be stretched), then resize with antialiasing."""
+    w, h = im.size
+    if w != h:
+        side = max(w, h)
+        canvas = Image.new("RGB", (side, side), (255, 255, 255))
+        canvas.paste(im, ((side - w) // 2, (side - h) // 2))
+        im = canvas
+    if im.size != (size, size):
+        im = im.resize((size, size), Image.Resampling.LANCZOS if size < im.size[0] else Image.Resampling.BICUBIC)
+    return im
+
+
+def load_image_tensor(path: str | Path, size: int) -> torch.Tensor:
+    """3×size×size float tensor in [-1, 1]."""
+    return pil_to_tensor(square_resize(load_rgb(path), size))
+
+
+def pil_to_tensor(im: Image.Image) -> torch.Tensor:
+    arr = np.asarray(im.convert("RGB"), dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
+
+
+def tensor_to_pil(x: torch.Tensor) -> Image.Image:
+    """Inverse of pil_to_tensor for one 3×H×W image in [-1, 1]; NaNs become black so they show."""
+    x = torch.nan_to_num(x.detach().float().cpu(), nan=-1.0).clamp(-1, 1)
+    arr = ((x + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    return Image.fromarray(arr, "RGB")
+
+
+def image_grid(images: list[Image.Image], cols: int, cell: int | None = None) -> Image.Image:
+    """Tile PIL images into one picture (resized to `cell` px squares, nearest for small sprites)."""
+    cell = cell or images[0].size[0]
+    rows = (len(images) + cols - 1) // cols
+    grid = Image.new("RGB", (cols * cell, rows * cell), (255, 255, 255))
+    for i, im in enumerate(images):
+        grid.paste(im.resize((cell, cell), Image.Resampling.NEAREST), ((i % cols) * cell, (i // cols) * cell))
+    return grid

@@ -1,0 +1,99 @@
+"""The parts of one text-to-image model, assembled from a run config, and where a trained one is saved.
+
+A run's trained model lives in `<run_dir>/model/` as diffusers folders: `unet/`, `unet_ema/`,
+`scheduler/` (safetensors + json). The frozen text encoder and autoencoder are not copied: they are
+rebuilt from the config (pretrained ids, or deterministic tiny ones).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .autoencoder import load_autoencoder
+from .config import RunConfig
+from .text import TextEncoder, load_text_encoder
+from .unet import build_unet
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load_frozen_parts(cfg: RunConfig, device=None):
+    device = device or default_device()
+    text_encoder = load_text_encoder(cfg.text_encoder, cfg.max_tokens, device)
+    autoencoder = load_autoencoder(cfg.autoencoder, cfg.autoencoder_subfolder, device)
+    return text_encoder, autoencoder
+
+
+def latent_size(cfg: RunConfig, autoencoder) -> int:
+    return cfg.resolution // autoencoder.downsample
+
+
+def new_unet(cfg: RunConfig, text_encoder: TextEncoder, autoencoder):
+    """A freshly initialised U-Net whose channels follow the autoencoder and context the text encoder."""
+    return build_unet(cfg.unet_preset, autoencoder.latent_channels, text_encoder.hidden_size,
+                      latent_size(cfg, autoencoder), seed=cfg.seed)
+
+
+def noise_scheduler(cfg: RunConfig):
+    """The training-time noise schedule; samplers are built from its config (helpers.sample)."""
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(num_train_timesteps=cfg.num_train_timesteps, beta_schedule=cfg.beta_schedule,
+                         prediction_type=cfg.prediction_type, clip_sample=False)
+
+
+def model_dir(cfg: RunConfig) -> Path:
+    return cfg.run_dir / "model"
+
+
+def save_model(cfg: RunConfig, unet, ema_unet, scheduler) -> Path:
+    """Write U-Net, EMA U-Net and scheduler config as diffusers folders (safetensors)."""
+    out = model_dir(cfg)
+    unet.save_pretrained(out / "unet", safe_serialization=True)
+    if ema_unet is not None:
+        ema_unet.save_pretrained(out / "unet_ema", safe_serialization=True)
+    scheduler.save_pretrained(out / "scheduler")
+    return out
+
+
+@dataclass
+class TextToImage:
+    """Everything needed to turn prompts into images; see helpers.sample for the sampling itself."""
+
+    cfg: RunConfig
+    unet: torch.nn.Module
+    text_encoder: TextEncoder
+    autoencoder: object
+    scheduler_config: dict
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        c = self.unet.config
+        return (c.in_channels, c.sample_size, c.sample_size)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
+        return self.text_encoder.encode(list(prompts))
+
+
+def load_model(cfg: RunConfig, use_ema: bool | None = None, device=None) -> TextToImage:
+    """The trained model of a run (EMA weights unless `use_ema=False` or `cfg.use_ema` is off)."""
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+
+    use_ema = cfg.use_ema if use_ema is None else use_ema
+    folder = model_dir(cfg) / ("unet_ema" if use_ema else "unet")
+    if not folder.exists():
+        raise FileNotFoundError(f"No trained U-Net at {folder}: run notebooks/03_train_cfg.ipynb for run "
+                                f"{cfg.run_name!r} first")
+    device = device or default_device()
+    text_encoder, autoencoder = load_frozen_parts(cfg, device)
+    unet = UNet2DConditionModel.from_pretrained(folder).to(device).eval().requires_grad_(False)
+    scheduler_config = dict(DDPMScheduler.load_config(model_dir(cfg) / "scheduler"))
+    return TextToImage(cfg, unet, text_encoder, autoencoder, scheduler_config)

@@ -1,0 +1,52 @@
+import json
+
+import pytest
+
+from helpers.config import PROFILES, load_config, open_run, profile_config
+
+
+def test_profiles_resolve_and_validate():
+    for name in PROFILES:
+        cfg = profile_config(name)
+        assert cfg.profile == name
+    hw6 = profile_config("hw6")
+    assert (hw6.text_encoder, hw6.autoencoder, hw6.autoencoder_subfolder, hw6.resolution) == (
+        "openai/clip-vit-base-patch32", "CompVis/stable-diffusion-v1-4", "vae", 256)
+
+
+def test_unknown_field_is_named_with_a_suggestion():
+    with pytest.raises(ValueError, match=r"'learning_rate'.*did you mean 'lr'"):
+        profile_config("demo", learning_rate=1e-3)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("batch_size", 0, "batch_size=0 must be at least 1"),
+    ("caption_dropout", 1.5, "caption_dropout=1.5 must be in"),
+    ("max_steps", "ten", "max_steps='ten' should be a int"),
+    ("prediction_type", "x0", "prediction_type='x0'"),
+])
+def test_bad_values_are_rejected(field, value, message):
+    with pytest.raises(ValueError, match=message):
+        profile_config("demo", **{field: value})
+
+
+def test_unknown_profile():
+    with pytest.raises(ValueError, match="Unknown profile 'nope'"):
+        profile_config("nope")
+
+
+def test_open_run_saves_then_applies_overrides(tmp_path):
+    cfg = open_run("r1", "tiny", outputs_dir=str(tmp_path), max_steps=7)
+    saved = json.loads((tmp_path / "runs" / "r1" / "config.json").read_text())
+    assert saved["max_steps"] == 7 and saved["profile"] == "tiny"
+    again = open_run("r1", None, outputs_dir=str(tmp_path), max_steps=None, lr=0.5)
+    assert (again.max_steps, again.lr) == (7, 0.5)
+    assert load_config(cfg.run_dir).lr == 0.5
+    with pytest.raises(ValueError, match="was made with profile 'tiny'"):
+        open_run("r1", "demo", outputs_dir=str(tmp_path))
+
+
+def test_malformed_config_json_names_line_and_column(tmp_path):
+    (tmp_path / "config.json").write_text('{"lr": 1e-3,\n  "batch_size": }')
+    with pytest.raises(ValueError, match=r"config.json: malformed JSON at line 2, column"):
+        load_config(tmp_path)
