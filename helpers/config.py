@@ -50,7 +50,9 @@ class RunConfig:
     warmup_steps: int = 50
     weight_decay: float = 0.01
     max_grad_norm: float = 1.0
-    prediction_type: str = "epsilon"  # epsilon | v_prediction
+    # v: on the cosine schedule alpha_bar(T) ~ 2e-9, so an epsilon model's first sampling step divides its
+    # error by sqrt(alpha_bar) ~ 5e-5 and pixel-space samples come out as saturated noise
+    prediction_type: str = "v_prediction"  # epsilon | v_prediction
     min_snr_gamma: float = 0.0  # 0 = off; 5 is the paper's choice
     offset_noise: float = 0.0
     ema_max_decay: float = 0.9999
@@ -66,7 +68,7 @@ class RunConfig:
     beta_schedule: str = "squaredcos_cap_v2"
 
     # sampling
-    scheduler: str = "dpm++2m-karras"  # see helpers.sample.SCHEDULERS
+    scheduler: str = "dpm++2m"  # see helpers.sample.SCHEDULERS (Karras sigmas suit SD's schedule, not cosine)
     sample_steps: int = 25
     guidance: float = 3.0
     guidance_rescale: float = 0.0
@@ -152,13 +154,13 @@ PROFILES: dict[str, dict] = {
         data_dir="data/hw6", resolution=256, text_encoder="openai/clip-vit-base-patch32", max_tokens=77,
         autoencoder="CompVis/stable-diffusion-v1-4", autoencoder_subfolder="vae", unet_preset="hw6-base",
         max_steps=30_000, batch_size=64, lr=1e-4, warmup_steps=500, checkpoint_every=2000, preview_every=1000,
-        log_every=50, beta_schedule="scaled_linear", guidance=3.0, sample_batch_size=64, ema_max_decay=0.9999,
-        caption_dropout=0.1, min_snr_gamma=5.0,
+        log_every=50, beta_schedule="scaled_linear", prediction_type="epsilon", scheduler="dpm++2m-karras",
+        guidance=3.0, sample_batch_size=64, caption_dropout=0.1, min_snr_gamma=5.0,
     ),
     "sd-baseline": dict(
         data_dir="data/hw6", resolution=256, text_encoder="CompVis/stable-diffusion-v1-4", max_tokens=77,
         autoencoder="CompVis/stable-diffusion-v1-4", autoencoder_subfolder="vae", guidance=7.5,
-        sample_steps=25, beta_schedule="scaled_linear",
+        scheduler="dpm++2m-karras", sample_steps=25, beta_schedule="scaled_linear", prediction_type="epsilon",
     ),
     "tiny": dict(
         data_dir="data/tiny", resolution=16, text_encoder="tiny", max_tokens=16, autoencoder="identity",

@@ -1,0 +1,112 @@
+"""Training checkpoints that are either complete or invisible.
+
+`<run_dir>/checkpoints/step-000200/` holds
+    unet.safetensors, unet_ema.safetensors   weights (safetensors: no code runs when loading)
+    state.pt                                 optimizer, LR scheduler, grad scaler, EMA counters, RNG
+                                             states, step and data position (torch.load weights_only)
+    done.json                                written last; lists the files above
+Everything is written into a hidden temp folder first and renamed into place, so a killed process
+leaves at most a `.tmp-*` folder, which is ignored and cleaned up. Only the last K are kept.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+FILES = ("unet.safetensors", "unet_ema.safetensors", "state.pt")
+_NAME = re.compile(r"step-(\d{6,})")
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step-{step:06d}"
+
+
+def save_checkpoint(root: str | Path, step: int, unet_state: dict, ema_state: dict, state: dict,
+                    keep: int = 2) -> Path:
+    """Write one checkpoint atomically (temp folder, fsync, rename) and prune all but the last `keep`."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / checkpoint_name(step)
+    tmp = root / f".tmp-{final.name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    save_file(_contiguous_cpu(unet_state), str(tmp / "unet.safetensors"))
+    save_file(_contiguous_cpu(ema_state), str(tmp / "unet_ema.safetensors"))
+    torch.save(state, tmp / "state.pt")
+    (tmp / "done.json").write_text(json.dumps({"step": step, "files": list(FILES)}))
+    for f in tmp.iterdir():
+        _fsync(f)
+    if final.exists():  # re-running from an earlier checkpoint: move the old one aside first
+        old = root / f".old-{final.name}-{os.getpid()}"
+        os.replace(final, old)
+        shutil.rmtree(old, ignore_errors=True)
+    os.replace(tmp, final)
+    _fsync(root)
+    prune_checkpoints(root, keep)
+    return final
+
+
+def list_checkpoints(root: str | Path) -> list[Path]:
+    """Complete checkpoint folders, oldest first (temp folders and ones without done.json are skipped)."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and _NAME.fullmatch(p.name) and (p / "done.json").exists()]
+    return sorted(found, key=lambda p: int(_NAME.fullmatch(p.name).group(1)))
+
+
+def prune_checkpoints(root: str | Path, keep: int) -> None:
+    root = Path(root)
+    for p in list_checkpoints(root)[:-keep] if keep > 0 else []:
+        shutil.rmtree(p, ignore_errors=True)
+    for p in root.glob(".tmp-*"):  # left by a killed writer (ours was renamed away already)
+        if not p.name.endswith(f"-{os.getpid()}"):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    """{"unet", "ema", "state"} of one checkpoint; a clear error if a file is missing or damaged."""
+    path = Path(path)
+    try:
+        return dict(unet=load_file(str(path / "unet.safetensors")), ema=load_file(str(path / "unet_ema.safetensors")),
+                    state=torch.load(path / "state.pt", map_location="cpu", weights_only=True))
+    except Exception as e:
+        raise ValueError(f"{path}: damaged checkpoint ({type(e).__name__}: {e})") from None
+
+
+def latest_checkpoint(root: str | Path) -> tuple[Path, dict] | None:
+    """The newest checkpoint that loads, with its contents; damaged ones are reported and skipped."""
+    for path in reversed(list_checkpoints(root)):
+        try:
+            return path, load_checkpoint(path)
+        except ValueError as e:
+            print(f"Skipping {e}")
+    return None
+
+
+def checkpoint_step(path: str | Path) -> int:
+    return int(_NAME.fullmatch(Path(path).name).group(1))
+
+
+def _contiguous_cpu(tensors: dict) -> dict:
+    return {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+
+
+def _fsync(path: Path) -> None:
+    """Flush to disk so a power cut (not just a kill) cannot leave a renamed but empty file."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

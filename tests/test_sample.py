@@ -1,0 +1,165 @@
+"""The sampler, the pictures built on it, the diffusers export, and the SD baseline's offline behaviour."""
+import io
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from helpers.autoencoder import load_autoencoder
+from helpers.config import profile_config
+from helpers.model import TextToImage, noise_scheduler
+from helpers.sample import (SCHEDULERS, guidance_steps_grid, load_sd_baseline, make_panel, make_scheduler, preview,
+                            sample_images, sampling_guidance, scheduler_grid, to_output_pils)
+from helpers.text import load_text_encoder
+from helpers.unet import build_unet
+
+PROMPTS = ["a red round monster with two eyes", "a blue square monster. The monster is attacking.", "a tiny thing"]
+
+
+def tiny_model(tmp_path, autoencoder="identity", **overrides) -> TextToImage:
+    cfg = profile_config("tiny", outputs_dir=str(tmp_path), **overrides)
+    ae = load_autoencoder(autoencoder)
+    size = cfg.resolution // ae.downsample
+    unet = build_unet("tiny", ae.latent_channels, 32, size).eval()
+    return TextToImage(cfg, unet, load_text_encoder("tiny", 16), ae, dict(noise_scheduler(cfg).config))
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return tiny_model(tmp_path_factory.mktemp("run"))
+
+
+@pytest.fixture(scope="module")
+def vae_model(tmp_path_factory):
+    # the VAE profiles (hw6) train on SD's scaled_linear schedule
+    return tiny_model(tmp_path_factory.mktemp("vae_run"), "tiny", beta_schedule="scaled_linear")
+
+
+def test_every_scheduler_is_built_from_the_training_schedule(model):
+    for name, (class_name, extra) in SCHEDULERS.items():
+        sched = make_scheduler(name, model.scheduler_config)
+        assert type(sched).__name__ == class_name
+        assert sched.config.num_train_timesteps == model.cfg.num_train_timesteps
+        assert sched.config.beta_schedule == model.cfg.beta_schedule
+        for k, v in extra.items():
+            assert sched.config[k] == v
+    with pytest.raises(ValueError, match="Unknown scheduler 'dpm'.*dpm\\+\\+2m-karras.*unipc"):
+        make_scheduler("dpm", model.scheduler_config)
+
+
+@pytest.mark.parametrize("scheduler", ["dpm++2m-karras", "euler-a", "ddpm"])
+def test_same_seed_same_image_whatever_the_batch(model, scheduler):
+    seeds = [7, 8, 9]
+    together = sample_images(model, PROMPTS, seeds, guidance=3.0, steps=4, scheduler=scheduler, batch_size=3)
+    alone = sample_images(model, PROMPTS, seeds, guidance=3.0, steps=4, scheduler=scheduler, batch_size=1)
+    assert together.shape == (3, 3, 16, 16)
+    # float noise of batched matmuls only (v-prediction with Euler a amplifies it to ~1e-4): far below
+    # one 8-bit level (7.8e-3), far above it for another seed
+    assert torch.allclose(together, alone, atol=2e-4)
+    other_seed = sample_images(model, PROMPTS[:1], [10], guidance=3.0, steps=4, scheduler=scheduler)
+    assert (other_seed[0] - together[0]).abs().max() > 1e-2
+
+
+def test_guidance_one_skips_the_unconditional_half_and_guidance_changes_the_image(model):
+    batches = []
+    hook = model.unet.register_forward_pre_hook(lambda m, args: batches.append(args[0].shape[0]))
+    try:
+        plain = sample_images(model, PROMPTS[:2], [0, 1], guidance=1.0, steps=3, scheduler="ddim")
+        guided = sample_images(model, PROMPTS[:2], [0, 1], guidance=5.0, steps=3, scheduler="ddim")
+    finally:
+        hook.remove()
+    assert batches == [2] * 3 + [4] * 3  # one forward per step; CFG doubles the batch instead of a second call
+    assert (plain - guided).abs().max() > 1e-3
+
+
+def test_guidance_rescale_changes_the_result_and_stays_finite(model):
+    args = dict(guidance=7.0, steps=3, scheduler="euler")
+    plain = sample_images(model, PROMPTS[:1], [3], **args)
+    rescaled = sample_images(model, PROMPTS[:1], [3], guidance_rescale=0.7, **args)
+    assert torch.isfinite(rescaled).all() and (plain - rescaled).abs().max() > 1e-4
+
+
+def test_output_pils_are_rgb_at_the_output_size_with_crisp_pixels():
+    x = torch.linspace(-1, 1, 3 * 16 * 16).reshape(1, 3, 16, 16)
+    (im,) = to_output_pils(x, 256)
+    assert im.mode == "RGB" and im.size == (256, 256)
+    arr = np.asarray(im)
+    assert (arr[:16, :16] == arr[0, 0]).all()  # each model pixel became one 16×16 block
+    (small,) = to_output_pils(torch.zeros(1, 3, 512, 512), 256)
+    assert small.size == (256, 256)
+
+
+def test_preview_and_the_panel_button_headless(model):
+    grid = preview(model, "a red monster", guidance=3, steps=2, scheduler="unipc", seed=5, n=3, cell=32)
+    assert grid.size == (96, 32)
+    panel = make_panel(model, prompt="a red monster", steps=2, n=2)
+    widgets = _walk(panel)
+    (button,) = [w for w in widgets if type(w).__name__ == "Button"]
+    (image,) = [w for w in widgets if type(w).__name__ == "Image"]
+    assert not image.value
+    button.click()
+    shown = Image.open(io.BytesIO(image.value))
+    assert shown.format == "PNG" and shown.size == (256, 128)
+
+
+def _walk(widget):
+    out = [widget]
+    for child in getattr(widget, "children", ()):
+        out += _walk(child)
+    return out
+
+
+def test_grids_are_figures_with_one_panel_per_setting(model):
+    import matplotlib.pyplot as plt
+
+    fig = guidance_steps_grid(model, PROMPTS[:2], [1.0, 4.0], [2, 3], seed=0)
+    assert len(fig.axes) == 4
+    fig2 = scheduler_grid(model, PROMPTS[:2], ["ddim", "euler-a", "dpm++2m-karras"], steps=2, seed=0)
+    assert [ax.get_ylabel() for ax in fig2.axes] == ["ddim", "euler-a", "dpm++2m-karras"]
+    plt.close("all")
+
+
+def test_sampling_guidance_prefers_the_argument_then_best_guidance_then_config(model):
+    cfg = model.cfg
+    assert sampling_guidance(cfg) == cfg.guidance
+    cfg.run_dir.mkdir(parents=True, exist_ok=True)
+    (cfg.run_dir / "metrics.json").write_text(json.dumps({"best_guidance": 4.5}))
+    try:
+        assert sampling_guidance(cfg) == 4.5
+        assert sampling_guidance(cfg, 2) == 2.0
+    finally:
+        (cfg.run_dir / "metrics.json").unlink()
+
+
+@pytest.mark.parametrize("scheduler", ["dpm++2m-karras", "euler-a"])
+def test_exported_pipeline_gives_our_image_for_the_same_seed(vae_model, tmp_path, scheduler):
+    from diffusers import DiffusionPipeline
+
+    from helpers.export import export_pipeline
+
+    out = export_pipeline(vae_model, tmp_path / "pipe", scheduler=scheduler)
+    pipe = DiffusionPipeline.from_pretrained(out)
+    pipe.set_progress_bar_config(disable=True)
+    assert type(pipe.scheduler).__name__ == SCHEDULERS[scheduler][0]
+    for seed, prompt in [(3, PROMPTS[0]), (11, PROMPTS[1])]:
+        theirs = pipe(prompt, num_inference_steps=5, guidance_scale=3.0, height=16, width=16, output_type="pt",
+                      generator=torch.Generator().manual_seed(seed)).images[0]
+        ours = sample_images(vae_model, [prompt], [seed], guidance=3.0, steps=5, scheduler=scheduler)[0]
+        assert torch.allclose((ours + 1) / 2, theirs, atol=1e-4), (ours / 2 + 0.5 - theirs).abs().max()
+
+
+def test_export_of_a_pixel_space_model_says_why_not(model, tmp_path):
+    from helpers.export import export_pipeline
+
+    with pytest.raises(ValueError, match="pixel space.*VAE"):
+        export_pipeline(model, tmp_path / "pipe")
+
+
+def test_sd_baseline_offline_says_what_to_download(tmp_path):
+    from helpers.hub import WeightsUnavailableError
+
+    cfg = profile_config("sd-baseline", outputs_dir=str(tmp_path), sd_model="CompVis/stable-diffusion-v1-4")
+    with pytest.raises(WeightsUnavailableError, match="CompVis/stable-diffusion-v1-4.*huggingface-cli download"):
+        load_sd_baseline(cfg, device="cpu")

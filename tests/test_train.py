@@ -1,0 +1,200 @@
+"""The training loop: batches, losses, exact resume, kill + resume, NaN stop, several processes, previews."""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from helpers.cache import build_cache, load_cache, write_split
+from helpers.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
+from helpers.config import PROJECT_ROOT, open_run, profile_config
+from helpers.data import load_records
+from helpers.model import noise_scheduler
+from helpers.train import data_rows, device_cache, diffusion_loss, make_batch, read_log, step_generator, train
+
+FAST = dict(preview_every=0, log_every=1)  # previews are tested once, last
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One torch thread: on a shared 2-core machine this is faster and steadier than two."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def make_run(tmp_path, course_dir, name="t", **overrides):
+    """open_run + split + cache, as notebook 01 does, for the tiny profile."""
+    cfg = open_run(name, "tiny", outputs_dir=str(tmp_path), data_dir=str(course_dir), **{**FAST, **overrides})
+    records, _ = load_records(cfg.data_path)
+    write_split(cfg, records)
+    build_cache(cfg, records, progress=False)
+    return cfg
+
+
+def model_weights(cfg, folder):
+    return load_file(str(cfg.run_dir / "model" / folder / "diffusion_pytorch_model.safetensors"))
+
+
+def test_data_order_is_a_seeded_permutation_per_epoch():
+    rows = torch.arange(10, 20)
+    stream = data_rows(rows, 0, 0, 30)
+    for e in range(3):
+        assert sorted(stream[10 * e:10 * e + 10].tolist()) == rows.tolist()
+    assert not torch.equal(stream[:10], stream[10:20])  # a new order each epoch
+    assert torch.equal(data_rows(rows, 0, 7, 9), stream[7:16])  # any window of the same stream
+    assert not torch.equal(data_rows(rows, 1, 0, 10), stream[:10])
+
+
+def test_batches_drop_captions_to_the_empty_prompt(tmp_path, course_dir):
+    cfg = make_run(tmp_path, course_dir)
+    cache = device_cache(load_cache(cfg), "cpu")
+    rows = torch.arange(24).repeat(20)
+    for p, lo, hi in ((0.0, 0.0, 0.0), (0.5, 0.4, 0.6)):
+        _, context, _, t = make_batch(cache, rows, step_generator(0, 1), cfg.replace(caption_dropout=p))
+        empty = (context == cache["embeddings"][0]).flatten(1).all(1).float().mean()
+        assert lo <= float(empty) <= hi
+    assert int(t.min()) >= 0 and int(t.max()) < cfg.num_train_timesteps
+    a = make_batch(cache, rows, step_generator(0, 5), cfg)[0]
+    assert torch.equal(a, make_batch(cache, rows, step_generator(0, 5), cfg)[0])  # same step, same batch
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_min_snr_weighting_down_weights_easy_steps(prediction_type):
+    from helpers.unet import build_unet
+
+    unet = build_unet("tiny", 3, 32, 8)
+    sched = noise_scheduler(profile_config("tiny", prediction_type=prediction_type))
+    x, ctx = torch.randn(4, 3, 8, 8), torch.randn(4, 16, 32)
+    noise, t = torch.randn(4, 3, 8, 8), torch.tensor([1, 10, 500, 990])
+    with torch.no_grad():
+        plain = diffusion_loss(unet, sched, x, ctx, noise, t, prediction_type)
+        weighted = diffusion_loss(unet, sched, x, ctx, noise, t, prediction_type, min_snr_gamma=5.0)
+    assert torch.isfinite(plain) and 0 < float(weighted) < float(plain)
+
+
+def test_resume_is_exact(tmp_path, course_dir):
+    """4 steps straight == 2 steps, stop, resume for 2 more: losses and weights (EMA too)."""
+    a = make_run(tmp_path / "a", course_dir, max_steps=4, grad_accum=2, checkpoint_every=2, min_snr_gamma=5.0,
+                 offset_noise=0.1)
+    straight = train(a, progress=False)
+    b = make_run(tmp_path / "b", course_dir, max_steps=4, grad_accum=2, checkpoint_every=2, min_snr_gamma=5.0,
+                 offset_noise=0.1)
+    first = train(b, progress=False, stop_at=2)
+    assert first["model_dir"] is None and [p.name for p in list_checkpoints(b.run_dir / "checkpoints")] == ["step-000002"]
+    second = train(b, progress=False)
+    assert second["resumed_from"].endswith("step-000002") and second["step"] == [3, 4]
+    assert first["loss"] + second["loss"] == pytest.approx(straight["loss"], rel=1e-5, abs=1e-6)
+    assert read_log(b)["step"] == [1.0, 2.0, 3.0, 4.0]
+    for folder in ("unet", "unet_ema"):
+        wa, wb = model_weights(a, folder), model_weights(b, folder)
+        for k in wa:
+            torch.testing.assert_close(wa[k], wb[k], rtol=1e-5, atol=1e-6)
+    ema, raw = model_weights(a, "unet_ema"), model_weights(a, "unet")
+    assert any(not torch.equal(ema[k], raw[k]) for k in ema)  # the EMA is an average, not a copy
+
+
+def test_v_prediction_with_gradient_checkpointing_trains(tmp_path, course_dir):
+    cfg = make_run(tmp_path, course_dir, max_steps=2, prediction_type="v_prediction", gradient_checkpointing=True,
+                   batch_size=4)
+    history = train(cfg, progress=False)
+    assert history["step"] == [1, 2] and all(map(lambda l: l == l and l < 10, history["loss"]))
+    assert '"prediction_type": "v_prediction"' in (cfg.run_dir / "model" / "scheduler" / "scheduler_config.json").read_text()
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, course_dir):
+    cfg = make_run(tmp_path, course_dir, max_steps=6, lr=1e30, warmup_steps=1, checkpoint_every=1)
+    with pytest.raises(FloatingPointError, match=r"(at step \d|after step \d).*last good checkpoint is .*step-00000"):
+        train(cfg, progress=False)
+    found = latest_checkpoint(cfg.run_dir / "checkpoints")
+    assert found is not None
+    assert all(torch.isfinite(v).all() for v in found[1]["unet"].values())
+    assert not (cfg.run_dir / "model").exists()
+
+
+def test_damaged_or_partial_checkpoints_are_skipped(tmp_path, course_dir, capsys):
+    cfg = make_run(tmp_path, course_dir, max_steps=2, checkpoint_every=1, keep_checkpoints=3)
+    train(cfg, progress=False)
+    root = cfg.run_dir / "checkpoints"
+    (root / ".tmp-step-000003-999").mkdir()  # a writer killed mid-checkpoint
+    (root / "step-000004").mkdir()  # a folder without done.json is not a checkpoint
+    damaged = root / "step-000002" / "unet.safetensors"
+    damaged.write_bytes(damaged.read_bytes()[:100])
+    path, ckpt = latest_checkpoint(root)
+    assert path.name == "step-000001" and "Skipping" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="damaged checkpoint"):
+        load_checkpoint(root / "step-000002")
+
+
+@pytest.mark.slow
+def test_killed_training_resumes_from_last_complete_checkpoint(tmp_path, course_dir):
+    cfg = make_run(tmp_path, course_dir, max_steps=5, checkpoint_every=1, keep_checkpoints=2)
+    root = cfg.run_dir / "checkpoints"
+    proc = subprocess.Popen([sys.executable, "-m", "helpers.train", "--run", str(cfg.run_dir), "--no-progress"],
+                            cwd=PROJECT_ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 60
+        while not list_checkpoints(root) and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        assert proc.poll() is None, "training ended before it could be killed"
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+    killed_at = max(int(p.name[5:]) for p in list_checkpoints(root))
+    assert killed_at < 5
+    history = train(cfg, progress=False)
+    assert history["resumed_from"] is not None and history["step"][-1] == 5
+    assert history["step"][0] == int(Path(history["resumed_from"]).name[5:]) + 1
+    assert not list(root.glob(".tmp-*"))
+    assert read_log(cfg)["step"] == [float(s) for s in range(1, 6)]  # no duplicated rows after the kill
+    assert (cfg.run_dir / "model" / "unet_ema").is_dir()
+
+
+@pytest.mark.slow
+def test_two_processes_train_with_accelerate_launch(tmp_path, course_dir):
+    cfg = make_run(tmp_path, course_dir, max_steps=2, checkpoint_every=2)
+    accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent)) or "accelerate"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                             "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "helpers.train",
+                             "--run", str(cfg.run_dir), "--no-progress"],
+                            cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "2 process(es)" in result.stdout and "16 images/step" in result.stdout
+    assert read_log(cfg)["step"] == [1.0, 2.0]  # one writer: no duplicated rows
+    assert (cfg.run_dir / "model" / "unet_ema").is_dir()
+    assert [p.name for p in list_checkpoints(cfg.run_dir / "checkpoints")] == ["step-000002"]
+
+
+@pytest.mark.slow
+def test_previews_come_from_fixed_prompts_and_seeds(tmp_path, course_dir):
+    cfg = make_run(tmp_path, course_dir, max_steps=2, preview_every=2, checkpoint_every=2)
+    history = train(cfg, progress=False)
+    from PIL import Image
+
+    assert [Path(p).name for p in history["previews"]] == ["step-000002.png"]
+    grid = Image.open(history["previews"][0])
+    assert grid.size == (4 * 64, 2 * 64)  # 8 prompts, 4 per row, 64 px cells
+
+
+@pytest.mark.slow
+def test_notebook_03_trains_headless(tmp_path, course_dir):
+    import papermill
+
+    cfg = make_run(tmp_path, course_dir, max_steps=2, checkpoint_every=2, preview_every=2)
+    out = tmp_path / "03.ipynb"
+    papermill.execute_notebook(str(PROJECT_ROOT / "notebooks" / "03_train_cfg.ipynb"), str(out),
+                               parameters=dict(run_name=cfg.run_name, outputs_dir=str(tmp_path), lr=5e-4),
+                               cwd=str(PROJECT_ROOT / "notebooks"), progress_bar=False, kernel_name="python3")
+    assert (cfg.run_dir / "loss_curve.png").exists() and (cfg.run_dir / "model" / "unet_ema").is_dir()
+    assert read_log(cfg)["step"] == [1.0, 2.0]
+    assert '"lr": 0.0005' in (cfg.run_dir / "config.json").read_text()
