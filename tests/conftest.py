@@ -67,3 +67,12 @@ def hw6_excerpt(tmp_path) -> Path:
     for i, name in enumerate((SHARED_FIXTURES / "train_files.txt").read_text().split()):
         sprite(root / "train" / name, seed=i, size=24)
     return root
+
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Two test workers on two cores: one thread each (and in the kernels and processes they start), since
+    # oversubscribed OpenMP threads spin-wait and run small models many times slower.
+    os.environ["OMP_NUM_THREADS"] = "1"
+    import torch
+
+    torch.set_num_threads(1)

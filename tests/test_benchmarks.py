@@ -1,0 +1,27 @@
+"""CI smoke runs of the benchmarks at their tiny CPU size: they start, measure and print their table rows."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def run(script: str, *args: str) -> str:
+    done = subprocess.run([sys.executable, str(BENCH / script), *args], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+@pytest.mark.slow
+def test_bench_train_tiny_compares_ours_with_the_reference_loop():
+    out = run("bench_train.py", "--device", "cpu", "--size", "tiny", "--batch", "2", "--steps", "1", "--warmup", "0")
+    assert "images/s" in out and "reference" in out.lower()
+
+
+@pytest.mark.slow
+def test_bench_sample_tiny_reports_images_per_second():
+    out = run("bench_sample.py", "--size", "tiny", "--prompts", "4", "--batch-size", "4", "--steps", "2",
+              "--schedulers", "dpm++2m,ddim")
+    assert out.count("| tiny |") == 2
