@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import json
-import zlib
 import os
+import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach for the hub
@@ -69,10 +70,8 @@ def hw6_excerpt(tmp_path) -> Path:
     return root
 
 
-if os.environ.get("PYTEST_XDIST_WORKER"):
-    # Two test workers on two cores: one thread each (and in the kernels and processes they start), since
-    # oversubscribed OpenMP threads spin-wait and run small models many times slower.
-    os.environ["OMP_NUM_THREADS"] = "1"
-    import torch
 
-    torch.set_num_threads(1)
+# One thread per test process (and in the kernels and processes tests start): the models here are tiny, and
+# on two cores shared by two xdist workers, oversubscribed OpenMP threads spin-wait and run many times slower.
+os.environ["OMP_NUM_THREADS"] = "1"
+torch.set_num_threads(1)

@@ -13,15 +13,6 @@ from helpers.config import open_run
 from helpers.data import load_records
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One torch thread: on a shared 2-core machine this is faster and steadier than two."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture
 def run(tmp_path, course_dir):
     """A tiny-profile run over 6 monsters x 2 actions x 2 frames of 16 px sprites, and its records."""

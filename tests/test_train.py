@@ -23,15 +23,6 @@ from helpers.train import data_rows, device_cache, diffusion_loss, make_batch, r
 FAST = dict(preview_every=0, log_every=1)  # previews are tested once, last
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One torch thread: on a shared 2-core machine this is faster and steadier than two."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def make_run(tmp_path, course_dir, name="t", **overrides):
     """open_run + split + cache, as notebook 01 does, for the tiny profile."""
     cfg = open_run(name, "tiny", outputs_dir=str(tmp_path), data_dir=str(course_dir), **{**FAST, **overrides})
