@@ -53,6 +53,8 @@ def model_dir(cfg: RunConfig) -> Path:
 def save_model(cfg: RunConfig, unet, ema_unet, scheduler) -> Path:
     """Write U-Net, EMA U-Net and scheduler config as diffusers folders (safetensors)."""
     out = model_dir(cfg)
+    if out.exists():
+        print(f"Overwriting the trained model in {out} with the weights of this run's final step")
     unet.save_pretrained(out / "unet", safe_serialization=True)
     if ema_unet is not None:
         ema_unet.save_pretrained(out / "unet_ema", safe_serialization=True)
