@@ -23,11 +23,12 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from .config import RunConfig
 from .data import ImageRecord, read_json, split_by_group
+from .files import atomic_save_tensors, atomic_write_text
 from .images import BadImageError, load_image_tensor
 
 CACHE_VERSION = 1  # bump when the layout or the encoding changes
@@ -106,8 +107,10 @@ class _ImageFiles(torch.utils.data.Dataset):
 
 
 def build_cache(cfg: RunConfig, records: list[ImageRecord], *, device=None, batch_size: int = 64,
-                progress: bool = True) -> Path:
-    """Encode `records` (and their flips) and all their captions; reuse or resume what exists."""
+                progress: bool = True, frozen=None) -> Path:
+    """Encode `records` (and their flips) and all their captions; reuse or resume what exists.
+
+    `frozen`: the (text_encoder, autoencoder) pair if the caller has already loaded it."""
     from .model import load_frozen_parts
 
     out = cache_path(cfg, records)
@@ -118,7 +121,7 @@ def build_cache(cfg: RunConfig, records: list[ImageRecord], *, device=None, batc
     if not records:
         raise ValueError(f"No training images to cache (data_dir={cfg.data_dir!r})")
     out.mkdir(parents=True, exist_ok=True)
-    text_encoder, autoencoder = load_frozen_parts(cfg, device)
+    text_encoder, autoencoder = frozen or load_frozen_parts(cfg, device)
     shards, skipped = [], []
     starts = range(0, len(records), SHARD_SIZE)
     for n, start in enumerate(tqdm(starts, desc="cache shards", disable=not progress or len(starts) < 2)):
@@ -133,7 +136,7 @@ def build_cache(cfg: RunConfig, records: list[ImageRecord], *, device=None, batc
         skipped += bad
     captions, ids = unique_captions(records)
     embeddings = text_encoder.encode(captions, progress=progress).to(torch.float16).cpu()
-    _atomic_save({"embeddings": embeddings.contiguous()}, out / "captions.safetensors")
+    atomic_save_tensors({"embeddings": embeddings.contiguous()}, out / "captions.safetensors")
     _report_skipped(skipped)
     index = dict(version=CACHE_VERSION, hash=out.name.split("-")[-1], resolution=cfg.resolution,
                  autoencoder=cfg.autoencoder, text_encoder=cfg.text_encoder, max_tokens=cfg.max_tokens,
@@ -141,7 +144,7 @@ def build_cache(cfg: RunConfig, records: list[ImageRecord], *, device=None, batc
                  skipped=dict(count=len(skipped), files=skipped),
                  records=[dict(key=r.key, group=r.group, path=str(r.path), caption_ids=i)
                           for r, i in zip(records, ids)])
-    _atomic_write_text(out / "index.json", json.dumps(index, ensure_ascii=False, indent=1))
+    atomic_write_text(out / "index.json", json.dumps(index, ensure_ascii=False, indent=1))
     _write_pointer(cfg, out)
     return out
 
@@ -162,7 +165,7 @@ def _encode_shard(records, size, autoencoder, path: Path, batch_size: int, progr
         bad += [e for e in errors if e]
     tensors = dict(mean=torch.cat(means).contiguous(), std=torch.cat(stds).contiguous(),
                    valid=torch.tensor(valid, dtype=torch.uint8))
-    _atomic_save(tensors, path, metadata={"bad": json.dumps(bad, ensure_ascii=False)})
+    atomic_save_tensors(tensors, path, metadata={"bad": json.dumps(bad, ensure_ascii=False)})
     return bad
 
 
@@ -184,18 +187,6 @@ def _report_skipped(skipped: list[str]) -> None:
               f"(listed in the cache's index.json):\n  {shown}")
 
 
-def _atomic_save(tensors: dict, path: Path, metadata: dict | None = None) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    save_file(tensors, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def _is_complete(out: Path) -> bool:
     index = out / "index.json"
     if not index.exists():
@@ -209,7 +200,7 @@ def _is_complete(out: Path) -> bool:
 
 def _write_pointer(cfg: RunConfig, out: Path) -> None:
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
-    _atomic_write_text(cfg.run_dir / "cache.json", json.dumps({"cache_dir": str(out)}, indent=2))
+    atomic_write_text(cfg.run_dir / "cache.json", json.dumps({"cache_dir": str(out)}, indent=2))
 
 
 # ---------------------------------------------------------------- reading
@@ -250,7 +241,7 @@ def write_split(cfg: RunConfig, records: list[ImageRecord]) -> dict:
     split = {"train": sorted({records[i].group for i in train_idx}),
              "val": sorted({records[i].group for i in val_idx})}
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
-    _atomic_write_text(cfg.run_dir / "split.json", json.dumps(split, ensure_ascii=False, indent=1))
+    atomic_write_text(cfg.run_dir / "split.json", json.dumps(split, ensure_ascii=False, indent=1))
     return split
 
 

@@ -12,6 +12,8 @@ import json
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+from .files import atomic_write_text
+
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -193,12 +195,7 @@ def load_config(path: str | Path) -> RunConfig:
 
 
 def save_config(cfg: RunConfig) -> Path:
-    cfg.run_dir.mkdir(parents=True, exist_ok=True)
-    path = cfg.run_dir / "config.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(cfg.to_json(), encoding="utf-8")
-    tmp.replace(path)
-    return path
+    return atomic_write_text(cfg.run_dir / "config.json", cfg.to_json())
 
 
 def open_run(run_name: str, profile: str | None = None, outputs_dir: str = "outputs", **overrides) -> RunConfig:

@@ -23,6 +23,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .data import key_of_image, load_prompts, load_records
+from .files import atomic_write_text
 from .hub import WeightsUnavailableError, load_pretrained
 from .images import load_image_tensor
 
@@ -313,11 +314,7 @@ def write_metrics(run_dir, metrics: dict) -> Path:
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}: malformed JSON at line {e.lineno}, column {e.colno}: {e.msg}; "
                              f"fix or delete it") from None
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(_json_safe(_merge(old, metrics)), indent=2, ensure_ascii=False), encoding="utf-8")
-    tmp.replace(path)
-    return path
+    return atomic_write_text(path, json.dumps(_json_safe(_merge(old, metrics)), indent=2, ensure_ascii=False))
 
 
 def reference_evaluator(eval_set: EvalSet, clip=None, model_id: str = "openai/clip-vit-base-patch32"):
