@@ -3,7 +3,7 @@
 One sampler serves training previews, the test set, the notebook's widget and evaluation:
 - the conditional and unconditional halves go through the U-Net in one batched forward per step;
 - every image draws its noise from its own `torch.Generator("cpu").manual_seed(seed)`, so image i is
-  the same whatever the batch it is sampled in (and the same as diffusers' pipeline for that seed);
+  the same whatever the batch it is sampled in, up to float rounding (and the same as diffusers' pipeline for that seed);
 - on CUDA the U-Net and the decoder run under bf16 autocast, the scheduler's arithmetic stays float32.
 """
 from __future__ import annotations

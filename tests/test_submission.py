@@ -37,12 +37,17 @@ def test_generate_writes_every_image_then_skips_them_and_regenerates_the_same(mo
     stats = generate_test_set(model, prompts, out, **ARGS)
     assert stats["written"] == 5 and stats["skipped"] == 0
     assert check_results(out, prompts) == 5
-    first = np.asarray(Image.open(out / "3_main.png"))
+    first = np.asarray(Image.open(out / "3_main.png")).astype(int)
     (out / "3_main.png").unlink()
     stats = generate_test_set(model, prompts, out, **ARGS)
     assert stats["written"] == 1 and stats["skipped"] == 4
     assert "Skipping 4 of 5 images already in" in capsys.readouterr().out
-    assert (np.asarray(Image.open(out / "3_main.png")) == first).all()  # seed = seed + index, whatever the batch
+    # seed = seed + index, whatever the batch: identical up to float rounding (batched matmuls round differently
+    # on some CPUs, so a pixel may land one level off), while another seed changes the picture everywhere
+    again = np.asarray(Image.open(out / "3_main.png")).astype(int)
+    assert np.abs(again - first).max() <= 1
+    other = np.asarray(Image.open(out / "2_main.png")).astype(int)
+    assert np.abs(other - first).mean() > 10
     assert not list(out.glob("*.tmp"))
 
 
