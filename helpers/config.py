@@ -74,6 +74,9 @@ class RunConfig:
     sample_steps: int = 20
     guidance: float = 3.0
     guidance_rescale: float = 0.0
+    # [sigma_lo, sigma_hi]: guide only steps whose noise level sigma = sqrt((1 - alpha_bar) / alpha_bar) lies in
+    # (lo, hi], the plain conditional prediction elsewhere (Kynkaanniemi et al. 2024); [] = guide every step
+    guidance_interval: list = field(default_factory=list)
     sample_batch_size: int = 64
     use_ema: bool = True
     output_size: int = 256  # the course wants 256x256 PNGs
@@ -118,6 +121,10 @@ class RunConfig:
             problems.append(f"prediction_type={self.prediction_type!r} must be 'epsilon' or 'v_prediction'")
         if self.mixed_precision not in ("auto", "no", "bf16", "fp16"):
             problems.append(f"mixed_precision={self.mixed_precision!r} must be auto, no, bf16 or fp16")
+        if self.guidance_interval and not (len(self.guidance_interval) == 2
+                                           and 0 <= self.guidance_interval[0] < self.guidance_interval[1]):
+            problems.append(f"guidance_interval={self.guidance_interval!r} must be [] or [sigma_lo, sigma_hi] "
+                            "with 0 <= sigma_lo < sigma_hi")
         if problems:
             raise ValueError("Bad run config:\n  " + "\n  ".join(problems))
         return self
