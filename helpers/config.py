@@ -57,13 +57,16 @@ class RunConfig:
     prediction_type: str = "v_prediction"  # epsilon | v_prediction
     min_snr_gamma: float = 5.0  # 0 = off; 5 is the paper's choice
     offset_noise: float = 0.0
-    ema_max_decay: float = 0.9999
-    ema_power: float = 0.75  # EMA warm-up: decay = 1 - (1 + step) ** -power, capped at max
+    # EMA of the weights (helpers.diffusion.EMA): half-life in training images, ramped up as
+    # min(half-life, ema_rampup * images seen) so that a short run's average forgets the random start
+    ema_halflife_images: float = 10_000.0
+    ema_rampup: float = 0.125
     mixed_precision: str = "auto"  # auto (bf16 on CUDA) | no | bf16 | fp16
     compile: bool = False
     gradient_checkpointing: bool = False
     checkpoint_every: int = 200
-    keep_checkpoints: int = 2
+    keep_checkpoints: int = 2  # resumable checkpoints (weights + optimizer); older ones are pruned
+    snapshot_every: int = 300  # EMA U-Net kept every N steps (and at the end) in snapshots/: the selection's candidates
     log_every: int = 10
     preview_every: int = 200
     num_train_timesteps: int = 1000
