@@ -85,7 +85,13 @@ class RunConfig:
     output_size: int = 256  # the course wants 256x256 PNGs
 
     # evaluation
-    guidance_sweep: list = field(default_factory=lambda: [1.0, 2.0, 3.0, 5.0])
+    # the selection sweep of 05_eval: every snapshot x guidance_sweep x sweep_steps (x sweep_intervals) on
+    # sweep_prompts test prompts (a fixed seeded subset; 0 = all)
+    guidance_sweep: list = field(default_factory=lambda: [1.0, 2.0, 3.0])
+    sweep_steps: list = field(default_factory=lambda: [10, 20])
+    sweep_intervals: list = field(default_factory=lambda: [[]])  # e.g. [[], [0.3, 6.0]]: also try limited guidance
+    sweep_prompts: int = 120
+    sweep_snapshots: int = 3  # at most this many snapshots, spread evenly, the last always included (0 = all)
     clip_model: str = "openai/clip-vit-base-patch32"
     eval_max_images: int = 0  # 0 = the whole validation split / test set
 
@@ -179,6 +185,7 @@ PROFILES: dict[str, dict] = {
         data_dir="data/tiny", resolution=16, text_encoder="tiny", max_tokens=16, autoencoder="identity",
         unet_preset="tiny", max_steps=4, batch_size=8, warmup_steps=1, checkpoint_every=2, preview_every=4,
         log_every=1, sample_steps=3, sample_batch_size=8, guidance_sweep=[1.0, 3.0], output_size=32,
+        snapshot_every=2, sweep_steps=[2, 3], sweep_prompts=0, sweep_snapshots=2,
     ),
 }
 
