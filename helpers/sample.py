@@ -60,9 +60,9 @@ def _autocast(device: torch.device):
     return contextlib.nullcontext()
 
 
-def noise_level(scheduler, t) -> float:
+def noise_level(sampler, t) -> float:
     """sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t) of the training schedule at timestep t."""
-    alpha_bar = scheduler.alphas_cumprod[int(round(float(t)))].item()
+    alpha_bar = sampler.alphas_cumprod[int(round(float(t)))].item()
     return ((1 - alpha_bar) / alpha_bar) ** 0.5
 
 
@@ -74,7 +74,7 @@ def guided_at(sigma: float, guidance: float, interval) -> bool:
 
 
 @torch.no_grad()
-def sample_latents(unet, scheduler, cond, uncond, seeds, *, guidance: float, steps: int,
+def sample_latents(unet, sampler, cond, uncond, seeds, *, guidance: float, steps: int,
                    guidance_rescale: float = 0.0, guidance_interval=None, latent_shape) -> torch.Tensor:
     """Denoise one latent per seed. cond [B, L, D]; uncond [1, L, D] is the "" embedding.
 
@@ -92,15 +92,15 @@ def sample_latents(unet, scheduler, cond, uncond, seeds, *, guidance: float, ste
     # Ancestral/stochastic steps draw fresh noise; one CPU generator per image keeps image i batch-independent.
     # They continue the seed's stream after the initial noise, exactly as diffusers' pipeline does.
     generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
-    scheduler.set_timesteps(steps, device=device)  # before the noise: init_noise_sigma depends on the steps
-    if hasattr(scheduler, "set_begin_index"):
+    sampler.set_timesteps(steps, device=device)  # before the noise: init_noise_sigma depends on the steps
+    if hasattr(sampler, "set_begin_index"):
         # Count steps by position, not by looking t up: Karras sigmas on the cosine schedule (sigma_max ~2e4)
         # round to repeated timesteps, and the lookup would then skip a step and run off the end.
-        scheduler.set_begin_index(0)
-    latents = torch.cat([_draw(g, latent_shape) for g in generators]).to(device) * scheduler.init_noise_sigma
-    for t in scheduler.timesteps:
-        guided = guided_at(noise_level(scheduler, t), guidance, guidance_interval)
-        model_in = scheduler.scale_model_input(torch.cat([latents] * 2) if guided else latents, t)
+        sampler.set_begin_index(0)
+    latents = torch.cat([_draw(g, latent_shape) for g in generators]).to(device) * sampler.init_noise_sigma
+    for t in sampler.timesteps:
+        guided = guided_at(noise_level(sampler, t), guidance, guidance_interval)
+        model_in = sampler.scale_model_input(torch.cat([latents] * 2) if guided else latents, t)
         with _autocast(device):
             eps = unet(model_in.to(p.dtype), t, encoder_hidden_states=both if guided else cond,
                        return_dict=False)[0].float()
@@ -109,8 +109,8 @@ def sample_latents(unet, scheduler, cond, uncond, seeds, *, guidance: float, ste
             eps = eps_uncond + guidance * (eps_cond - eps_uncond)
             if guidance_rescale > 0:
                 eps = rescale_noise_cfg(eps, eps_cond, guidance_rescale=guidance_rescale)
-        kwargs = {"generator": generators} if _takes_generator(scheduler) else {}
-        latents = scheduler.step(eps, t, latents, return_dict=False, **kwargs)[0]
+        kwargs = {"generator": generators} if _takes_generator(sampler) else {}
+        latents = sampler.step(eps, t, latents, return_dict=False, **kwargs)[0]
     return latents
 
 
@@ -120,10 +120,10 @@ def _draw(generator, latent_shape) -> torch.Tensor:
     return randn_tensor((1, *latent_shape), generator=generator, device=torch.device("cpu"), dtype=torch.float32)
 
 
-def _takes_generator(scheduler) -> bool:
+def _takes_generator(sampler) -> bool:
     import inspect
 
-    return "generator" in inspect.signature(scheduler.step).parameters
+    return "generator" in inspect.signature(sampler.step).parameters
 
 
 @torch.no_grad()

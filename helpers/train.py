@@ -186,8 +186,8 @@ def train(cfg: RunConfig, *, resume: bool = True, progress: bool = True, max_ste
     ema = EMA(unet, cfg.ema_halflife_images, cfg.ema_rampup)
     alphas_cumprod = noise_scheduler(cfg).alphas_cumprod.to(device)
     optimizer, lr_schedule = make_optimizer(cfg, unet, device)
-    model, optimizer = accelerator.prepare(unet, optimizer)
-    forward = torch.compile(model) if cfg.compile else model
+    ddp_unet, optimizer = accelerator.prepare(unet, optimizer)  # the U-Net as accelerate wraps it (DDP on GPUs)
+    forward = torch.compile(ddp_unet) if cfg.compile else ddp_unet
     micro_batch, processes, rank = cfg.batch_size, accelerator.num_processes, accelerator.process_index
     images_per_step = micro_batch * cfg.grad_accum * processes
 
@@ -216,12 +216,12 @@ def train(cfg: RunConfig, *, resume: bool = True, progress: bool = True, max_ste
             position += micro_batch * processes
             x0, context, eps, t = data.batch(batch_rows, gen, cfg.caption_dropout, cfg.offset_noise,
                                              cfg.num_train_timesteps)
-            with accelerator.accumulate(model), accelerator.autocast():
+            with accelerator.accumulate(ddp_unet), accelerator.autocast():
                 loss = diffusion_loss(forward, x0, context, eps, t, alphas_cumprod, cfg.prediction_type,
                                       cfg.min_snr_gamma)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and cfg.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+                    accelerator.clip_grad_norm_(ddp_unet.parameters(), cfg.max_grad_norm)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             losses.append(loss.detach().float())
@@ -262,7 +262,7 @@ def train(cfg: RunConfig, *, resume: bool = True, progress: bool = True, max_ste
     log.close()
 
     if end == cfg.max_steps and main:
-        result.model_dir = str(save_model(cfg, accelerator.unwrap_model(model), ema_copy(unet, ema),
+        result.model_dir = str(save_model(cfg, accelerator.unwrap_model(ddp_unet), ema_copy(unet, ema),
                                           noise_scheduler(cfg)))
     accelerator.wait_for_everyone()
     return result
