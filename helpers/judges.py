@@ -116,8 +116,8 @@ def make_judge(cfg: RunConfig, count: int, *, probe=None, inception=None, clip=N
         from .images import load_image_tensor
 
         attributes = load_attributes(cfg.data_path)
-        real = torch.stack([load_image_tensor(cfg.data_path / "test_reference" / p.image_name, cfg.resolution)
-                            for p in chosen])
+        real = torch.stack([load_image_tensor(cfg.data_path / "test_reference" / p.image_name, cfg.resolution,
+                                              crop=cfg.crop_to_content) for p in chosen])
         judge = ProbeJudge(probe, [attributes[p.key] for p in chosen], real, key=f"probe:{Path(probe.path).name}")
         return JudgeSet(judge, chosen, seeds, note)
     skipped = dict(skipped or {})
@@ -144,7 +144,7 @@ def judge_for_run(cfg: RunConfig, count: int, *, probe_steps: int = 400, referen
         from .probe import train_probe
 
         probe = train_probe(cfg.data_path, resolution=cfg.resolution, cache_dir=cfg.cache_dir, steps=probe_steps,
-                            seed=cfg.seed)
+                            seed=cfg.seed, crop_to_content=cfg.crop_to_content)
         fmt = lambda acc: ", ".join(f"{k} {v:.3f}" for k, v in acc.items())  # noqa: E731
         print(f"probe accuracy on held-out real monsters: {fmt(probe.heldout_accuracy)}\n"
               f"probe accuracy on test_reference (real pictures of the test prompts): {fmt(probe.reference_accuracy)}")
@@ -202,7 +202,7 @@ def validation_scores(cfg: RunConfig, model, setting, judge, *, batch_size: int)
     if isinstance(judge, ProbeJudge) or judge.clip is None:
         return {"skipped": {"clip_i": "no CLIP model" if not isinstance(judge, ProbeJudge) else
                             "demo data: the probe judges instead (see selection and chosen)"}}
-    from .images import load_rgb, square_resize
+    from .images import crop_to_content, load_rgb, square_resize
     from .metrics import validation_set
     from .sample import sample_images, to_output_pils
     from .score import score_images
@@ -211,7 +211,8 @@ def validation_scores(cfg: RunConfig, model, setting, judge, *, batch_size: int)
     images = sample_images(model, val.prompts, val.seeds, guidance=setting.guidance, steps=setting.steps,
                            scheduler=setting.scheduler, batch_size=batch_size,
                            guidance_interval=setting.guidance_interval or None, progress=True)
-    real = [square_resize(load_rgb(p), cfg.output_size) for p in val.paths]
+    real = [square_resize(crop_to_content(load_rgb(p)) if cfg.crop_to_content else load_rgb(p), cfg.output_size)
+            for p in val.paths]
     return {**score_images(to_output_pils(images, cfg.output_size), val.prompts, real_images=real,
                            reference_stats=judge.reference_stats, inception=judge.inception, clip=judge.clip),
             "images": len(val)}

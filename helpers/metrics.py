@@ -83,7 +83,7 @@ def validation_set(cfg, max_images: int | None = None, seed: int | None = None) 
     keys = [keys[i] for i in _cap(len(keys), cfg.eval_max_images if max_images is None else max_images, seed)]
     rng = random.Random(seed)
     prompts = [rng.choice(first[k][1].captions) for k in keys]
-    real = torch.stack([load_image_tensor(first[k][1].path, cfg.resolution) for k in
+    real = torch.stack([load_image_tensor(first[k][1].path, cfg.resolution, cfg.crop_to_content) for k in
                         tqdm(keys, desc="validation images", leave=False)])
     return EvalSet(keys, prompts, [seed + i for i in range(len(keys))], real, paths=[first[k][1].path for k in keys])
 
@@ -98,7 +98,7 @@ def demo_test_set(cfg, max_images: int | None = None, seed: int | None = None) -
                                          seed)]
     attrs = load_attributes(cfg.data_path)
     ref = cfg.data_path / "test_reference"
-    real = torch.stack([load_image_tensor(ref / p.image_name, cfg.resolution) for p in prompts])
+    real = torch.stack([load_image_tensor(ref / p.image_name, cfg.resolution, cfg.crop_to_content) for p in prompts])
     return EvalSet([p.key for p in prompts], [p.text for p in prompts], [seed + i for i in range(len(prompts))],
                    real, [attrs[p.key] for p in prompts])
 

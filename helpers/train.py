@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from .cache import LatentCache, load_cache, read_split
 from .checkpoint import checkpoint_name, latest_checkpoint, save_checkpoint
-from .config import RunConfig, load_config, resolve_path, save_config
+from .config import RunConfig, load_config, resolve_path, save_config, total_steps, warmup_steps_for
 from .diffusion import EMA, diffusion_loss
 from .model import noise_scheduler, save_model
 from .unet import build_unet
@@ -136,8 +136,8 @@ def make_optimizer(cfg: RunConfig, unet, device):
 
     optimizer = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
                                   fused=device.type == "cuda")
-    lr_schedule = get_scheduler(cfg.lr_schedule, optimizer=optimizer, num_warmup_steps=cfg.warmup_steps,
-                                num_training_steps=cfg.max_steps)
+    lr_schedule = get_scheduler(cfg.lr_schedule, optimizer=optimizer,
+                                num_warmup_steps=warmup_steps_for(cfg, cfg.max_steps), num_training_steps=cfg.max_steps)
     return optimizer, lr_schedule
 
 
@@ -180,6 +180,7 @@ def train(cfg: RunConfig, *, resume: bool = True, progress: bool = True, max_ste
 
     cache = load_cache(cfg)
     rows, data = train_rows(cfg, cache), DeviceCache.from_cache(cache, device)
+    cfg = cfg.replace(max_steps=total_steps(cfg, len(rows), accelerator.num_processes))  # max_epochs -> steps
     unet = unet_for_cache(cfg, cache).to(device).train()
     if cfg.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
