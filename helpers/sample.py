@@ -13,6 +13,7 @@ One sampler serves training previews, the test set, the notebook's widget (helpe
 from __future__ import annotations
 
 import contextlib
+from typing import Callable
 
 import torch
 from PIL import Image
@@ -75,11 +76,13 @@ def guided_at(sigma: float, guidance: float, interval) -> bool:
 
 @torch.no_grad()
 def sample_latents(unet, sampler, cond, uncond, seeds, *, guidance: float, steps: int,
-                   guidance_rescale: float = 0.0, guidance_interval=None, latent_shape) -> torch.Tensor:
+                   guidance_rescale: float = 0.0, guidance_interval=None, latent_shape,
+                   on_step: Callable[[int, int], None] | None = None) -> torch.Tensor:
     """Denoise one latent per seed. cond [B, L, D]; uncond [1, L, D] is the "" embedding.
 
     At each step: eps = eps_uncond + guidance * (eps_cond - eps_uncond) if the step's noise level lies in
     `guidance_interval` (sigma_lo, sigma_hi] (None: every step), else eps = eps_cond alone.
+    `on_step(done, total)` is called after each step (e.g. to move a progress bar).
     """
     from diffusers.guiders.guider_utils import rescale_noise_cfg
 
@@ -98,7 +101,7 @@ def sample_latents(unet, sampler, cond, uncond, seeds, *, guidance: float, steps
         # round to repeated timesteps, and the lookup would then skip a step and run off the end.
         sampler.set_begin_index(0)
     latents = torch.cat([_draw(g, latent_shape) for g in generators]).to(device) * sampler.init_noise_sigma
-    for t in sampler.timesteps:
+    for i, t in enumerate(sampler.timesteps):
         guided = guided_at(noise_level(sampler, t), guidance, guidance_interval)
         model_in = sampler.scale_model_input(torch.cat([latents] * 2) if guided else latents, t)
         with _autocast(device):
@@ -111,6 +114,8 @@ def sample_latents(unet, sampler, cond, uncond, seeds, *, guidance: float, steps
                 eps = rescale_noise_cfg(eps, eps_cond, guidance_rescale=guidance_rescale)
         kwargs = {"generator": generators} if _takes_generator(sampler) else {}
         latents = sampler.step(eps, t, latents, return_dict=False, **kwargs)[0]
+        if on_step is not None:
+            on_step(i + 1, len(sampler.timesteps))
     return latents
 
 
@@ -129,8 +134,11 @@ def _takes_generator(sampler) -> bool:
 @torch.no_grad()
 def sample_images(model, prompts, seeds, *, guidance: float, steps: int, scheduler: str = "dpm++2m-karras",
                   batch_size: int = 64, guidance_rescale: float = 0.0, guidance_interval=None,
-                  progress: bool = False) -> torch.Tensor:
-    """[B, 3, H, W] images in [-1, 1] (on the CPU) for `prompts`, one seed each, decoded by the autoencoder."""
+                  progress: bool = False, on_step: Callable[[int, int], None] | None = None) -> torch.Tensor:
+    """[B, 3, H, W] images in [-1, 1] (on the CPU) for `prompts`, one seed each, decoded by the autoencoder.
+
+    `on_step(done, total)` is called after each denoising step of each batch of `batch_size` prompts.
+    """
     prompts, seeds = list(prompts), [int(s) for s in seeds]
     if len(prompts) != len(seeds):
         raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
@@ -143,7 +151,8 @@ def sample_images(model, prompts, seeds, *, guidance: float, steps: int, schedul
         cond = model.encode_prompts(prompts[start:start + batch_size]).to(device)
         latents = sample_latents(model.unet, sampler, cond, uncond, seeds[start:start + batch_size],
                                  guidance=guidance, steps=steps, guidance_rescale=guidance_rescale,
-                                 guidance_interval=guidance_interval, latent_shape=model.latent_shape)
+                                 guidance_interval=guidance_interval, latent_shape=model.latent_shape,
+                                 on_step=on_step)
         with _autocast(device):
             out.append(model.autoencoder.decode(latents).float().cpu())
     return torch.cat(out) if out else torch.zeros(0, 3, *model.latent_shape[1:])
