@@ -118,7 +118,8 @@ def pack_submission(run_dir, out_zip, code_dirs=("helpers", "notebooks"), model_
     model_dir = Path(model_dir) if model_dir else run_dir / "model"
     results_dir = Path(results_dir) if results_dir else run_dir / "results"
     if out_zip.exists() and not overwrite:
-        raise FileExistsError(f"{out_zip} already exists; pass overwrite=True to replace it")
+        raise FileExistsError(f"{out_zip} already exists; to replace it run 04_sample with overwrite_zip=True "
+                              "(from Python: pack_submission(..., overwrite=True))")
     sources = {"model": model_dir, "results": results_dir}
     sources.update({f"code/{Path(d).name}": _project_path(d) for d in code_dirs})
     missing = [f"{arc}/ <- {src}" for arc, src in sources.items() if not src.is_dir()]
