@@ -58,13 +58,16 @@ class RunConfig:
     prediction_type: str = "v_prediction"  # epsilon | v_prediction
     min_snr_gamma: float = 5.0  # 0 = off; 5 is the paper's choice
     offset_noise: float = 0.0
-    ema_max_decay: float = 0.9999
-    ema_power: float = 0.75  # EMA warm-up: decay = 1 - (1 + step) ** -power, capped at max
+    # EMA of the weights (helpers.diffusion.EMA): half-life in training images, ramped up as
+    # min(half-life, ema_rampup * images seen) so that a short run's average forgets the random start
+    ema_halflife_images: float = 10_000.0
+    ema_rampup: float = 0.125
     mixed_precision: str = "auto"  # auto (bf16 on CUDA) | no | bf16 | fp16
     compile: bool = False
     gradient_checkpointing: bool = False
     checkpoint_every: int = 200
-    keep_checkpoints: int = 2
+    keep_checkpoints: int = 2  # resumable checkpoints (weights + optimizer); older ones are pruned
+    snapshot_every: int = 300  # EMA U-Net kept every N steps (and at the end) in snapshots/: the selection's candidates
     log_every: int = 10
     preview_every: int = 200
     num_train_timesteps: int = 1000
@@ -75,6 +78,9 @@ class RunConfig:
     sample_steps: int = 20
     guidance: float = 3.0
     guidance_rescale: float = 0.0
+    # [sigma_lo, sigma_hi]: guide only steps whose noise level sigma = sqrt((1 - alpha_bar) / alpha_bar) lies in
+    # (lo, hi], the plain conditional prediction elsewhere (Kynkaanniemi et al. 2024); [] = guide every step
+    guidance_interval: list = field(default_factory=list)
     sample_batch_size: int = 64
     use_ema: bool = True
     output_size: int = 256  # the course wants 256x256 PNGs
@@ -180,6 +186,12 @@ def _guidance_list(v):
         return "must be a non-empty list of finite numbers >= 0"
 
 
+def _sigma_interval(v):
+    if v and not (len(v) == 2 and all(isinstance(s, (int, float)) and not isinstance(s, bool) and math.isfinite(s)
+                                      for s in v) and 0 <= v[0] < v[1]):
+        return "must be [] or [sigma_lo, sigma_hi] with 0 <= sigma_lo < sigma_hi"
+
+
 def _unet_presets():
     from .unet import PRESETS  # imported here: helpers.unet imports torch
 
@@ -217,11 +229,12 @@ FIELD_CHECKS = {
     "prediction_type": _one_of(lambda: ("epsilon", "v_prediction")),
     "min_snr_gamma": _finite_at_least(0.0),
     "offset_noise": _finite_at_least(0.0),
-    "ema_max_decay": _fraction(),
-    "ema_power": _finite_at_least(0.0, above=True),
+    "ema_halflife_images": _finite_at_least(0.0, above=True),
+    "ema_rampup": _finite_at_least(0.0),  # 0 = no ramp-up
     "mixed_precision": _one_of(lambda: ("auto", "no", "bf16", "fp16")),
     "checkpoint_every": _at_least(1),
     "keep_checkpoints": _at_least(0),  # 0 keeps them all
+    "snapshot_every": _at_least(0),
     "log_every": _at_least(1),
     "preview_every": _at_least(0),  # 0 turns previews off
     "num_train_timesteps": _at_least(1),
@@ -230,6 +243,7 @@ FIELD_CHECKS = {
     "sample_steps": _at_least(1),
     "guidance": _finite_at_least(0.0),  # 0 is unconditional, 1 is plain conditional: unusual but legal
     "guidance_rescale": _fraction(top_included=True),
+    "guidance_interval": _sigma_interval,
     "sample_batch_size": _at_least(1),
     "output_size": _at_least(1),
     "guidance_sweep": _guidance_list,

@@ -6,12 +6,12 @@ Design choices, and why:
 - The whole cache lives on the device and is indexed there: no DataLoader, no VAE in the loop.
 - Every random choice of a micro-step (flip, latent sample, caption, dropout, noise, timestep) comes
   from a generator seeded by (seed, step, micro-step, process): resume is exact by construction and
-  processes draw different data. Data order is a seeded permutation per epoch.
-- EMA is diffusers' `EMAModel` with warm-up (decay = 1 - (1 + step) ** -ema_power, capped at
-  ema_max_decay): after 500 steps it averages over roughly the last 100, so short runs benefit too,
-  while long runs approach the usual 0.9999. It starts from our own freshly initialised U-Net.
+  processes draw different data. Data order is a seeded permutation per epoch. Nothing else is random,
+  so no global RNG state needs saving.
 - Losses stay on the device and are checked every `log_every` steps (and before any checkpoint), so
   a NaN is caught, named by step, and never checkpointed, without a GPU sync on every step.
+- Besides the resumable checkpoints (the last few), the EMA U-Net is kept every `snapshot_every` steps in
+  `snapshots/`: small, never pruned, the candidates that 05_eval's selection sweep chooses from.
 """
 from __future__ import annotations
 
@@ -20,23 +20,23 @@ import copy
 import csv
 import hashlib
 import json
-import random
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .cache import LatentCache, load_cache, read_split
 from .checkpoint import checkpoint_name, latest_checkpoint, save_checkpoint
 from .config import RunConfig, load_config, resolve_path, save_config
-from .model import noise_scheduler, new_unet, save_model
+from .diffusion import EMA, diffusion_loss
+from .model import noise_scheduler, save_model
+from .unet import build_unet
 
 
-# ---------------------------------------------------------------- randomness and data order
+# ---------------------------------------------------------------- randomness and data
 
 
 def step_generator(seed: int, *parts, device="cpu") -> torch.Generator:
@@ -71,45 +71,43 @@ def train_rows(cfg: RunConfig, cache: LatentCache) -> torch.Tensor:
     return torch.tensor(rows, dtype=torch.int64)
 
 
-# ---------------------------------------------------------------- one batch and its loss
+@dataclass
+class DeviceCache:
+    """The latent cache on the training device, shaped for drawing batches."""
+
+    mean: torch.Tensor  # [N, 2, C, h, w] fp16, index 1 = flipped
+    std: torch.Tensor  # [N, 2, C, h, w] fp16
+    caption_ids: torch.Tensor  # [N, K] rows of `embeddings` (padding clamped to 0, never picked)
+    caption_counts: torch.Tensor  # [N] how many captions each image has (at least 1)
+    embeddings: torch.Tensor  # [M, L, D] fp16, row 0 = ""
+
+    @classmethod
+    def from_cache(cls, cache: LatentCache, device) -> "DeviceCache":
+        ids = cache.caption_ids
+        return cls(cache.mean.to(device), cache.std.to(device), ids.clamp(min=0).to(device),
+                   (ids >= 0).sum(1).clamp(min=1).to(device), cache.embeddings.to(device))
+
+    def batch(self, rows: torch.Tensor, gen: torch.Generator, caption_dropout: float, offset_noise: float,
+              num_train_timesteps: int):
+        """(x0, caption embeddings, eps, t) for `rows`, every draw from `gen`."""
+        dev, b = self.mean.device, len(rows)
+        rows = rows.to(dev)
+        flip = torch.randint(0, 2, (b,), generator=gen, device=dev)
+        mean, std = self.mean[rows, flip].float(), self.std[rows, flip].float()
+        x0 = mean + std * torch.randn(mean.shape, generator=gen, device=dev)  # a sample of the VAE's posterior
+        counts = self.caption_counts[rows]
+        pick = (torch.rand(b, generator=gen, device=dev) * counts).long().clamp(max=counts - 1)
+        caption = self.caption_ids[rows, pick]
+        dropped = torch.rand(b, generator=gen, device=dev) < caption_dropout  # -> "" (row 0): learns the CFG prior
+        context = self.embeddings[torch.where(dropped, 0, caption)].float()
+        eps = torch.randn(x0.shape, generator=gen, device=dev)
+        offset = torch.randn(b, x0.shape[1], 1, 1, generator=gen, device=dev)
+        eps = eps + offset_noise * offset  # offset noise lets the model shift whole-image brightness
+        t = torch.randint(0, num_train_timesteps, (b,), generator=gen, device=dev)
+        return x0, context, eps, t
 
 
-def make_batch(cache: dict, rows: torch.Tensor, gen: torch.Generator, cfg: RunConfig):
-    """(clean latents, caption embeddings, noise, timesteps) for `rows`, every draw from `gen`."""
-    dev, b = cache["mean"].device, len(rows)
-    rows = rows.to(dev)
-    flip = torch.randint(0, 2, (b,), generator=gen, device=dev)
-    mean, std = cache["mean"][rows, flip].float(), cache["std"][rows, flip].float()
-    latents = mean + std * torch.randn(mean.shape, generator=gen, device=dev)
-    counts = cache["caption_counts"][rows]
-    pick = (torch.rand(b, generator=gen, device=dev) * counts).long().clamp(max=counts - 1)
-    caption = cache["caption_ids"][rows, pick]
-    dropped = torch.rand(b, generator=gen, device=dev) < cfg.caption_dropout
-    context = cache["embeddings"][torch.where(dropped, 0, caption)].float()  # row 0 = ""
-    noise = torch.randn(latents.shape, generator=gen, device=dev)
-    offset = torch.randn(b, latents.shape[1], 1, 1, generator=gen, device=dev)
-    noise = noise + cfg.offset_noise * offset  # offset noise lets the model shift whole-image brightness
-    timesteps = torch.randint(0, cfg.num_train_timesteps, (b,), generator=gen, device=dev)
-    return latents, context, noise, timesteps
-
-
-def diffusion_loss(unet, scheduler, latents, context, noise, timesteps, prediction_type: str = "epsilon",
-                   min_snr_gamma: float = 0.0) -> torch.Tensor:
-    """MSE to the epsilon or v target, optionally min-SNR-γ weighted (Hang et al. 2023)."""
-    noisy = scheduler.add_noise(latents, noise, timesteps)
-    target = noise if prediction_type == "epsilon" else scheduler.get_velocity(latents, noise, timesteps)
-    pred = unet(noisy, timesteps, encoder_hidden_states=context).sample
-    loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
-    if min_snr_gamma > 0:
-        from diffusers.training_utils import compute_snr
-
-        snr = compute_snr(scheduler, timesteps)
-        weight = snr.clamp(max=min_snr_gamma) / (snr if prediction_type == "epsilon" else snr + 1)
-        loss = loss * torch.where(snr > 0, weight, torch.ones_like(weight))
-    return loss.mean()
-
-
-# ---------------------------------------------------------------- the trainer
+# ---------------------------------------------------------------- the parts of a training run
 
 
 def make_accelerator(cfg: RunConfig):
@@ -126,128 +124,206 @@ def make_accelerator(cfg: RunConfig):
                        cpu=not torch.cuda.is_available())
 
 
-def device_cache(cache: LatentCache, device) -> dict:
-    ids = cache.caption_ids
-    return dict(mean=cache.mean.to(device), std=cache.std.to(device), caption_ids=ids.clamp(min=0).to(device),
-                caption_counts=(ids >= 0).sum(1).clamp(min=1).to(device), embeddings=cache.embeddings.to(device))
+def unet_for_cache(cfg: RunConfig, cache: LatentCache):
+    """A fresh U-Net whose input channels, size and context width are those of the cached latents and captions."""
+    return build_unet(cfg.unet_preset, in_channels=cache.mean.shape[2], cross_attention_dim=cache.embeddings.shape[-1],
+                      sample_size=cache.mean.shape[-1], seed=cfg.seed)
 
 
-class Trainer:
-    """Model, optimizer, schedule, EMA and data of one run; `step()` does one optimizer step."""
+def make_optimizer(cfg: RunConfig, unet, device):
+    """AdamW and its warm-up + decay schedule (stepped by us once per optimizer step)."""
+    from diffusers.optimization import get_scheduler
 
-    def __init__(self, cfg: RunConfig, accelerator):
-        from diffusers.optimization import get_scheduler
-        from diffusers.training_utils import EMAModel
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                  fused=device.type == "cuda")
+    lr_schedule = get_scheduler(cfg.lr_schedule, optimizer=optimizer, num_warmup_steps=cfg.warmup_steps,
+                                num_training_steps=cfg.max_steps)
+    return optimizer, lr_schedule
 
-        self.cfg, self.acc = cfg, accelerator
-        cache = load_cache(cfg)
-        self.host_cache, self.rows = cache, train_rows(cfg, cache)
-        self.cache = device_cache(cache, accelerator.device)
-        self.unet = build_unet_for_cache(cfg, cache).to(accelerator.device).train()
-        if cfg.gradient_checkpointing:
-            self.unet.enable_gradient_checkpointing()
-        self.noise_scheduler = noise_scheduler(cfg)
-        self.ema = EMAModel(self.unet.parameters(), decay=cfg.ema_max_decay, use_ema_warmup=True, inv_gamma=1.0,
-                            power=cfg.ema_power, foreach=accelerator.device.type == "cuda",
-                            model_cls=type(self.unet), model_config=self.unet.config)
-        optimizer = torch.optim.AdamW(self.unet.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                      fused=accelerator.device.type == "cuda")
-        # Stepped by us once per optimizer step (accelerate would step a prepared one per process).
-        self.lr_scheduler = get_scheduler(cfg.lr_schedule, optimizer=optimizer, num_warmup_steps=cfg.warmup_steps,
-                                          num_training_steps=cfg.max_steps)
-        self.model, self.optimizer = accelerator.prepare(self.unet, optimizer)
-        self.forward = torch.compile(self.model) if cfg.compile else self.model
-        self.position = 0  # items of the data stream consumed so far, all processes together
 
-    def step(self, step: int) -> torch.Tensor:
-        """One optimizer step (grad_accum micro-batches); returns the mean loss, still on the device."""
-        cfg, acc = self.cfg, self.acc
-        b, p = cfg.batch_size, acc.num_processes
-        losses = []
+def ema_copy(unet, ema: EMA):
+    """A copy of the U-Net holding the EMA weights, for previews, snapshots and the saved model."""
+    return ema.copy_to(copy.deepcopy(unet).eval().requires_grad_(False))
+
+
+def weights_finite(unet) -> bool:
+    return bool(torch.stack([p.detach().isfinite().all() for p in unet.parameters()]).all())
+
+
+# ---------------------------------------------------------------- the loop
+
+
+@dataclass
+class TrainResult:
+    first_step: int  # the first step this session trained (1-based)
+    last_step: int  # the last step it trained: the run is finished when last_step == max_steps
+    resumed_from: str | None
+    checkpoint: str | None  # the newest checkpoint written or resumed from
+    model_dir: str | None  # set when the run reached max_steps and saved model/
+    images_per_s: float
+    previews: list[str]
+    snapshots: list[str]
+
+
+def train(cfg: RunConfig, *, resume: bool = True, progress: bool = True, max_steps: int | None = None,
+          stop_at: int | None = None) -> TrainResult:
+    """Train to cfg.max_steps (or `max_steps`), resuming from the last checkpoint; `stop_at` pauses early
+    (with a checkpoint) without changing the LR schedule. The losses are in logs/train.csv (read_log)."""
+    cfg = cfg.replace(max_steps=max_steps)
+    accelerator = make_accelerator(cfg)
+    device, main = accelerator.device, accelerator.is_main_process
+    if main:
+        save_config(cfg)
+        if not resume:
+            retire_checkpoints(cfg)
+    accelerator.wait_for_everyone()
+
+    cache = load_cache(cfg)
+    rows, data = train_rows(cfg, cache), DeviceCache.from_cache(cache, device)
+    unet = unet_for_cache(cfg, cache).to(device).train()
+    if cfg.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    ema = EMA(unet, cfg.ema_halflife_images, cfg.ema_rampup)
+    alphas_cumprod = noise_scheduler(cfg).alphas_cumprod.to(device)
+    optimizer, lr_schedule = make_optimizer(cfg, unet, device)
+    model, optimizer = accelerator.prepare(unet, optimizer)
+    forward = torch.compile(model) if cfg.compile else model
+    micro_batch, processes, rank = cfg.batch_size, accelerator.num_processes, accelerator.process_index
+    images_per_step = micro_batch * cfg.grad_accum * processes
+
+    start, position, resumed_from = 0, 0, None
+    found = latest_checkpoint(cfg.run_dir / "checkpoints") if resume else None
+    if found:
+        resumed_from = str(found[0])
+        start, position = load_training_state(found[1], unet, ema, optimizer, lr_schedule, accelerator)
+    end = min(cfg.max_steps, stop_at or cfg.max_steps)
+    if main:
+        print((f"Resuming from checkpoint {resumed_from} (step {start}). " if found else "")
+              + f"Training {len(rows)} images ({len(rows) * 2} with flips) from step {start} to {end} of "
+              f"{cfg.max_steps}; {images_per_step} images/step on {processes} process(es), {device}, "
+              f"mixed precision {accelerator.mixed_precision}")
+
+    log = TrainLog(cfg, start, active=main)
+    previewer = Previewer(cfg, cache, device) if main and cfg.preview_every > 0 else None
+    result = TrainResult(start + 1, start, resumed_from, resumed_from, None, 0.0, [], [])
+    pending, busy, t0 = [], 0.0, time.perf_counter()  # (step, loss on device, lr); seconds of timed training
+    bar = tqdm(total=cfg.max_steps, initial=start, desc="train", unit="step", disable=not (progress and main))
+    for step in range(start, end):
+        lr, losses = lr_schedule.get_last_lr()[0], []
         for micro in range(cfg.grad_accum):
-            rows = data_rows(self.rows, cfg.seed, self.position + acc.process_index * b, b)
-            self.position += b * p
-            gen = step_generator(cfg.seed, step, micro, acc.process_index, device=acc.device)
-            with acc.accumulate(self.model):
-                with acc.autocast():
-                    loss = diffusion_loss(self.forward, self.noise_scheduler, *make_batch(self.cache, rows, gen, cfg),
-                                          cfg.prediction_type, cfg.min_snr_gamma)
-                acc.backward(loss)
-                if acc.sync_gradients and cfg.max_grad_norm > 0:
-                    acc.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
-                self.optimizer.step()
-                self.optimizer.zero_grad(set_to_none=True)
+            gen = step_generator(cfg.seed, step, micro, rank, device=device)
+            batch_rows = data_rows(rows, cfg.seed, position + rank * micro_batch, micro_batch)
+            position += micro_batch * processes
+            x0, context, eps, t = data.batch(batch_rows, gen, cfg.caption_dropout, cfg.offset_noise,
+                                             cfg.num_train_timesteps)
+            with accelerator.accumulate(model), accelerator.autocast():
+                loss = diffusion_loss(forward, x0, context, eps, t, alphas_cumprod, cfg.prediction_type,
+                                      cfg.min_snr_gamma)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and cfg.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
             losses.append(loss.detach().float())
-        self.lr_scheduler.step()
-        self.ema.step(self.unet.parameters())
-        return torch.stack(losses).mean()
+        lr_schedule.step()
+        ema.update(unet, images_per_step)
+        done = step + 1
+        pending.append((done, torch.stack(losses).mean(), lr))
 
-    @property
-    def lr(self) -> float:
-        return self.optimizer.param_groups[0]["lr"]
+        checkpoint = done % max(cfg.checkpoint_every, 1) == 0 or done == end
+        snapshot = cfg.snapshot_every > 0 and (done % cfg.snapshot_every == 0 or done == cfg.max_steps)
+        preview = previewer is not None and (done % cfg.preview_every == 0 or done == cfg.max_steps)
+        if len(pending) >= cfg.log_every or checkpoint or snapshot or preview:
+            busy += time.perf_counter() - t0  # the flush syncs the device, so the time is real
+            result.images_per_s = (done - start) * images_per_step / max(busy, 1e-9)
+            logged = check_losses(accelerator, pending, result.checkpoint, cfg.lr)
+            log.write(logged, result.images_per_s, epoch=position / len(rows))
+            bar.set_postfix(loss=f"{logged[-1]['loss']:.4f}", lr=f"{lr:.2e}", img_s=f"{result.images_per_s:.0f}")
+            pending = []
+        if checkpoint:
+            if not weights_finite(unet):
+                raise FloatingPointError(f"U-Net weights are not finite after step {done}: not checkpointing. The "
+                                         f"last good checkpoint is {result.checkpoint or 'none'}; lower lr and resume.")
+            if main:
+                state = training_state(done, position, optimizer, lr_schedule, accelerator)
+                result.checkpoint = str(save_checkpoint(cfg.run_dir / "checkpoints", done, unet.state_dict(),
+                                                        ema.state_dict(), state, cfg.keep_checkpoints))
+        if snapshot and main:
+            result.snapshots.append(str(save_snapshot(cfg, ema_copy(unet, ema), done)))
+        if preview:
+            result.previews.append(str(previewer.save(ema_copy(unet, ema), done)))
+        if checkpoint or snapshot or preview:
+            accelerator.wait_for_everyone()
+        if not pending:
+            t0 = time.perf_counter()
+        result.last_step = done
+        bar.update(1)
+    bar.close()
+    log.close()
 
-    def ema_unet(self):
-        """A copy of the U-Net holding the EMA weights (for previews and saving)."""
-        ema_unet = copy.deepcopy(self.unet).eval().requires_grad_(False)
-        self.ema.copy_to(ema_unet.parameters())
-        return ema_unet
-
-    def params_finite(self) -> bool:
-        return bool(torch.stack([p.detach().isfinite().all() for p in self.unet.parameters()]).all())
-
-    # -------- checkpoints
-
-    def state(self, step: int) -> dict:
-        scaler = self.acc.scaler.state_dict() if self.acc.scaler is not None else {}
-        return dict(step=step, data_position=self.position, optimizer=self.optimizer.state_dict(),
-                    lr_scheduler=self.lr_scheduler.state_dict(), scaler=scaler,
-                    ema_optimization_step=self.ema.optimization_step, rng=rng_states())
-
-    def save(self, step: int) -> Path:
-        names = [n for n, _ in self.unet.named_parameters()]
-        ema = dict(zip(names, self.ema.shadow_params))
-        return save_checkpoint(self.cfg.run_dir / "checkpoints", step, self.unet.state_dict(), ema,
-                               self.state(step), self.cfg.keep_checkpoints)
-
-    def load(self, ckpt: dict) -> int:
-        self.unet.load_state_dict(ckpt["unet"])
-        names = [n for n, _ in self.unet.named_parameters()]
-        for shadow, name in zip(self.ema.shadow_params, names):
-            shadow.copy_(ckpt["ema"][name])
-        state = ckpt["state"]
-        self.ema.optimization_step = state["ema_optimization_step"]
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.lr_scheduler.load_state_dict(state["lr_scheduler"])
-        if self.acc.scaler is not None and state["scaler"]:
-            self.acc.scaler.load_state_dict(state["scaler"])
-        set_rng_states(state["rng"])
-        self.position = state["data_position"]
-        return state["step"]
+    if end == cfg.max_steps and main:
+        result.model_dir = str(save_model(cfg, accelerator.unwrap_model(model), ema_copy(unet, ema),
+                                          noise_scheduler(cfg)))
+    accelerator.wait_for_everyone()
+    return result
 
 
-def build_unet_for_cache(cfg: RunConfig, cache: LatentCache):
-    """new_unet(cfg, ...) with channels, size and context width read from the cache (no frozen parts needed)."""
-    from types import SimpleNamespace
-
-    channels, size = cache.mean.shape[2], cache.mean.shape[-1]
-    text = SimpleNamespace(hidden_size=cache.embeddings.shape[-1])
-    autoencoder = SimpleNamespace(latent_channels=channels, downsample=cfg.resolution // size)
-    return new_unet(cfg, text, autoencoder)
-
-
-def rng_states() -> dict:
-    np_state = np.random.get_state()
-    return dict(torch=torch.get_rng_state(), cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-                python=random.getstate(), numpy=[np_state[0], torch.from_numpy(np_state[1].astype(np.int64)),
-                                                 *np_state[2:]])
+def check_losses(accelerator, pending: list, last_checkpoint: str | None, lr: float) -> list[dict]:
+    """The pending losses on the host (mean over processes) as log rows; FloatingPointError at the first NaN/inf."""
+    losses = accelerator.reduce(torch.stack([loss for _, loss, _ in pending]), reduction="mean").cpu()
+    bad = (~torch.isfinite(losses)).nonzero()
+    if len(bad):
+        i = int(bad[0])
+        raise FloatingPointError(
+            f"Training loss became {losses[i].item()} at step {pending[i][0]}: stopped. The last good checkpoint is "
+            f"{last_checkpoint or 'none (no checkpoint was written yet)'}; lower lr (now {lr}) or max_grad_norm, or "
+            f"try mixed_precision='no', then resume.")
+    return [dict(step=s, loss=float(loss), lr=lr) for (s, _, lr), loss in zip(pending, losses)]
 
 
-def set_rng_states(s: dict) -> None:
-    torch.set_rng_state(s["torch"])
-    if s["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(s["cuda"])
-    random.setstate(s["python"])
-    np.random.set_state((s["numpy"][0], s["numpy"][1].numpy().astype(np.uint32), *s["numpy"][2:]))
+# ---------------------------------------------------------------- checkpoints and snapshots
+
+
+def training_state(step: int, position: int, optimizer, lr_schedule, accelerator) -> dict:
+    """Everything besides the weights that resuming needs (state.pt of a checkpoint)."""
+    scaler = accelerator.scaler.state_dict() if accelerator.scaler is not None else {}
+    return dict(step=step, data_position=position, optimizer=optimizer.state_dict(),
+                lr_scheduler=lr_schedule.state_dict(), scaler=scaler)
+
+
+def load_training_state(ckpt: dict, unet, ema: EMA, optimizer, lr_schedule, accelerator) -> tuple[int, int]:
+    """Restore a checkpoint into the training parts; returns (step, data position)."""
+    unet.load_state_dict(ckpt["unet"])
+    ema.load_state_dict(ckpt["ema"])
+    state = ckpt["state"]
+    optimizer.load_state_dict(state["optimizer"])
+    lr_schedule.load_state_dict(state["lr_scheduler"])
+    if accelerator.scaler is not None and state["scaler"]:
+        accelerator.scaler.load_state_dict(state["scaler"])
+    return state["step"], state["data_position"]
+
+
+def save_snapshot(cfg: RunConfig, ema_unet, step: int) -> Path:
+    """`snapshots/step-NNNNNN/`: the EMA U-Net as a diffusers folder (safetensors + config), written atomically."""
+    root = cfg.run_dir / "snapshots"
+    final, tmp = root / checkpoint_name(step), root / f".tmp-{checkpoint_name(step)}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    ema_unet.save_pretrained(tmp, safe_serialization=True)
+    if final.exists():
+        print(f"Replacing snapshot {final} (this run trained step {step} again)")
+        shutil.rmtree(final)
+    tmp.rename(final)
+    return final
+
+
+def retire_checkpoints(cfg: RunConfig) -> None:
+    """resume=False: move old checkpoints aside, so they cannot be mistaken for this run's."""
+    root = cfg.run_dir / "checkpoints"
+    if root.exists():
+        old = cfg.run_dir / "checkpoints.old"
+        shutil.rmtree(old, ignore_errors=True)
+        root.rename(old)
+        print(f"resume=False: moved the previous checkpoints to {old}")
 
 
 # ---------------------------------------------------------------- logs and previews
@@ -272,9 +348,10 @@ class TrainLog:
             writer.writerows(kept)
         self.tb = SummaryWriter(str(cfg.run_dir / "logs" / "tensorboard"), purge_step=start + 1 if start else None)
 
-    def write(self, rows: list[dict]) -> None:
+    def write(self, rows: list[dict], images_per_s: float, epoch: float) -> None:
         if not self.active:
             return
+        rows = [dict(r, images_per_s=round(images_per_s, 2), epoch=round(epoch, 4)) for r in rows]
         with self.path.open("a", newline="") as f:
             csv.DictWriter(f, self.FIELDS).writerows(rows)
         for r in rows:
@@ -300,6 +377,36 @@ def read_log(cfg: RunConfig) -> dict[str, list[float]]:
     return {k: [float(r[k]) for r in rows] for k in TrainLog.FIELDS}
 
 
+class Previewer:
+    """Samples fixed prompts with fixed seeds from the EMA U-Net into previews/step-NNNNNN.png."""
+
+    def __init__(self, cfg: RunConfig, cache: LatentCache, device, n: int = 8):
+        from .model import load_frozen_parts
+
+        self.cfg, self.prompts = cfg, preview_prompts(cfg, cache, n)
+        self.text_encoder, self.autoencoder = load_frozen_parts(cfg, device)
+        self.scheduler_config = dict(noise_scheduler(cfg).config)
+
+    def save(self, ema_unet, step: int) -> Path:
+        from .images import image_grid, tensor_to_pil
+        from .model import TextToImage
+        from .sample import sample_images
+
+        cfg = self.cfg
+        model = TextToImage(cfg, ema_unet, self.text_encoder, self.autoencoder, self.scheduler_config)
+        images = sample_images(model, self.prompts, list(range(len(self.prompts))), guidance=cfg.guidance,
+                               steps=cfg.sample_steps, scheduler=cfg.scheduler, batch_size=cfg.sample_batch_size,
+                               guidance_rescale=cfg.guidance_rescale, guidance_interval=cfg.guidance_interval)
+        grid = image_grid([tensor_to_pil(x) for x in images], cols=min(len(self.prompts), 4),
+                          cell=max(64, cfg.resolution))
+        out = cfg.run_dir / "previews" / f"{checkpoint_name(step)}.png"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        grid.save(out)
+        (out.parent / "prompts.json").write_text(json.dumps(self.prompts, ensure_ascii=False, indent=1),
+                                                 encoding="utf-8")
+        return out
+
+
 def preview_prompts(cfg: RunConfig, cache: LatentCache, n: int = 8) -> list[str]:
     """The first `n` distinct captions of validation monsters, then of training ones: fixed for a run."""
     val = set(read_split(cfg)["val"])
@@ -314,155 +421,10 @@ def preview_prompts(cfg: RunConfig, cache: LatentCache, n: int = 8) -> list[str]
     return prompts
 
 
-def save_preview(cfg: RunConfig, ema_unet, scheduler_config: dict, prompts: list[str], step: int,
-                 frozen=None) -> Path:
-    """Sample the fixed prompts with fixed seeds from the EMA U-Net; write previews/step-NNNNNN.png."""
-    from .images import image_grid, tensor_to_pil
-    from .model import TextToImage, load_frozen_parts
-    from .sample import sample_images
-
-    text_encoder, autoencoder = frozen or load_frozen_parts(cfg, next(ema_unet.parameters()).device)
-    model = TextToImage(cfg, ema_unet, text_encoder, autoencoder, scheduler_config)
-    images = sample_images(model, prompts, list(range(len(prompts))), guidance=cfg.guidance, steps=cfg.sample_steps,
-                           scheduler=cfg.scheduler, batch_size=cfg.sample_batch_size,
-                           guidance_rescale=cfg.guidance_rescale)
-    grid = image_grid([tensor_to_pil(x) for x in images], cols=min(len(prompts), 4), cell=max(64, cfg.resolution))
-    out = cfg.run_dir / "previews" / f"{checkpoint_name(step)}.png"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    grid.save(out)
-    (out.parent / "prompts.json").write_text(json.dumps(prompts, ensure_ascii=False, indent=1), encoding="utf-8")
-    return out
-
-
-# ---------------------------------------------------------------- the loop
-
-
-def train(cfg: RunConfig, *, resume: bool = True, progress: bool = True, max_steps: int | None = None,
-          stop_at: int | None = None) -> dict:
-    """Train to cfg.max_steps (or `max_steps`), resuming from the last checkpoint; `stop_at` pauses early
-    (with a checkpoint) without changing the LR schedule. Returns this session's history."""
-    cfg = cfg.replace(max_steps=max_steps)
-    acc = make_accelerator(cfg)
-    main = acc.is_main_process
-    if main:
-        save_config(cfg)
-        if not resume:
-            _retire_checkpoints(cfg)
-    acc.wait_for_everyone()
-    trainer = Trainer(cfg, acc)
-    start, resumed_from = 0, None
-    found = latest_checkpoint(cfg.run_dir / "checkpoints") if resume else None
-    if found:
-        resumed_from, start = str(found[0]), trainer.load(found[1])
-        if main:
-            print(f"Resuming from checkpoint {found[0]} (step {start})")
-    end = min(cfg.max_steps, stop_at or cfg.max_steps)
-    history = dict(step=[], loss=[], lr=[], images_per_s=0.0, resumed_from=resumed_from, checkpoint=resumed_from,
-                   previews=[], model_dir=None, log=str(cfg.run_dir / "logs" / "train.csv"),
-                   images_per_step=cfg.batch_size * cfg.grad_accum * acc.num_processes)
-    if main:
-        print(f"Training {len(trainer.rows)} images ({len(trainer.rows) * 2} with flips) from step {start} to {end} "
-              f"of {cfg.max_steps}; {history['images_per_step']} images/step on {acc.num_processes} "
-              f"process(es), {acc.device}, mixed precision {acc.mixed_precision}")
-    log = TrainLog(cfg, start, main)
-    try:
-        _loop(trainer, start, end, history, log, progress and main)
-    finally:
-        log.close()
-    if end == cfg.max_steps:
-        ema_unet = trainer.ema_unet()
-        if main:
-            history["model_dir"] = str(save_model(cfg, acc.unwrap_model(trainer.model), ema_unet,
-                                                  trainer.noise_scheduler))
-    acc.wait_for_everyone()
-    return history
-
-
-def _loop(trainer: Trainer, start: int, end: int, history: dict, log: TrainLog, progress: bool) -> None:
-    cfg = trainer.cfg
-    prompts = preview_prompts(cfg, trainer.host_cache) if cfg.preview_every > 0 else []
-    pending, busy = [], 0.0  # (step, loss on device, lr); seconds spent on timed training steps
-    bar = tqdm(total=cfg.max_steps, initial=start, desc="train", disable=not progress, unit="step")
-    t0 = time.perf_counter()
-    for step in range(start, end):
-        lr = trainer.lr
-        pending.append((step + 1, trainer.step(step), lr))
-        done = step + 1
-        checkpoint = done % max(cfg.checkpoint_every, 1) == 0 or done == end
-        preview = bool(prompts) and (done % cfg.preview_every == 0 or done == cfg.max_steps)
-        if len(pending) >= cfg.log_every or checkpoint or preview:
-            busy += time.perf_counter() - t0  # flush syncs the device, so the time is real
-            _flush(trainer, pending, history, log, bar, busy)
-            pending = []
-        if checkpoint:
-            _checkpoint(trainer, done, history)
-        if preview:
-            _preview(trainer, done, prompts, history)
-        bar.update(1)
-        if pending == []:
-            t0 = time.perf_counter()
-    bar.close()
-
-
-def _flush(trainer: Trainer, pending: list, history: dict, log: TrainLog, bar, busy: float) -> None:
-    """Bring the pending losses to the host (mean over processes), stop on NaN/inf, log them."""
-    losses = trainer.acc.reduce(torch.stack([l for _, l, _ in pending]), reduction="mean").cpu()
-    steps = [s for s, _, _ in pending]
-    bad = (~torch.isfinite(losses)).nonzero()
-    if len(bad):
-        i = int(bad[0])
-        raise FloatingPointError(
-            f"Training loss became {losses[i].item()} at step {steps[i]}: stopped. The last good checkpoint is "
-            f"{history['checkpoint'] or 'none (no checkpoint was written yet)'}; lower lr (now {trainer.cfg.lr}) "
-            f"or max_grad_norm, or try mixed_precision='no', then resume.")
-    history["step"] += steps
-    history["loss"] += losses.tolist()
-    history["lr"] += [lr for _, _, lr in pending]
-    images = len(history["step"]) * history["images_per_step"]
-    history["images_per_s"] = images / max(busy, 1e-9)
-    epoch = trainer.position / len(trainer.rows)
-    log.write([dict(step=s, loss=float(l), lr=lr, images_per_s=round(history["images_per_s"], 2),
-                    epoch=round(epoch, 4)) for (s, _, lr), l in zip(pending, losses)])
-    bar.set_postfix(loss=f"{losses[-1].item():.4f}", lr=f"{pending[-1][2]:.2e}",
-                    img_s=f"{history['images_per_s']:.0f}")
-
-
-def _checkpoint(trainer: Trainer, step: int, history: dict) -> None:
-    if not trainer.params_finite():
-        raise FloatingPointError(f"U-Net weights are not finite after step {step}: not checkpointing. The last "
-                                 f"good checkpoint is {history['checkpoint'] or 'none'}; lower lr and resume.")
-    trainer.acc.wait_for_everyone()
-    if trainer.acc.is_main_process:
-        history["checkpoint"] = str(trainer.save(step))
-    trainer.acc.wait_for_everyone()
-
-
-def _preview(trainer: Trainer, step: int, prompts: list[str], history: dict) -> None:
-    if trainer.acc.is_main_process:
-        if not hasattr(trainer, "frozen"):
-            from .model import load_frozen_parts
-
-            trainer.frozen = load_frozen_parts(trainer.cfg, trainer.acc.device)
-        path = save_preview(trainer.cfg, trainer.ema_unet(), dict(trainer.noise_scheduler.config), prompts, step,
-                            trainer.frozen)
-        history["previews"].append(str(path))
-    trainer.acc.wait_for_everyone()
-
-
-def _retire_checkpoints(cfg: RunConfig) -> None:
-    """resume=False: move old checkpoints aside, so they cannot be mistaken for this run's."""
-    root = cfg.run_dir / "checkpoints"
-    if root.exists():
-        old = cfg.run_dir / "checkpoints.old"
-        shutil.rmtree(old, ignore_errors=True)
-        root.rename(old)
-        print(f"resume=False: moved the previous checkpoints to {old}")
-
-
 # ---------------------------------------------------------------- command line (accelerate launch)
 
 
-def main(argv: list[str] | None = None) -> dict:
+def main(argv: list[str] | None = None) -> TrainResult:
     parser = argparse.ArgumentParser(description="Train a run's U-Net from its latent cache (see notebooks/03).")
     parser.add_argument("--run", required=True, help="run folder, or run name under <outputs-dir>/runs")
     parser.add_argument("--outputs-dir", default="outputs")
@@ -474,11 +436,11 @@ def main(argv: list[str] | None = None) -> dict:
     run = Path(args.run)
     folder = run if (run / "config.json").exists() else resolve_path(args.outputs_dir) / "runs" / args.run
     cfg = load_config(folder)
-    history = train(cfg, resume=not args.no_resume, progress=not args.no_progress, max_steps=args.max_steps,
-                    stop_at=args.stop_at)
+    result = train(cfg, resume=not args.no_resume, progress=not args.no_progress, max_steps=args.max_steps,
+                   stop_at=args.stop_at)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
-    return history
+    return result
 
 
 if __name__ == "__main__":

@@ -10,8 +10,10 @@ from PIL import Image
 from helpers.autoencoder import load_autoencoder
 from helpers.config import profile_config
 from helpers.model import TextToImage, noise_scheduler
-from helpers.sample import (SCHEDULERS, guidance_steps_grid, load_sd_baseline, make_panel, make_scheduler, preview,
-                            sample_images, sampling_guidance, scheduler_grid, to_output_pils)
+from helpers.baseline import load_sd_baseline
+from helpers.grids import guidance_steps_grid, scheduler_grid
+from helpers.panel import make_panel, preview
+from helpers.sample import SCHEDULERS, make_scheduler, noise_level, sample_images, sample_latents, to_output_pils
 from helpers.text import load_text_encoder
 from helpers.unet import build_unet
 
@@ -121,16 +123,38 @@ def test_grids_are_figures_with_one_panel_per_setting(model):
     plt.close("all")
 
 
-def test_sampling_guidance_prefers_the_argument_then_best_guidance_then_config(model):
-    cfg = model.cfg
-    assert sampling_guidance(cfg) == cfg.guidance
-    cfg.run_dir.mkdir(parents=True, exist_ok=True)
-    (cfg.run_dir / "metrics.json").write_text(json.dumps({"best_guidance": 4.5}))
-    try:
-        assert sampling_guidance(cfg) == 4.5
-        assert sampling_guidance(cfg, 2) == 2.0
-    finally:
-        (cfg.run_dir / "metrics.json").unlink()
+class CountingUNet(torch.nn.Module):
+    """Wraps a U-Net and records the batch size of every call."""
+
+    def __init__(self, unet):
+        super().__init__()
+        self.unet, self.config, self.batches = unet, unet.config, []
+
+    def forward(self, x, t, **kw):
+        self.batches.append(x.shape[0])
+        return self.unet(x, t, **kw)
+
+
+def test_guidance_interval_guides_only_inside_it(model):
+    sampler = make_scheduler("ddim", model.scheduler_config)
+    sampler.set_timesteps(6)
+    sigmas = sorted(noise_level(sampler, t) for t in sampler.timesteps)
+    middle = (sigmas[1], sigmas[3])  # (lo, hi]: exactly the 3rd and 4th lowest noise levels
+    cond, uncond = model.encode_prompts(PROMPTS[:2]), model.encode_prompts([""])
+    counting = CountingUNet(model.unet)
+    run = lambda interval, g=3.0: sample_latents(counting, make_scheduler("ddim", model.scheduler_config), cond,
+                                                 uncond, [1, 2], guidance=g, steps=6, guidance_interval=interval,
+                                                 latent_shape=model.latent_shape)
+    everywhere = run(None)
+    assert counting.batches == [4] * 6  # uncond + cond in one forward at every step
+    counting.batches.clear()
+    partial = run(middle)
+    assert sorted(counting.batches) == [2, 2, 2, 2, 4, 4]  # one call per image outside the interval
+    counting.batches.clear()
+    nowhere = run((1e9, 2e9))
+    assert counting.batches == [2] * 6
+    assert torch.allclose(nowhere, run(None, g=1.0), atol=1e-6)  # no guided step = the plain conditional model
+    assert not torch.allclose(partial, everywhere, atol=1e-3) and not torch.allclose(partial, nowhere, atol=1e-3)
 
 
 @pytest.mark.parametrize("scheduler", ["dpm++2m-karras", "euler-a"])

@@ -17,8 +17,7 @@ from helpers.cache import build_cache, load_cache, write_split
 from helpers.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
 from helpers.config import PROJECT_ROOT, open_run, profile_config
 from helpers.data import load_records
-from helpers.model import noise_scheduler
-from helpers.train import data_rows, device_cache, diffusion_loss, make_batch, read_log, step_generator, train
+from helpers.train import DeviceCache, data_rows, read_log, step_generator, train
 
 FAST = dict(preview_every=0, log_every=1)  # previews are tested once, last
 
@@ -48,44 +47,30 @@ def test_data_order_is_a_seeded_permutation_per_epoch():
 
 def test_batches_drop_captions_to_the_empty_prompt(tmp_path, course_dir):
     cfg = make_run(tmp_path, course_dir)
-    cache = device_cache(load_cache(cfg), "cpu")
+    cache = DeviceCache.from_cache(load_cache(cfg), "cpu")
     rows = torch.arange(24).repeat(20)
+    draw = lambda seed, dropout: cache.batch(rows, step_generator(0, seed), dropout, 0.0, cfg.num_train_timesteps)
     for p, lo, hi in ((0.0, 0.0, 0.0), (0.5, 0.4, 0.6)):
-        _, context, _, t = make_batch(cache, rows, step_generator(0, 1), cfg.replace(caption_dropout=p))
-        empty = (context == cache["embeddings"][0]).flatten(1).all(1).float().mean()
+        _, context, _, t = draw(1, p)
+        empty = (context == cache.embeddings[0]).flatten(1).all(1).float().mean()
         assert lo <= float(empty) <= hi
     assert int(t.min()) >= 0 and int(t.max()) < cfg.num_train_timesteps
-    a = make_batch(cache, rows, step_generator(0, 5), cfg)[0]
-    assert torch.equal(a, make_batch(cache, rows, step_generator(0, 5), cfg)[0])  # same step, same batch
-
-
-@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
-def test_min_snr_weighting_down_weights_easy_steps(prediction_type):
-    from helpers.unet import build_unet
-
-    unet = build_unet("tiny", 3, 32, 8)
-    sched = noise_scheduler(profile_config("tiny", prediction_type=prediction_type))
-    x, ctx = torch.randn(4, 3, 8, 8), torch.randn(4, 16, 32)
-    noise, t = torch.randn(4, 3, 8, 8), torch.tensor([1, 10, 500, 990])
-    with torch.no_grad():
-        plain = diffusion_loss(unet, sched, x, ctx, noise, t, prediction_type)
-        weighted = diffusion_loss(unet, sched, x, ctx, noise, t, prediction_type, min_snr_gamma=5.0)
-    assert torch.isfinite(plain) and 0 < float(weighted) < float(plain)
+    assert torch.equal(draw(5, 0.1)[0], draw(5, 0.1)[0])  # same step, same batch
+    assert not torch.equal(draw(5, 0.1)[2], draw(6, 0.1)[2])  # another step, other noise
 
 
 def test_resume_is_exact(tmp_path, course_dir):
     """4 steps straight == 2 steps, stop, resume for 2 more: losses and weights (EMA too)."""
-    a = make_run(tmp_path / "a", course_dir, max_steps=4, grad_accum=2, checkpoint_every=2, min_snr_gamma=5.0,
-                 offset_noise=0.1)
-    straight = train(a, progress=False)
-    b = make_run(tmp_path / "b", course_dir, max_steps=4, grad_accum=2, checkpoint_every=2, min_snr_gamma=5.0,
-                 offset_noise=0.1)
+    settings = dict(max_steps=4, grad_accum=2, checkpoint_every=2, min_snr_gamma=5.0, offset_noise=0.1)
+    a = make_run(tmp_path / "a", course_dir, **settings)
+    train(a, progress=False)
+    b = make_run(tmp_path / "b", course_dir, **settings)
     first = train(b, progress=False, stop_at=2)
-    assert first["model_dir"] is None and [p.name for p in list_checkpoints(b.run_dir / "checkpoints")] == ["step-000002"]
+    assert first.model_dir is None and [p.name for p in list_checkpoints(b.run_dir / "checkpoints")] == ["step-000002"]
     second = train(b, progress=False)
-    assert second["resumed_from"].endswith("step-000002") and second["step"] == [3, 4]
-    assert first["loss"] + second["loss"] == pytest.approx(straight["loss"], rel=1e-5, abs=1e-6)
+    assert second.resumed_from.endswith("step-000002") and (second.first_step, second.last_step) == (3, 4)
     assert read_log(b)["step"] == [1.0, 2.0, 3.0, 4.0]
+    assert read_log(b)["loss"] == pytest.approx(read_log(a)["loss"], rel=1e-5, abs=1e-6)
     for folder in ("unet", "unet_ema"):
         wa, wb = model_weights(a, folder), model_weights(b, folder)
         for k in wa:
@@ -94,11 +79,23 @@ def test_resume_is_exact(tmp_path, course_dir):
     assert any(not torch.equal(ema[k], raw[k]) for k in ema)  # the EMA is an average, not a copy
 
 
+def test_snapshots_keep_the_ema_unet_every_n_steps_and_at_the_end(tmp_path, course_dir):
+    cfg = make_run(tmp_path, course_dir, max_steps=5, snapshot_every=2, checkpoint_every=5)
+    result = train(cfg, progress=False)
+    assert [Path(p).name for p in result.snapshots] == ["step-000002", "step-000004", "step-000005"]
+    last = load_file(str(Path(result.snapshots[-1]) / "diffusion_pytorch_model.safetensors"))
+    final = model_weights(cfg, "unet_ema")
+    assert all(torch.equal(last[k], final[k]) for k in final)  # the last snapshot is the saved EMA model
+    early = load_file(str(Path(result.snapshots[0]) / "diffusion_pytorch_model.safetensors"))
+    assert any(not torch.equal(early[k], final[k]) for k in final)
+    assert not list((cfg.run_dir / "snapshots").glob(".tmp-*"))
+
+
 def test_v_prediction_with_gradient_checkpointing_trains(tmp_path, course_dir):
     cfg = make_run(tmp_path, course_dir, max_steps=2, prediction_type="v_prediction", gradient_checkpointing=True,
                    batch_size=4)
-    history = train(cfg, progress=False)
-    assert history["step"] == [1, 2] and all(map(lambda l: l == l and l < 10, history["loss"]))
+    result = train(cfg, progress=False)
+    assert result.last_step == 2 and all(map(lambda l: l == l and l < 10, read_log(cfg)["loss"]))
     assert '"prediction_type": "v_prediction"' in (cfg.run_dir / "model" / "scheduler" / "scheduler_config.json").read_text()
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, course_dir):
@@ -142,9 +139,9 @@ def test_killed_training_resumes_from_last_complete_checkpoint(tmp_path, course_
         proc.wait()
     killed_at = max(int(p.name[5:]) for p in list_checkpoints(root))
     assert killed_at < 5
-    history = train(cfg, progress=False)
-    assert history["resumed_from"] is not None and history["step"][-1] == 5
-    assert history["step"][0] == int(Path(history["resumed_from"]).name[5:]) + 1
+    result = train(cfg, progress=False)
+    assert result.resumed_from is not None and result.last_step == 5
+    assert result.first_step == int(Path(result.resumed_from).name[5:]) + 1
     assert not list(root.glob(".tmp-*"))
     assert read_log(cfg)["step"] == [float(s) for s in range(1, 6)]  # no duplicated rows after the kill
     assert (cfg.run_dir / "model" / "unet_ema").is_dir()
@@ -169,11 +166,11 @@ def test_two_processes_train_with_accelerate_launch(tmp_path, course_dir):
 @pytest.mark.slow
 def test_previews_come_from_fixed_prompts_and_seeds(tmp_path, course_dir):
     cfg = make_run(tmp_path, course_dir, max_steps=2, preview_every=2, checkpoint_every=2)
-    history = train(cfg, progress=False)
+    result = train(cfg, progress=False)
     from PIL import Image
 
-    assert [Path(p).name for p in history["previews"]] == ["step-000002.png"]
-    grid = Image.open(history["previews"][0])
+    assert [Path(p).name for p in result.previews] == ["step-000002.png"]
+    grid = Image.open(result.previews[0])
     assert grid.size == (4 * 64, 2 * 64)  # 8 prompts, 4 per row, 64 px cells
 
 

@@ -1,0 +1,53 @@
+"""Pictures that show what the sampling settings do: guidance × steps, and one row per scheduler."""
+from __future__ import annotations
+
+import torch
+from tqdm.auto import tqdm
+
+from .images import image_grid, tensor_to_pil
+from .sample import SCHEDULERS, sample_images
+
+
+def _show_row(ax, images: torch.Tensor, title: str = "") -> None:
+    strip = image_grid([tensor_to_pil(x) for x in images], cols=len(images), cell=max(64, images.shape[-1]))
+    ax.imshow(strip, interpolation="nearest")
+    ax.set_xticks([]), ax.set_yticks([])
+    if title:
+        ax.set_title(title, fontsize=9)
+
+
+def guidance_steps_grid(model, prompts, guidances, steps_list, seed: int = 0, scheduler: str | None = None):
+    """matplotlib Figure: rows = guidance scales, columns = step counts, each cell one strip of the prompts."""
+    import matplotlib.pyplot as plt
+
+    prompts, scheduler = list(prompts), scheduler or model.cfg.scheduler
+    seeds = [seed + i for i in range(len(prompts))]
+    fig, axes = plt.subplots(len(guidances), len(steps_list), squeeze=False,
+                             figsize=(1.2 * len(prompts) * len(steps_list) + 1, 1.4 * len(guidances) + 0.8))
+    for r, g in enumerate(tqdm(guidances, desc="guidance × steps grid")):
+        for c, s in enumerate(steps_list):
+            images = sample_images(model, prompts, seeds, guidance=g, steps=s, scheduler=scheduler)
+            _show_row(axes[r][c], images, f"{s} steps" if r == 0 else "")
+        axes[r][0].set_ylabel(f"guidance {g:g}")
+    fig.suptitle(f"{scheduler}: guidance × steps (seeds {seeds[0]}…{seeds[-1]})")
+    fig.tight_layout()
+    return fig
+
+
+def scheduler_grid(model, prompts, schedulers=None, steps: int = 25, seed: int = 0, guidance: float | None = None):
+    """matplotlib Figure: one row per scheduler, same prompts and seeds, so only the solver differs."""
+    import matplotlib.pyplot as plt
+
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    schedulers = list(schedulers or SCHEDULERS)
+    guidance = model.cfg.guidance if guidance is None else guidance
+    seeds = [seed + i for i in range(len(prompts))]
+    fig, axes = plt.subplots(len(schedulers), 1, squeeze=False,
+                             figsize=(1.2 * len(prompts) + 1.5, 1.3 * len(schedulers) + 0.8))
+    for r, name in enumerate(tqdm(schedulers, desc="scheduler grid")):
+        images = sample_images(model, prompts, seeds, guidance=guidance, steps=steps, scheduler=name)
+        _show_row(axes[r][0], images)
+        axes[r][0].set_ylabel(name, rotation=0, ha="right", va="center", fontsize=9)
+    fig.suptitle(f"{steps} steps, guidance {guidance:g}")
+    fig.tight_layout()
+    return fig
