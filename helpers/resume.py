@@ -42,12 +42,13 @@ def config_changes(saved: dict, current: dict) -> dict[str, tuple]:
             if k not in IGNORED_FIELDS and (k not in saved or saved[k] != v)}
 
 
-def check_resume(checkpoint, saved: dict | None, cfg) -> dict[str, tuple]:
-    """Refuse a resume that changes a SHAPE_FIELDS setting; return (and print) the allowed changes.
+def check_resume(checkpoint, saved: dict | None, cfg, verbose: bool = True) -> dict[str, tuple]:
+    """Refuse a resume that changes a SHAPE_FIELDS setting; return (and, if verbose, print) the allowed changes.
 
     `saved`: the checkpoint's config (helpers.checkpoint.checkpoint_config), None for old checkpoints."""
     if saved is None:
-        print(f"{checkpoint}: written before checkpoints stored their config; cannot tell what changed since")
+        if verbose:
+            print(f"{checkpoint}: written before checkpoints stored their config; cannot tell what changed since")
         return {}
     current = json.loads(cfg.to_json())
     changes = config_changes(saved, current)
@@ -59,7 +60,7 @@ def check_resume(checkpoint, saved: dict | None, cfg) -> dict[str, tuple]:
             f"\nSet it back, start a new run (another run_name), or train with resume=False "
             f"(the old checkpoints are moved aside)")
     allowed = {k: v for k, v in changes.items() if k not in SHAPE_FIELDS}
-    if allowed:
+    if allowed and verbose:
         shown = ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in allowed.items())
         print(f"Resuming with changed settings (they take effect from step {checkpoint_step(checkpoint)}): {shown}")
     return allowed
