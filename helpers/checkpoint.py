@@ -4,6 +4,7 @@
     unet.safetensors, unet_ema.safetensors   weights (safetensors: no code runs when loading)
     state.pt                                 optimizer, LR scheduler, grad scaler, EMA counters, RNG
                                              states, step and data position (torch.load weights_only)
+    config.json                              the run config it was trained with (see helpers.resume)
     done.json                                written last; lists the files above
 Everything is written into a hidden temp folder first and renamed into place, so a killed process
 leaves at most a `.tmp-*` folder, which is ignored and cleaned up. Only the last K are kept.
@@ -27,9 +28,15 @@ def checkpoint_name(step: int) -> str:
     return f"step-{step:06d}"
 
 
+class CheckpointsDamagedError(RuntimeError):
+    """Checkpoints exist but none of them loads: training must not quietly start over."""
+
+
 def save_checkpoint(root: str | Path, step: int, unet_state: dict, ema_state: dict, state: dict,
-                    keep: int = 2) -> Path:
-    """Write one checkpoint atomically (temp folder, fsync, rename) and prune all but the last `keep`."""
+                    keep: int = 2, config: str | None = None) -> Path:
+    """Write one checkpoint atomically (temp folder, fsync, rename) and prune all but the last `keep`.
+
+    `config`: the run's config.json text, stored so a resume can tell what settings changed since."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     final = root / checkpoint_name(step)
@@ -39,7 +46,10 @@ def save_checkpoint(root: str | Path, step: int, unet_state: dict, ema_state: di
     save_file(_contiguous_cpu(unet_state), str(tmp / "unet.safetensors"))
     save_file(_contiguous_cpu(ema_state), str(tmp / "unet_ema.safetensors"))
     torch.save(state, tmp / "state.pt")
-    (tmp / "done.json").write_text(json.dumps({"step": step, "files": list(FILES)}))
+    if config is not None:
+        (tmp / "config.json").write_text(config, encoding="utf-8")
+    files = list(FILES) + (["config.json"] if config is not None else [])
+    (tmp / "done.json").write_text(json.dumps({"step": step, "files": files}))
     for f in tmp.iterdir():
         _fsync(f)
     if final.exists():  # re-running from an earlier checkpoint: move the old one aside first
@@ -81,13 +91,36 @@ def load_checkpoint(path: str | Path) -> dict:
 
 
 def latest_checkpoint(root: str | Path) -> tuple[Path, dict] | None:
-    """The newest checkpoint that loads, with its contents; damaged ones are reported and skipped."""
+    """The newest checkpoint that loads, with its contents; damaged ones are reported and skipped.
+
+    None when there is no checkpoint; CheckpointsDamagedError when there are some and none loads
+    (starting over is the user's decision: resume=False moves them aside)."""
+    damaged = []
     for path in reversed(list_checkpoints(root)):
         try:
             return path, load_checkpoint(path)
         except ValueError as e:
             print(f"Skipping {e}")
+            damaged.append(path.name)
+    if damaged:
+        raise CheckpointsDamagedError(
+            f"{root}: every checkpoint is damaged ({', '.join(damaged)}); nothing was changed. To start this run "
+            f"over, train with resume=False (--no-resume), which moves them aside; or restore them from a backup")
     return None
+
+
+def checkpoint_config(path: str | Path) -> dict | None:
+    """The run config stored in a checkpoint (None for checkpoints written before configs were stored)."""
+    file = Path(path) / "config.json"
+    if not file.exists():
+        return None
+    try:
+        values = json.loads(file.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{file}: damaged checkpoint config ({e})") from None
+    if not isinstance(values, dict):
+        raise ValueError(f"{file}: damaged checkpoint config (expected an object)")
+    return values
 
 
 def checkpoint_step(path: str | Path) -> int:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -116,6 +117,7 @@ class RunConfig:
         return resolve_path(self.data_dir)
 
     def validate(self) -> "RunConfig":
+        """Check every field's type, then its range or choices; one error lists every problem by field."""
         problems = []
         for f in fields(self):
             value, kind = getattr(self, f.name), type(f.default) if f.default is not dataclasses.MISSING else list
@@ -123,22 +125,12 @@ class RunConfig:
                 setattr(self, f.name, float(value))
             elif not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
                 problems.append(f"{f.name}={value!r} should be a {kind.__name__}")
-        if self.profile not in PROFILES:
-            problems.append(f"profile={self.profile!r} is not one of {sorted(PROFILES)}")
-        for name in ("resolution", "max_steps", "batch_size", "grad_accum", "sample_steps", "max_tokens"):
-            if isinstance(getattr(self, name), int) and getattr(self, name) < 1:
-                problems.append(f"{name}={getattr(self, name)!r} must be at least 1")
-        for name in ("val_fraction", "caption_dropout"):
-            if isinstance(getattr(self, name), float) and not 0.0 <= getattr(self, name) < 1.0:
-                problems.append(f"{name}={getattr(self, name)!r} must be in [0, 1)")
-        if self.prediction_type not in ("epsilon", "v_prediction"):
-            problems.append(f"prediction_type={self.prediction_type!r} must be 'epsilon' or 'v_prediction'")
-        if self.mixed_precision not in ("auto", "no", "bf16", "fp16"):
-            problems.append(f"mixed_precision={self.mixed_precision!r} must be auto, no, bf16 or fp16")
-        if self.guidance_interval and not (len(self.guidance_interval) == 2
-                                           and 0 <= self.guidance_interval[0] < self.guidance_interval[1]):
-            problems.append(f"guidance_interval={self.guidance_interval!r} must be [] or [sigma_lo, sigma_hi] "
-                            "with 0 <= sigma_lo < sigma_hi")
+        typed = {p.split("=")[0] for p in problems}
+        for name, check in FIELD_CHECKS.items():
+            if hasattr(self, name) and name not in typed:
+                problem = check(getattr(self, name))
+                if problem:
+                    problems.append(f"{name}={getattr(self, name)!r} {problem}")
         if problems:
             raise ValueError("Bad run config:\n  " + "\n  ".join(problems))
         return self
@@ -147,10 +139,144 @@ class RunConfig:
         """A copy with `overrides` applied; None values mean 'keep' (papermill's unset parameters)."""
         overrides = {k: v for k, v in overrides.items() if v is not None}
         check_fields(overrides)
+        overrides = {k: as_bool(v, k) if isinstance(getattr(self, k), bool) else v for k, v in overrides.items()}
         return dataclasses.replace(self, **overrides).validate()
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, ensure_ascii=False)
+
+
+# ---------------------------------------------------------------- what each field may hold
+
+# diffusers.optimization.SchedulerType's values (a test keeps them in step; importing diffusers here costs 5 s)
+LR_SCHEDULES = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+                "piecewise_constant")
+BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid")
+
+
+def _at_least(low):
+    return lambda v: None if v >= low else f"must be at least {low}"
+
+
+def _finite_at_least(low, above: bool = False):
+    def check(v):
+        if not math.isfinite(v):
+            return "must be a finite number"
+        if v < low or (above and v == low):
+            return f"must be {'greater than' if above else 'at least'} {low}"
+    return check
+
+
+def _fraction(top_included: bool = False):
+    def check(v):
+        if not math.isfinite(v) or not (0.0 <= v <= 1.0 if top_included else 0.0 <= v < 1.0):
+            return f"must be in [0, 1{']' if top_included else ')'}"
+    return check
+
+
+def _one_of(choices):
+    def check(v):
+        if v not in choices():
+            close = difflib.get_close_matches(str(v), list(choices()), 1)
+            return (f"is not one of {', '.join(choices())}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+    return check
+
+
+def _not_empty(v):
+    return None if v.strip() else "must not be empty"
+
+
+def _run_name(v):
+    if not v.strip() or v in (".", "..") or "/" in v or "\\" in v:
+        return "must be a plain folder name (not empty, no '/', '\\' or '..')"
+
+
+def _guidance_list(v):
+    if not v or not all(isinstance(g, (int, float)) and not isinstance(g, bool) and math.isfinite(g) and g >= 0
+                        for g in v):
+        return "must be a non-empty list of finite numbers >= 0"
+
+
+def _sigma_interval(v):
+    if v and not (len(v) == 2 and all(isinstance(s, (int, float)) and not isinstance(s, bool) and math.isfinite(s)
+                                      for s in v) and 0 <= v[0] < v[1]):
+        return "must be [] or [sigma_lo, sigma_hi] with 0 <= sigma_lo < sigma_hi"
+
+
+def _unet_presets():
+    from .unet import PRESETS  # imported here: helpers.unet imports torch
+
+    return list(PRESETS)
+
+
+def _samplers():
+    from .sample import SCHEDULERS
+
+    return list(SCHEDULERS)
+
+
+# Checked by RunConfig.validate after the types; a field without an entry only has its type checked.
+FIELD_CHECKS = {
+    "profile": _one_of(lambda: sorted(PROFILES)),
+    "run_name": _run_name,
+    "outputs_dir": _not_empty,
+    "seed": _at_least(0),
+    "resolution": _at_least(1),
+    "val_fraction": _fraction(),
+    "caption_dropout": _fraction(),
+    "max_images": _at_least(0),
+    "text_encoder": _not_empty,
+    "max_tokens": _at_least(1),
+    "autoencoder": _not_empty,
+    "unet_preset": _one_of(_unet_presets),
+    "max_steps": _at_least(1),
+    "batch_size": _at_least(1),
+    "grad_accum": _at_least(1),
+    "lr": _finite_at_least(0.0, above=True),
+    "lr_schedule": _one_of(lambda: LR_SCHEDULES),
+    "warmup_steps": _at_least(0),
+    "weight_decay": _finite_at_least(0.0),
+    "max_grad_norm": _finite_at_least(0.0),
+    "prediction_type": _one_of(lambda: ("epsilon", "v_prediction")),
+    "min_snr_gamma": _finite_at_least(0.0),
+    "offset_noise": _finite_at_least(0.0),
+    "ema_halflife_images": _finite_at_least(0.0, above=True),
+    "ema_rampup": _finite_at_least(0.0),  # 0 = no ramp-up
+    "mixed_precision": _one_of(lambda: ("auto", "no", "bf16", "fp16")),
+    "checkpoint_every": _at_least(1),
+    "keep_checkpoints": _at_least(0),  # 0 keeps them all
+    "snapshot_every": _at_least(0),
+    "log_every": _at_least(1),
+    "preview_every": _at_least(0),  # 0 turns previews off
+    "num_train_timesteps": _at_least(1),
+    "beta_schedule": _one_of(lambda: BETA_SCHEDULES),
+    "scheduler": _one_of(_samplers),
+    "sample_steps": _at_least(1),
+    "guidance": _finite_at_least(0.0),  # 0 is unconditional, 1 is plain conditional: unusual but legal
+    "guidance_rescale": _fraction(top_included=True),
+    "guidance_interval": _sigma_interval,
+    "sample_batch_size": _at_least(1),
+    "output_size": _at_least(1),
+    "guidance_sweep": _guidance_list,
+    "clip_model": _not_empty,
+    "eval_max_images": _at_least(0),
+}
+
+
+def as_bool(value, name: str) -> bool:
+    """A notebook parameter meant as a bool: True/False, 0/1, or the strings true/false/yes/no/on/off/1/0.
+
+    papermill and `-p key=value` hand over `resume=false` as the string "false", which Python counts as true."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in _BOOL_WORDS:
+        return _BOOL_WORDS[value.strip().lower()]
+    raise ValueError(f"{name}={value!r} should be True or False")
+
+
+_BOOL_WORDS = {"true": True, "yes": True, "on": True, "1": True, "false": False, "no": False, "off": False, "0": False}
 
 
 # Names people bring from diffusers' example scripts, mapped to ours for the error message.
@@ -247,7 +373,22 @@ def load_config(path: str | Path) -> RunConfig:
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: malformed JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
     check_fields(values)
-    return RunConfig(**values).validate()
+    return _where_it_is(RunConfig(**values).validate(), path.parent)
+
+
+def _where_it_is(cfg: RunConfig, folder: Path) -> RunConfig:
+    """A run folder's location wins over the outputs_dir and run_name its config.json remembers.
+
+    A copied or moved run must write into itself, never into the folder it was copied from."""
+    if cfg.run_dir.resolve() == folder.resolve():
+        return cfg
+    if folder.parent.name != "runs":
+        raise ValueError(f"{folder}: this run's config.json says it lives in {cfg.run_dir}; a run folder must sit "
+                         f"at <outputs_dir>/runs/<run_name>, so move it there (or open it under its outputs_dir)")
+    outputs_dir = folder.parent.parent
+    print(f"{folder}: config.json remembers outputs_dir={cfg.outputs_dir!r}, run_name={cfg.run_name!r} "
+          f"(a copied or moved run); using the folder where it is: outputs_dir={str(outputs_dir)!r}")
+    return dataclasses.replace(cfg, outputs_dir=str(outputs_dir), run_name=folder.name)
 
 
 def save_config(cfg: RunConfig) -> Path:

@@ -13,6 +13,8 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .files import atomic_write_text
+
 
 @dataclass(frozen=True)
 class ImageRecord:
@@ -92,7 +94,9 @@ def load_course_data(data_dir: str | Path) -> tuple[list[ImageRecord], DataRepor
     if not train_dir.is_dir():
         raise FileNotFoundError(f"{train_dir}: folder of training images not found")
     report = DataReport()
-    captions = {key: _entry_captions(info_path, key, entry, report) for key, entry in info.items()}
+    captions, unusable = {}, {}  # key -> captions; key -> the field that makes its entry unusable
+    for key, entry in info.items():
+        captions[key], unusable[key] = _entry_captions(info_path, key, entry, report)
     records, seen_keys = [], set()
     for path in sorted(train_dir.iterdir()):
         parsed = key_of_image(path.name)
@@ -101,7 +105,7 @@ def load_course_data(data_dir: str | Path) -> tuple[list[ImageRecord], DataRepor
         elif parsed[0] not in captions:
             report.add("images whose key has no entry in train_info.json", path.name)
         elif not captions[parsed[0]]:
-            report.add("images skipped because their entry has no usable given_description", path.name)
+            report.add(f"images skipped because their entry has no usable {unusable[parsed[0]]}", path.name)
         else:
             key = parsed[0]
             seen_keys.add(key)
@@ -114,15 +118,21 @@ def load_course_data(data_dir: str | Path) -> tuple[list[ImageRecord], DataRepor
     return records, report
 
 
-def _entry_captions(path: Path, key: str, entry, report: DataReport) -> tuple[str, ...]:
+def _entry_captions(path: Path, key: str, entry, report: DataReport) -> tuple[tuple[str, ...], str]:
+    """The entry's captions and "" , or () and the field that makes it unusable (reported by key)."""
     descriptions = entry.get("given_description") if isinstance(entry, dict) else None
     if isinstance(descriptions, str):
         descriptions = [descriptions]
-    if not descriptions or not all(isinstance(d, str) and d.strip() for d in descriptions):
-        report.add(f"entries without a usable given_description (in {path.name})", key)
-        return ()
-    action = entry.get("action_description") or ""
-    return tuple(compose_caption(d, action) for d in descriptions)
+    if not isinstance(descriptions, list) or not descriptions or not all(isinstance(d, str) and d.strip()
+                                                                          for d in descriptions):
+        kind = "without a usable" if not descriptions or isinstance(descriptions, list) else "with a malformed"
+        report.add(f"entries {kind} given_description (in {path.name})", key)
+        return (), "given_description"
+    action = entry.get("action_description")
+    if action is not None and not isinstance(action, str):
+        report.add(f"entries whose action_description is a {type(action).__name__}, not text (in {path.name})", key)
+        return (), "action_description"
+    return tuple(compose_caption(d, action or "") for d in descriptions), ""
 
 
 def load_prompts(path: str | Path) -> list[Prompt]:
@@ -131,19 +141,29 @@ def load_prompts(path: str | Path) -> list[Prompt]:
     entries = read_json(path)
     if not isinstance(entries, dict):
         raise ValueError(f"{path}: expected an object of {{key: entry}}, got {type(entries).__name__}")
+    if not entries:
+        raise ValueError(f"{path}: no prompts (the file holds an empty object)")
     prompts, problems, names = [], [], Counter()
     for key, entry in entries.items():
-        name = entry.get("image_name") if isinstance(entry, dict) else None
+        if not isinstance(entry, dict):
+            problems.append(f"{key!r}: expected an object with image_name and text_prompt, got {type(entry).__name__}")
+            continue
+        name = entry.get("image_name")
         if not isinstance(name, str) or not name:
             problems.append(f"{key!r}: missing image_name")
+            continue
+        wrong = [f for f in ("text_prompt", "given_description", "action_description")
+                 if entry.get(f) is not None and not isinstance(entry[f], str)]
+        if wrong:
+            problems += [f"{key!r}: {f} is a {type(entry[f]).__name__}, not text" for f in wrong]
             continue
         if not name.lower().endswith(".png"):
             problems.append(f"{key!r}: image_name {name!r} is not a .png")
         if Path(name).name != name or name in (".", "..") or "\\" in name:
             problems.append(f"{key!r}: image_name {name!r} would be written outside the results folder")
         names[name] += 1
-        text = entry.get("text_prompt") or compose_caption(entry.get("given_description", ""),
-                                                            entry.get("action_description", ""))
+        text = entry.get("text_prompt") or compose_caption(entry.get("given_description") or "",
+                                                            entry.get("action_description") or "")
         prompts.append(Prompt(key, name, text))
     problems += [f"image_name {n!r} is used {c} times" for n, c in names.items() if c > 1]
     if problems:
@@ -170,7 +190,13 @@ def load_manifest(path: str | Path) -> tuple[list[ImageRecord], DataReport]:
                 raise ValueError(f"{path}: malformed JSON at line {lineno}, column {e.colno}: {e.msg}") from None
             except (KeyError, TypeError):
                 raise ValueError(f"{path}: line {lineno} needs the fields 'image' and 'caption'") from None
-            by_image[image] += [caption] if isinstance(caption, str) else list(caption)
+            if not isinstance(image, str) or not image.strip():
+                raise ValueError(f"{path}: line {lineno}: 'image' must be a file path, got {image!r}")
+            captions = [caption] if isinstance(caption, str) else caption
+            if not isinstance(captions, list) or not captions or not all(isinstance(c, str) and c.strip()
+                                                                          for c in captions):
+                raise ValueError(f"{path}: line {lineno}: 'caption' must be text or a list of texts, got {caption!r}")
+            by_image[image] += captions
             groups[image] = str(row.get("group", image))
     records = []
     for image, caps in by_image.items():
@@ -183,40 +209,63 @@ def load_manifest(path: str | Path) -> tuple[list[ImageRecord], DataReport]:
     return records, report
 
 
-def write_manifest(rows: list[dict], path: str | Path) -> Path:
+def write_manifest(rows: list[dict], path: str | Path, overwrite: bool = False) -> Path:
+    """Write rows as JSONL (atomically); an existing manifest is replaced only with overwrite=True."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    return path
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} already exists; pass overwrite=True to replace it")
+    if path.exists():
+        print(f"Replacing the manifest {path} (overwrite=True)")
+    return atomic_write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
 
-def coco_to_manifest(captions_json: str | Path, image_dir: str | Path, out: str | Path) -> Path:
+def coco_to_manifest(captions_json: str | Path, image_dir: str | Path, out: str | Path,
+                     overwrite: bool = False) -> Path:
     """COCO `captions_*.json` (images + annotations) → manifest with one row per caption."""
     coco = read_json(captions_json)
     out = Path(out)
-    files = {im["id"]: im["file_name"] for im in coco["images"]}
-    rows = [{"image": _relative(Path(image_dir) / files[a["image_id"]], out.parent), "caption": a["caption"].strip()}
-            for a in coco["annotations"]]
-    return write_manifest(rows, out)
+    if not isinstance(coco, dict) or not isinstance(coco.get("images"), list) or not isinstance(
+            coco.get("annotations"), list):
+        raise ValueError(f"{captions_json}: expected a COCO captions file, an object with the lists 'images' and "
+                         f"'annotations'")
+    files = {}
+    for i, im in enumerate(coco["images"]):
+        if not isinstance(im, dict) or "id" not in im or not isinstance(im.get("file_name"), str):
+            raise ValueError(f"{captions_json}: images[{i}] needs 'id' and 'file_name', got {im!r}")
+        files[im["id"]] = im["file_name"]
+    rows = []
+    for i, a in enumerate(coco["annotations"]):
+        if not isinstance(a, dict) or not isinstance(a.get("caption"), str) or not a["caption"].strip():
+            raise ValueError(f"{captions_json}: annotations[{i}] needs 'image_id' and a text 'caption', got {a!r}")
+        if a.get("image_id") not in files:
+            raise ValueError(f"{captions_json}: annotations[{i}] has image_id {a.get('image_id')!r}, "
+                             f"which no entry of 'images' has")
+        rows.append({"image": _relative(Path(image_dir) / files[a["image_id"]], out.parent),
+                     "caption": a["caption"].strip()})
+    return write_manifest(rows, out, overwrite)
 
 
-def flickr_to_manifest(captions_csv: str | Path, image_dir: str | Path, out: str | Path) -> Path:
+def flickr_to_manifest(captions_csv: str | Path, image_dir: str | Path, out: str | Path,
+                       overwrite: bool = False) -> Path:
     """Flickr8k/30k-style CSV with `image,caption` columns (or the `image_name| comment` variant)."""
     captions_csv, out = Path(captions_csv), Path(out)
-    text = captions_csv.read_text(encoding="utf-8")
-    delimiter = "|" if text.splitlines()[0].count("|") else ","
+    lines = captions_csv.read_text(encoding="utf-8").splitlines()
+    if not lines or not lines[0].strip():
+        raise ValueError(f"{captions_csv}: empty; expected a header line such as 'image,caption'")
+    delimiter = "|" if lines[0].count("|") else ","
     rows = []
-    for row in csv.DictReader(text.splitlines(), delimiter=delimiter, skipinitialspace=True):
-        row = {k.strip(): (v or "").strip() for k, v in row.items() if k}
+    reader = csv.DictReader(lines, delimiter=delimiter, skipinitialspace=True)
+    for row in reader:
+        row = {k.strip(): (v or "").strip() for k, v in row.items() if isinstance(k, str)}
         image = row.get("image") or row.get("image_name") or row.get("filename")
         caption = row.get("caption") or row.get("comment")
         if not image or not caption:
-            raise ValueError(f"{captions_csv}: needs columns image (or image_name) and caption (or comment); "
-                             f"got {sorted(row)}")
+            raise ValueError(f"{captions_csv}: line {reader.line_num}: needs columns image (or image_name) and "
+                             f"caption (or comment), both filled; got {row}")
         rows.append({"image": _relative(Path(image_dir) / image, out.parent), "caption": caption})
-    return write_manifest(rows, out)
+    if not rows:
+        raise ValueError(f"{captions_csv}: a header line but no caption rows")
+    return write_manifest(rows, out, overwrite)
 
 
 def _relative(path: Path, start: Path) -> str:
@@ -229,8 +278,17 @@ def _relative(path: Path, start: Path) -> str:
 # ---------------------------------------------------------------- shared by both
 
 
+class EmptyDatasetError(ValueError):
+    """A dataset that leaves no image to train on; the message says where and why."""
+
+
 def load_records(data_dir: str | Path, manifest: str | Path = "") -> tuple[list[ImageRecord], DataReport]:
-    return load_manifest(manifest) if manifest else load_course_data(data_dir)
+    """The records of a manifest or a course-format folder; an error when none is usable."""
+    records, report = load_manifest(manifest) if manifest else load_course_data(data_dir)
+    if not records:
+        source = manifest or Path(data_dir) / "train"
+        raise EmptyDatasetError(f"{source}: no usable training images. " + report.summary().replace("\n", "; "))
+    return records, report
 
 
 def split_by_group(records: list[ImageRecord], val_fraction: float, seed: int) -> tuple[list[int], list[int]]:

@@ -415,3 +415,26 @@ def load_attributes(data_dir) -> dict:
     if not path.exists():
         raise FileNotFoundError(f"{path}: not found; attributes exist only for demo datasets (make_demo_dataset)")
     return json.loads(path.read_text(encoding="utf-8"))
+
+
+def ensure_dataset(cfg, **demo_args) -> Path:
+    """The run's data folder, generating the demo dataset there when the demo/tiny profile needs it.
+
+    The demo is written only into the profile's own data_dir, into a folder that exists and is empty,
+    or over an unfinished demo: a misspelt data_dir is an error, not thousands of fake monsters."""
+    from .config import PROFILES, RunConfig, resolve_path
+
+    data = cfg.data_path
+    if cfg.manifest or (data / "train_info.json").exists():
+        return data
+    if cfg.profile not in ("demo", "tiny"):
+        raise FileNotFoundError(f"No dataset at {data}: copy the course's train_info.json, train/ and test.json "
+                                "there (see data/README.md), or set data_dir")
+    default = resolve_path(PROFILES[cfg.profile].get("data_dir", RunConfig.data_dir))
+    empty = data.is_dir() and not any(data.iterdir())
+    if data.resolve() != default.resolve() and not empty and not (data / "demo_meta.json").exists():
+        raise FileNotFoundError(
+            f"data_dir={cfg.data_dir!r}: {data} holds no dataset (no train_info.json) and is not the {cfg.profile} "
+            f"profile's data_dir ({default}): misspelt? To generate the demo dataset there, create it as an "
+            "empty folder first")
+    return make_demo_dataset(data, resolution=cfg.resolution, seed=cfg.seed, **demo_args)

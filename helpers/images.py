@@ -13,7 +13,10 @@ class BadImageError(ValueError):
 
 
 def load_rgb(path: str | Path) -> Image.Image:
-    """Open any PNG/JPEG as RGB, compositing transparency (RGBA, LA, palette with alpha) onto white."""
+    """Open any image PIL can read as 8-bit RGB, compositing transparency onto white.
+
+    16-bit greyscale (I;16*, and I holding 0..65535) is scaled by 1/257, float (F) holding 0..1 by 255;
+    modes or values that have no faithful RGB reading are a BadImageError naming the file and mode."""
     path = Path(path)
     try:
         with Image.open(path) as im:
@@ -22,13 +25,47 @@ def load_rgb(path: str | Path) -> Image.Image:
         raise BadImageError(f"{path}: file not found") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise BadImageError(f"{path}: cannot decode image ({e})") from None
-    if im.mode == "P":
-        im = im.convert("RGBA" if "transparency" in im.info else "RGB")
-    if im.mode in ("RGBA", "LA", "PA"):
-        im = im.convert("RGBA")
-        white = Image.new("RGBA", im.size, (255, 255, 255, 255))
-        im = Image.alpha_composite(white, im)
-    return im.convert("RGB")
+    return to_rgb(im, path)
+
+
+def to_rgb(im: Image.Image, path: str | Path) -> Image.Image:
+    """`im` (read from `path`, named in errors) as 8-bit RGB on white; see load_rgb."""
+    if im.mode in _WIDE_MODES:
+        im = _wide_to_8bit(im, path)
+    if im.mode in _REJECTED_MODES:
+        raise BadImageError(f"{path}: image mode {im.mode} ({_REJECTED_MODES[im.mode]}) has no faithful RGB "
+                            "reading; save it as RGB or RGBA")
+    try:
+        if im.mode in ("La", "RGBa"):  # premultiplied alpha
+            im = im.convert("LA" if im.mode == "La" else "RGBA")
+        if im.mode in ("RGBA", "LA", "PA") or "transparency" in im.info:
+            im = Image.alpha_composite(Image.new("RGBA", im.size, (255, 255, 255, 255)), im.convert("RGBA"))
+        return im.convert("RGB")
+    except (ValueError, OSError) as e:
+        raise BadImageError(f"{path}: image mode {im.mode} cannot be converted to RGB ({e})") from None
+
+
+# 16/32-bit integer and float modes: PIL's own convert("RGB") clips them to 255 (a 16-bit grey of 10000 -> white)
+_WIDE_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I;16S", "I", "F")
+_REJECTED_MODES = {"LAB": "CIE L*a*b*", "I;32": "32-bit", "I;32B": "32-bit"}
+
+
+def _wide_to_8bit(im: Image.Image, path: Path) -> Image.Image:
+    arr = np.asarray(im).astype(np.float64)
+    if not np.isfinite(arr).all():
+        raise BadImageError(f"{path}: image mode {im.mode} holds NaN or infinite values")
+    low, high = float(arr.min()), float(arr.max())
+    if im.mode == "F":
+        if low < 0 or high > 1:
+            raise BadImageError(f"{path}: float image (mode F) with values in [{low:g}, {high:g}]; "
+                                "expected [0, 1] (save it as 8-bit RGB)")
+        arr = arr * 255
+    else:
+        if low < 0 or high > 65535:
+            raise BadImageError(f"{path}: {im.mode} image with values in [{low:g}, {high:g}]; expected 16-bit "
+                                "values 0..65535 (save it as 8-bit RGB)")
+        arr = arr / 257
+    return Image.fromarray(np.round(arr).astype(np.uint8), "L")
 
 
 def square_resize(im: Image.Image, size: int) -> Image.Image:
@@ -88,3 +125,11 @@ def image_grid(images: list[Image.Image], cols: int, cell: int | None = None) ->
     for i, im in enumerate(images):
         grid.paste(im.resize((cell, cell), Image.Resampling.NEAREST), ((i % cols) * cell, (i // cols) * cell))
     return grid
+
+
+def try_load_rgb(path: str | Path) -> tuple[Image.Image | None, str]:
+    """(load_rgb(path), "") or (None, why it cannot be read): for previews, which must not stop at one bad file."""
+    try:
+        return load_rgb(path), ""
+    except BadImageError as e:
+        return None, str(e)

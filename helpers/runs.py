@@ -10,27 +10,36 @@ from __future__ import annotations
 
 import argparse
 import ast
+import dataclasses
+import difflib
+import functools
+import sys
 import time
 from pathlib import Path
 
-from .config import PROJECT_ROOT, open_run
+from .config import ALIASES, PROJECT_ROOT, RunConfig, as_bool, open_run
 
 NOTEBOOKS = ["01_data", "02_unet_arch", "03_train_cfg", "04_sample", "05_eval"]
 
 
 def run_pipeline(run_name: str, profile: str, outputs_dir: str = "outputs", parameters: dict | None = None,
                  notebooks: list[str] = NOTEBOOKS, kernel: str = "python3") -> Path:
-    """Execute `notebooks` with papermill; every notebook gets run_name, outputs_dir, profile + `parameters`."""
+    """Execute `notebooks` with papermill, each with run_name, outputs_dir, profile + the `parameters` it declares.
+
+    Every parameter is checked before anything runs (see route_parameters); config fields that no
+    notebook declares are saved into the run's config.json first."""
     import papermill
 
-    params = dict(run_name=run_name, outputs_dir=str(outputs_dir), profile=profile, **(parameters or {}))
-    cfg = open_run(run_name, profile, outputs_dir)  # creates the run folder (and checks the profile)
+    per_notebook, config_only = route_parameters(parameters or {}, notebooks)
+    cfg = open_run(run_name, profile, outputs_dir, **config_only)  # creates the run folder (and checks the profile)
     out_dir = cfg.run_dir / "notebooks"
     out_dir.mkdir(parents=True, exist_ok=True)
     timings = {}
     for name in notebooks:
         start = time.perf_counter()
         print(f"--- {name} ({run_name}, {profile})", flush=True)
+        run_params = dict(run_name=run_name, outputs_dir=str(outputs_dir), profile=profile)
+        params = {k: v for k, v in run_params.items() if k in notebook_parameters(name)} | per_notebook[name]
         papermill.execute_notebook(PROJECT_ROOT / "notebooks" / f"{name}.ipynb", out_dir / f"{name}.ipynb",
                                    parameters=params, cwd=str(PROJECT_ROOT / "notebooks"), kernel_name=kernel,
                                    progress_bar=False, log_output=False, config=kernel_config())
@@ -56,6 +65,43 @@ def kernel_config():
     return Config()
 
 
+RESERVED = {"run_name": "--run-name", "outputs_dir": "--outputs-dir", "profile": "--profile"}
+
+
+@functools.cache
+def notebook_parameters(name: str) -> dict[str, str]:
+    """{parameter: default as written} of a notebook's `parameters` cell."""
+    import papermill  # inspect_notebook reads the cell as execute_notebook does when it checks names
+
+    found = papermill.inspect_notebook(str(PROJECT_ROOT / "notebooks" / f"{name}.ipynb"))
+    return {k: p["default"] for k, p in found.items()}
+
+
+def route_parameters(parameters: dict, notebooks: list[str]) -> tuple[dict[str, dict], dict]:
+    """({notebook: the parameters it declares}, {config fields no notebook declares}); ValueError naming any
+    unknown key (with a close match) or bad value, so nothing runs with a typo.
+
+    papermill warns "Passed unknown parameter" for every key a notebook does not declare, and then ignores
+    it; passing each notebook only its own keys keeps that warning for real mistakes, which end here first."""
+    declared = {name: notebook_parameters(name) for name in notebooks}
+    fields = {f.name for f in dataclasses.fields(RunConfig)}
+    known = set().union(*declared.values()) | fields
+    problems = [f"{k!r}: set it with {RESERVED[k]}, not -p" for k in parameters if k in RESERVED]
+    for key in parameters:
+        if key not in known:
+            close = [ALIASES[key]] if key in ALIASES else difflib.get_close_matches(key, sorted(known), 1)
+            problems.append(f"{key!r} is not a parameter of {', '.join(notebooks)} nor a config field"
+                            + (f" (did you mean {close[0]!r}?)" if close else ""))
+    if problems:
+        raise ValueError("Unknown parameter(s): " + "; ".join(problems))
+    parameters = {k: as_bool(v, k) if any(declared[n].get(k) in ("True", "False") for n in notebooks if k in declared[n])
+                  else v for k, v in parameters.items()}
+    RunConfig().replace(**{k: v for k, v in parameters.items() if k in fields})  # every value checked, nothing saved
+    per_notebook = {n: {k: v for k, v in parameters.items() if k in declared[n]} for n in notebooks}
+    config_only = {k: v for k, v in parameters.items() if k in fields and not any(k in d for d in declared.values())}
+    return per_notebook, config_only
+
+
 def parse_parameter(text: str) -> tuple[str, object]:
     """'max_steps=300' -> ('max_steps', 300); values are Python literals, else strings."""
     key, sep, value = text.partition("=")
@@ -76,8 +122,12 @@ def main(argv=None):
                     help="a notebook parameter, key=value (repeatable), passed to every notebook")
     ap.add_argument("--only", nargs="*", choices=NOTEBOOKS, help="run only these notebooks (in order)")
     args = ap.parse_args(argv)
-    run_pipeline(args.run_name or args.profile, args.profile, args.outputs_dir, dict(args.param),
-                 notebooks=args.only or NOTEBOOKS)
+    notebooks = args.only or NOTEBOOKS
+    try:
+        route_parameters(dict(args.param), notebooks)
+    except ValueError as e:
+        ap.exit(2, f"helpers.runs: {' '.join(str(e).split())}\n")
+    run_pipeline(args.run_name or args.profile, args.profile, args.outputs_dir, dict(args.param), notebooks=notebooks)
 
 
 if __name__ == "__main__":

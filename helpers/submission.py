@@ -201,7 +201,8 @@ def pack_submission(run_dir, out_zip, unet_dir, results_dir=None, expected_manif
     if expected_manifest is not None:
         check_manifest(results_dir, expected_manifest)
     if out_zip.exists() and not overwrite:
-        raise FileExistsError(f"{out_zip} already exists; pass overwrite=True to replace it")
+        raise FileExistsError(f"{out_zip} already exists; to replace it run 04_sample with overwrite_zip=True "
+                              "(from Python: pack_submission(..., overwrite=True))")
     sources = {"model/unet_ema": Path(unet_dir), "model/scheduler": run_dir / "model" / "scheduler",
                "results": results_dir}
     sources.update({f"code/{Path(d).name}": _project_path(d) for d in code_dirs})

@@ -16,6 +16,7 @@ Design choices, and why:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import csv
 import hashlib
@@ -29,10 +30,13 @@ import torch
 from tqdm.auto import tqdm
 
 from .cache import LatentCache, load_cache, read_split
-from .checkpoint import checkpoint_name, latest_checkpoint, save_checkpoint
-from .config import RunConfig, load_config, resolve_path, save_config, total_steps, warmup_steps_for
+from .checkpoint import (CheckpointsDamagedError, checkpoint_config, checkpoint_name, latest_checkpoint,
+                         save_checkpoint)
+from .config import RunConfig, as_bool, load_config, resolve_path, save_config, total_steps, warmup_steps_for
 from .diffusion import EMA, diffusion_loss
 from .model import noise_scheduler, save_model
+from .resume import IncompatibleResumeError, check_resume, retarget_optimizer
+from .runlock import RunLockedError, run_lock
 from .unet import build_unet
 
 
@@ -168,10 +172,22 @@ class TrainResult:
 def train(cfg: RunConfig, *, resume: bool = True, progress: bool = True, max_steps: int | None = None,
           stop_at: int | None = None) -> TrainResult:
     """Train to cfg.max_steps (or `max_steps`), resuming from the last checkpoint; `stop_at` pauses early
-    (with a checkpoint) without changing the LR schedule. The losses are in logs/train.csv (read_log)."""
-    cfg = cfg.replace(max_steps=max_steps)
+    (with a checkpoint) without changing the LR schedule. The losses are in logs/train.csv (read_log).
+
+    The run folder is locked for the whole session (helpers.runlock). A resume refuses settings that change
+    the model's shapes and applies the others, a new lr included (helpers.resume); checkpoints that all fail
+    to load are an error, never a silent start from step 0."""
+    cfg, resume = cfg.replace(max_steps=max_steps), as_bool(resume, "resume")
     accelerator = make_accelerator(cfg)
+    with run_lock(cfg.run_dir, "training") if accelerator.is_main_process else contextlib.nullcontext():
+        return _train(cfg, accelerator, resume, progress, stop_at)
+
+
+def _train(cfg: RunConfig, accelerator, resume: bool, progress: bool, stop_at: int | None) -> TrainResult:
     device, main = accelerator.device, accelerator.is_main_process
+    found = latest_checkpoint(cfg.run_dir / "checkpoints") if resume else None
+    if found:  # before anything is written: a refused resume leaves the run as it was
+        check_resume(found[0], checkpoint_config(found[0]), cfg, verbose=main)
     if main:
         save_config(cfg)
         if not resume:
@@ -193,10 +209,10 @@ def train(cfg: RunConfig, *, resume: bool = True, progress: bool = True, max_ste
     images_per_step = micro_batch * cfg.grad_accum * processes
 
     start, position, resumed_from = 0, 0, None
-    found = latest_checkpoint(cfg.run_dir / "checkpoints") if resume else None
     if found:
         resumed_from = str(found[0])
         start, position = load_training_state(found[1], unet, ema, optimizer, lr_schedule, accelerator)
+        retarget_optimizer(optimizer, lr_schedule, cfg.lr, cfg.weight_decay)  # this config's lr, not the saved one
     end = min(cfg.max_steps, stop_at or cfg.max_steps)
     if main:
         print((f"Resuming from checkpoint {resumed_from} (step {start}). " if found else "")
@@ -248,7 +264,8 @@ def train(cfg: RunConfig, *, resume: bool = True, progress: bool = True, max_ste
             if main:
                 state = training_state(done, position, optimizer, lr_schedule, accelerator)
                 result.checkpoint = str(save_checkpoint(cfg.run_dir / "checkpoints", done, unet.state_dict(),
-                                                        ema.state_dict(), state, cfg.keep_checkpoints))
+                                                        ema.state_dict(), state, cfg.keep_checkpoints,
+                                                        config=cfg.to_json()))
         if snapshot and main:
             result.snapshots.append(str(save_snapshot(cfg, ema_copy(unet, ema), done)))
         if preview:
@@ -321,8 +338,10 @@ def retire_checkpoints(cfg: RunConfig) -> None:
     """resume=False: move old checkpoints aside, so they cannot be mistaken for this run's."""
     root = cfg.run_dir / "checkpoints"
     if root.exists():
-        old = cfg.run_dir / "checkpoints.old"
-        shutil.rmtree(old, ignore_errors=True)
+        old, n = cfg.run_dir / "checkpoints.old", 1
+        while old.exists():  # never delete what an earlier resume=False moved aside
+            n += 1
+            old = cfg.run_dir / f"checkpoints.old-{n}"
         root.rename(old)
         print(f"resume=False: moved the previous checkpoints to {old}")
 
@@ -437,8 +456,11 @@ def main(argv: list[str] | None = None) -> TrainResult:
     run = Path(args.run)
     folder = run if (run / "config.json").exists() else resolve_path(args.outputs_dir) / "runs" / args.run
     cfg = load_config(folder)
-    result = train(cfg, resume=not args.no_resume, progress=not args.no_progress, max_steps=args.max_steps,
-                   stop_at=args.stop_at)
+    try:
+        result = train(cfg, resume=not args.no_resume, progress=not args.no_progress, max_steps=args.max_steps,
+                       stop_at=args.stop_at)
+    except (RunLockedError, CheckpointsDamagedError, IncompatibleResumeError) as e:  # the user's move, not a bug
+        parser.exit(1, f"helpers.train: {e}\n")
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
     return result

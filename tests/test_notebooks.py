@@ -9,8 +9,10 @@ from helpers.runs import NOTEBOOKS, run_pipeline
 
 @pytest.mark.slow
 def test_all_notebooks_run_headless_and_write_their_outputs(tmp_path, capfd):
+    data = tmp_path / "data"
+    data.mkdir()  # the demo generator writes only into the profile's data_dir or an empty folder
     run_dir = run_pipeline("nb", "tiny", str(tmp_path), parameters=dict(
-        data_dir=str(tmp_path / "data"), demo_monsters=8, demo_test_monsters=2, demo_frames=1))
+        data_dir=str(data), demo_monsters=8, demo_test_monsters=2, demo_frames=1))
     # the kernels' sockets are encrypted, so ipykernel has no plain-TCP warning to print
     assert "without encryption" not in capfd.readouterr().err
     for name in NOTEBOOKS:  # executed copies, with outputs, in the run folder

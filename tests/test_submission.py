@@ -108,7 +108,7 @@ def test_pack_submission_has_the_course_layout_and_refuses_to_overwrite(tmp_path
     with zipfile.ZipFile(zip_path) as zf:
         assert sorted(zf.namelist()) == ["code/helpers_copy/a.py", "model/scheduler/scheduler_config.json",
                                          "model/unet_ema/config.json", "results/0_main.png"]
-    with pytest.raises(FileExistsError, match="submission.zip already exists; pass overwrite=True"):
+    with pytest.raises(FileExistsError, match=r"submission.zip already exists.*overwrite_zip=True.*overwrite=True"):
         pack_submission(run, zip_path, unet, code_dirs=(str(code),))
     assert pack_submission(run, zip_path, unet, code_dirs=(str(code),), overwrite=True) == zip_path
     with pytest.raises(FileNotFoundError, match="results/ <- .*nothing"):
