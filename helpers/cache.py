@@ -1,7 +1,7 @@
 """Encode every training image and caption once, so training never runs the frozen parts again.
 
 The course's reference loop runs the VAE encoder on every step, which costs about 3x the U-Net step
-(DESIGN.md §6). Here each image is encoded once, together with its horizontal flip, and the latent
+(docs/design.md#measured-figures). Here each image is encoded once, together with its horizontal flip, and the latent
 distribution's mean and std are stored (training samples `mean + std * noise`, so the VAE's noise is
 kept). Caption embeddings are stored once per unique caption, with the empty caption "" at row 0
 (the unconditional prompt that caption dropout switches to).

@@ -48,7 +48,7 @@ class RunConfig:
     unet_preset: str = "demo"  # tiny | demo | hw6-base | hw6-large | hw6-recipe
 
     # training
-    max_steps: int = 900  # demo: ~7 min on 2 CPU cores (DESIGN.md §8); measured in the README
+    max_steps: int = 900  # demo: ~7 min on 2 CPU cores (docs/design.md#measured-figures); measured in the README
     max_epochs: int = 0  # 0 = train max_steps; >0 = this many passes over the training images (total_steps)
     batch_size: int = 64
     grad_accum: int = 1

@@ -1,4 +1,4 @@
-"""Procedural monster sprites, written in exactly the course's dataset format (DESIGN.md §3–4).
+"""Procedural monster sprites, written in exactly the course's dataset format (docs/design.md#the-demo-dataset).
 
 Every monster has known attributes (body colour, body shape, number of eyes, an extra) and is drawn
 in six actions, each with a bold cue that survives 16×16 pixels. Some (colour, shape) pairs are held

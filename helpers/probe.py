@@ -1,4 +1,4 @@
-"""A small CNN that reads a demo monster's attributes off its picture: the offline judge of the demo (DESIGN.md §5).
+"""A small CNN that reads a demo monster's attributes off its picture: the offline judge of the demo (docs/design.md#the-probe).
 
 It is trained only on REAL demo training images (never on generated ones), with a few monsters held
 out to check its own accuracy, and cached under `<cache_dir>/probe-<hash12>/` keyed by the dataset
