@@ -26,7 +26,7 @@ test: env
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 lab: env
-	$(BIN)/jupyter lab notebooks/
+	$(BIN)/jupyter lab --ServerApp.root_dir=. --LabApp.default_url=/lab/tree/notebooks
 
 clean-demo:
 	rm -rf data/demo outputs/runs/$(RUN)

@@ -76,7 +76,6 @@ def timed(step, steps: int, warmup: int, device) -> float:
 
 
 def our_step_fn(unet, cfg, batch: int, latent: int, tokens: int, hidden: int, device):
-
     n, captions = 4 * batch, 2 * batch
     cache = DeviceCache(mean=torch.randn(n, 2, 4, latent, latent, device=device, dtype=torch.float16),
                         std=torch.rand(n, 2, 4, latent, latent, device=device, dtype=torch.float16) * 0.1,

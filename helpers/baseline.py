@@ -22,3 +22,31 @@ def load_sd_baseline(cfg, device=None):
                                use_attention_mask=bool(getattr(pipe.text_encoder.config, "use_attention_mask", False)))
     return TextToImage(cfg, pipe.unet.eval().requires_grad_(False), text_encoder,
                        VaeAutoencoder(cfg.sd_model, pipe.vae), dict(pipe.scheduler.config))
+
+
+def compare_with_sd(cfg, model, prompts: list[str], setting, sd_guidance: float = 7.5):
+    """A figure: our images (top row) and `cfg.sd_model`'s (bottom) for the same prompts and seeds, or None
+    (after printing what to download) when the pretrained pipeline cannot be had."""
+    import matplotlib.pyplot as plt
+
+    from .hub import WeightsUnavailableError
+    from .sample import sample_images
+
+    try:
+        baseline = load_sd_baseline(cfg)
+    except WeightsUnavailableError as e:
+        print(e)
+        return None
+    seeds = [cfg.seed + i for i in range(len(prompts))]
+    fig, axes = plt.subplots(2, len(prompts), figsize=(2.2 * len(prompts), 4.6), squeeze=False)
+    rows = [("ours", model, setting.guidance, setting.guidance_interval or None),
+            (cfg.sd_model, baseline, sd_guidance, None)]
+    for row, (name, m, guidance, interval) in enumerate(rows):
+        images = sample_images(m, prompts, seeds, guidance=guidance, steps=setting.steps, scheduler=setting.scheduler,
+                               batch_size=len(prompts), guidance_interval=interval)
+        for ax, x in zip(axes[row], images):
+            ax.imshow(((x.permute(1, 2, 0) + 1) / 2).clamp(0, 1).numpy(), interpolation="nearest")
+            ax.set_xticks([]), ax.set_yticks([])
+        axes[row][0].set_ylabel(name, fontsize=8)
+    fig.tight_layout()
+    return fig

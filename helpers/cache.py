@@ -56,10 +56,12 @@ class LatentCache:
 
 
 def cache_hash(cfg: RunConfig, records: list[ImageRecord]) -> str:
-    """12 hex digits over the image files (path, size, mtime), captions and the frozen parts."""
+    """12 hex digits over the image files (path, size, mtime), captions, image preparation and the frozen parts."""
     h = hashlib.sha256()
+    # the crop is only named when on, so caches built before the option existed keep their hash
+    crop = ["crop_to_content"] if cfg.crop_to_content else []
     h.update(json.dumps([CACHE_VERSION, cfg.autoencoder, cfg.autoencoder_subfolder, cfg.text_encoder,
-                         cfg.max_tokens, cfg.resolution]).encode())
+                         cfg.max_tokens, cfg.resolution, *crop]).encode())
     for r in records:
         try:
             st = os.stat(r.path)
@@ -93,15 +95,15 @@ def unique_captions(records: list[ImageRecord]) -> tuple[list[str], list[list[in
 class _ImageFiles(torch.utils.data.Dataset):
     """Decodes one record; a bad file becomes a zero image plus its error message (never dropped)."""
 
-    def __init__(self, records: list[ImageRecord], size: int):
-        self.records, self.size = records, size
+    def __init__(self, records: list[ImageRecord], size: int, crop: bool):
+        self.records, self.size, self.crop = records, size, crop
 
     def __len__(self):
         return len(self.records)
 
     def __getitem__(self, i):
         try:
-            return load_image_tensor(self.records[i].path, self.size), ""
+            return load_image_tensor(self.records[i].path, self.size, self.crop), ""
         except BadImageError as e:
             return torch.zeros(3, self.size, self.size), str(e)
 
@@ -129,7 +131,8 @@ def build_cache(cfg: RunConfig, records: list[ImageRecord], *, device=None, batc
         name = f"shard-{n:05d}.safetensors"
         bad = _finished_shard(out / name, len(chunk))
         if bad is None:
-            bad = _encode_shard(chunk, cfg.resolution, autoencoder, out / name, batch_size, progress)
+            bad = _encode_shard(_ImageFiles(chunk, cfg.resolution, cfg.crop_to_content), autoencoder, out / name,
+                                batch_size, progress)
         else:
             print(f"Resuming the cache build: {name} is already finished")
         shards.append(dict(file=name, start=start, count=len(chunk)))
@@ -139,6 +142,7 @@ def build_cache(cfg: RunConfig, records: list[ImageRecord], *, device=None, batc
     atomic_save_tensors({"embeddings": embeddings.contiguous()}, out / "captions.safetensors")
     _report_skipped(skipped)
     index = dict(version=CACHE_VERSION, hash=out.name.split("-")[-1], resolution=cfg.resolution,
+                 crop_to_content=cfg.crop_to_content,
                  autoencoder=cfg.autoencoder, text_encoder=cfg.text_encoder, max_tokens=cfg.max_tokens,
                  num_images=len(records), shards=shards, captions=captions,
                  skipped=dict(count=len(skipped), files=skipped),
@@ -150,10 +154,10 @@ def build_cache(cfg: RunConfig, records: list[ImageRecord], *, device=None, batc
 
 
 @torch.no_grad()
-def _encode_shard(records, size, autoencoder, path: Path, batch_size: int, progress: bool) -> list[str]:
+def _encode_shard(files: _ImageFiles, autoencoder, path: Path, batch_size: int, progress: bool) -> list[str]:
     """Encode one shard's images and flips; write it atomically; return the files that failed."""
-    workers = 0 if len(records) < 1024 else min(4, os.cpu_count() or 1)
-    loader = torch.utils.data.DataLoader(_ImageFiles(records, size), batch_size=batch_size, num_workers=workers)
+    workers = 0 if len(files) < 1024 else min(4, os.cpu_count() or 1)
+    loader = torch.utils.data.DataLoader(files, batch_size=batch_size, num_workers=workers)
     means, stds, valid, bad = [], [], [], []
     for images, errors in tqdm(loader, desc=f"encode {path.stem}", disable=not progress, leave=False):
         pair = torch.cat([images, images.flip(-1)])

@@ -34,6 +34,9 @@ class RunConfig:
     val_fraction: float = 0.1  # share of monsters (groups) held out for validation
     caption_dropout: float = 0.1  # share of captions replaced by "" so one model learns CFG
     max_images: int = 0  # 0 = all; >0 keeps the first N training images (quick trials)
+    # crop each image (on white) to the box of its non-white pixels before padding to a square: sprites
+    # fill the frame instead of floating in margins (helpers.images.crop_to_content)
+    crop_to_content: bool = False
 
     # frozen parts
     text_encoder: str = "minilm"  # minilm | tiny | a CLIP id or path | any HF text-encoder id
@@ -42,15 +45,17 @@ class RunConfig:
     autoencoder_subfolder: str = ""  # e.g. "vae" for CompVis/stable-diffusion-v1-4
 
     # U-Net
-    unet_preset: str = "demo"  # tiny | demo | hw6-base | hw6-large
+    unet_preset: str = "demo"  # tiny | demo | hw6-base | hw6-large | hw6-recipe
 
     # training
     max_steps: int = 900  # demo: ~7 min on 2 CPU cores (DESIGN.md §8); measured in the README
+    max_epochs: int = 0  # 0 = train max_steps; >0 = this many passes over the training images (total_steps)
     batch_size: int = 64
     grad_accum: int = 1
     lr: float = 1e-3
     lr_schedule: str = "cosine"  # any name diffusers' get_scheduler knows
     warmup_steps: int = 50
+    warmup_fraction: float = 0.0  # 0 = use warmup_steps; >0 = this share of the training steps (warmup_steps_for)
     weight_decay: float = 0.01
     max_grad_norm: float = 1.0
     # v: on the cosine schedule alpha_bar(T) ~ 2e-9, so an epsilon model's first sampling step divides its
@@ -86,7 +91,13 @@ class RunConfig:
     output_size: int = 256  # the course wants 256x256 PNGs
 
     # evaluation
-    guidance_sweep: list = field(default_factory=lambda: [1.0, 2.0, 3.0, 5.0])
+    # the selection sweep of 05_eval: every snapshot x guidance_sweep x sweep_steps (x sweep_intervals) on
+    # sweep_prompts test prompts (a fixed seeded subset; 0 = all)
+    guidance_sweep: list = field(default_factory=lambda: [1.0, 2.0, 3.0])
+    sweep_steps: list = field(default_factory=lambda: [10, 20])
+    sweep_intervals: list = field(default_factory=lambda: [[]])  # e.g. [[], [0.3, 6.0]]: also try limited guidance
+    sweep_prompts: int = 120
+    sweep_snapshots: int = 3  # at most this many snapshots, spread evenly, the last always included (0 = all)
     clip_model: str = "openai/clip-vit-base-patch32"
     eval_max_images: int = 0  # 0 = the whole validation split / test set
 
@@ -192,6 +203,16 @@ def _sigma_interval(v):
         return "must be [] or [sigma_lo, sigma_hi] with 0 <= sigma_lo < sigma_hi"
 
 
+def _interval_list(v):
+    if not v or not all(isinstance(i, list) and not _sigma_interval(i) for i in v):
+        return "must be a non-empty list of [] or [sigma_lo, sigma_hi] items with 0 <= sigma_lo < sigma_hi"
+
+
+def _step_list(v):
+    if not v or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in v):
+        return "must be a non-empty list of step counts >= 1"
+
+
 def _unet_presets():
     from .unet import PRESETS  # imported here: helpers.unet imports torch
 
@@ -214,6 +235,8 @@ FIELD_CHECKS = {
     "val_fraction": _fraction(),
     "caption_dropout": _fraction(),
     "max_images": _at_least(0),
+    "max_epochs": _at_least(0),  # 0 = train max_steps
+    "warmup_fraction": _fraction(),
     "text_encoder": _not_empty,
     "max_tokens": _at_least(1),
     "autoencoder": _not_empty,
@@ -249,6 +272,10 @@ FIELD_CHECKS = {
     "guidance_sweep": _guidance_list,
     "clip_model": _not_empty,
     "eval_max_images": _at_least(0),
+    "sweep_steps": _step_list,
+    "sweep_intervals": _interval_list,
+    "sweep_prompts": _at_least(0),
+    "sweep_snapshots": _at_least(0),
 }
 
 
@@ -288,13 +315,23 @@ def check_fields(names) -> None:
 # Each profile is a set of overrides on the defaults above (which are the demo's).
 PROFILES: dict[str, dict] = {
     "demo": {},
+    # The best public course result (FID 59.70, CLIP-I 0.8276, CLIP-T 0.3008); README "Where the hw6 defaults
+    # come from" says which values are that recipe's and which are ours.
     "hw6": dict(
         data_dir="data/hw6", resolution=256, text_encoder="openai/clip-vit-base-patch32", max_tokens=77,
-        autoencoder="CompVis/stable-diffusion-v1-4", autoencoder_subfolder="vae", unet_preset="hw6-base",
-        max_steps=30_000, batch_size=64, lr=1e-4, warmup_steps=500, checkpoint_every=2000, preview_every=1000,
-        log_every=50, beta_schedule="scaled_linear", prediction_type="epsilon", scheduler="dpm++2m-karras",
-        guidance=3.0, sample_steps=25, sample_batch_size=64, caption_dropout=0.1, min_snr_gamma=5.0,
-        guidance_sweep=[1.0, 2.0, 3.0, 5.0, 7.5],
+        autoencoder="CompVis/stable-diffusion-v1-4", autoencoder_subfolder="vae", crop_to_content=True,
+        unet_preset="hw6-recipe",
+        # diffusers' DDPMScheduler default: linear betas 1e-4 ... 0.02 over 1,000 steps
+        prediction_type="epsilon", beta_schedule="linear", num_train_timesteps=1000, min_snr_gamma=0.0,
+        caption_dropout=0.05, lr=2e-4, lr_schedule="cosine", warmup_fraction=0.05, batch_size=64,
+        max_epochs=60, max_grad_norm=1.0,
+        ema_halflife_images=22_150,  # 0.998 per step at 64 images: ln 0.5 / ln 0.998 = 346 steps
+        # fallbacks when max_epochs / warmup_fraction are set to 0
+        max_steps=40_000, warmup_steps=2_000,
+        checkpoint_every=2000, preview_every=1000, log_every=50,
+        snapshot_every=4000,  # each EMA snapshot of hw6-recipe is 1.2 GB (fp32) and snapshots are never pruned
+        scheduler="dpm++2m", sample_steps=15, guidance=3.0, sample_batch_size=64,
+        guidance_sweep=[1.0, 2.0, 3.0, 4.0, 5.0],  # the recipe: 2 -> FID 63.4, 3 -> 59.7, 4 -> 60.6
     ),
     "sd-baseline": dict(
         data_dir="data/hw6", resolution=256, text_encoder="CompVis/stable-diffusion-v1-4", max_tokens=77,
@@ -305,6 +342,7 @@ PROFILES: dict[str, dict] = {
         data_dir="data/tiny", resolution=16, text_encoder="tiny", max_tokens=16, autoencoder="identity",
         unet_preset="tiny", max_steps=4, batch_size=8, warmup_steps=1, checkpoint_every=2, preview_every=4,
         log_every=1, sample_steps=3, sample_batch_size=8, guidance_sweep=[1.0, 3.0], output_size=32,
+        snapshot_every=2, sweep_steps=[2, 3], sweep_prompts=0, sweep_snapshots=2,
     ),
 }
 
@@ -314,6 +352,30 @@ def profile_config(profile: str, **overrides) -> RunConfig:
         raise ValueError(f"Unknown profile {profile!r}; choose one of {sorted(PROFILES)}")
     base = RunConfig(profile=profile, run_name=profile).replace(**PROFILES[profile])
     return base.replace(**overrides)
+
+
+def total_steps(cfg: RunConfig, num_train_images: int, num_processes: int = 1) -> int:
+    """Optimizer steps of the run: cfg.max_steps, or cfg.max_epochs passes over `num_train_images`.
+
+    An epoch is one pass over the training images, as the training stream's seeded permutation is:
+    a flip is drawn at random per use, so flipped copies do not make an epoch longer. The last,
+    partial step is counted (ceil), so every image is seen max_epochs times.
+    """
+    if cfg.max_epochs < 0:
+        raise ValueError(f"max_epochs={cfg.max_epochs!r} must be 0 (use max_steps) or a number of epochs")
+    if cfg.max_epochs == 0:
+        return cfg.max_steps
+    if num_train_images < 1:
+        raise ValueError(f"max_epochs={cfg.max_epochs} needs training images, got num_train_images={num_train_images}")
+    images_per_step = cfg.batch_size * cfg.grad_accum * num_processes
+    return -(-cfg.max_epochs * num_train_images // images_per_step)
+
+
+def warmup_steps_for(cfg: RunConfig, steps: int) -> int:
+    """Learning-rate warm-up steps of a `steps`-step run: cfg.warmup_fraction of it, or cfg.warmup_steps."""
+    if not 0.0 <= cfg.warmup_fraction < 1.0:
+        raise ValueError(f"warmup_fraction={cfg.warmup_fraction!r} must be in [0, 1) (0 = use warmup_steps)")
+    return round(cfg.warmup_fraction * steps) if cfg.warmup_fraction > 0 else cfg.warmup_steps
 
 
 def load_config(path: str | Path) -> RunConfig:

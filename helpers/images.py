@@ -81,9 +81,28 @@ def square_resize(im: Image.Image, size: int) -> Image.Image:
     return im
 
 
-def load_image_tensor(path: str | Path, size: int) -> torch.Tensor:
-    """3×size×size float tensor in [-1, 1]."""
-    return pil_to_tensor(square_resize(load_rgb(path), size))
+# A pixel is content when any channel is below this: antialiased edges, JPEG noise and near-white haze
+# (253, 254) around a sprite count as background, so the crop does not stop at invisible specks.
+CONTENT_BELOW = 250
+
+
+def crop_to_content(im: Image.Image, below: int = CONTENT_BELOW) -> Image.Image:
+    """Crop an RGB image (transparency already composited onto white) to the box of its non-white pixels.
+
+    A pixel is content when any channel is < `below`. An all-white image is returned whole: it has
+    no box to crop to, and keeping it lets it go through padding and resizing like any other.
+    """
+    content = (np.asarray(im.convert("RGB")) < below).any(axis=-1)
+    rows, cols = np.flatnonzero(content.any(axis=1)), np.flatnonzero(content.any(axis=0))
+    if len(rows) == 0:
+        return im
+    return im.crop((int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1))
+
+
+def load_image_tensor(path: str | Path, size: int, crop: bool = False) -> torch.Tensor:
+    """3×size×size float tensor in [-1, 1]; `crop`: first crop to the content box (config `crop_to_content`)."""
+    im = load_rgb(path)
+    return pil_to_tensor(square_resize(crop_to_content(im) if crop else im, size))
 
 
 def pil_to_tensor(im: Image.Image) -> torch.Tensor:

@@ -50,6 +50,7 @@ class EvalSet:
     seeds: list[int]
     real: torch.Tensor  # [N, 3, R, R] in [-1, 1]
     attributes: list[dict] = field(default_factory=list)  # demo only: what each prompt asks for
+    paths: list = field(default_factory=list)  # the real images' files
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -82,9 +83,9 @@ def validation_set(cfg, max_images: int | None = None, seed: int | None = None) 
     keys = [keys[i] for i in _cap(len(keys), cfg.eval_max_images if max_images is None else max_images, seed)]
     rng = random.Random(seed)
     prompts = [rng.choice(first[k][1].captions) for k in keys]
-    real = torch.stack([load_image_tensor(first[k][1].path, cfg.resolution) for k in
+    real = torch.stack([load_image_tensor(first[k][1].path, cfg.resolution, cfg.crop_to_content) for k in
                         tqdm(keys, desc="validation images", leave=False)])
-    return EvalSet(keys, prompts, [seed + i for i in range(len(keys))], real)
+    return EvalSet(keys, prompts, [seed + i for i in range(len(keys))], real, paths=[first[k][1].path for k in keys])
 
 
 def demo_test_set(cfg, max_images: int | None = None, seed: int | None = None) -> EvalSet:
@@ -97,7 +98,7 @@ def demo_test_set(cfg, max_images: int | None = None, seed: int | None = None) -
                                          seed)]
     attrs = load_attributes(cfg.data_path)
     ref = cfg.data_path / "test_reference"
-    real = torch.stack([load_image_tensor(ref / p.image_name, cfg.resolution) for p in prompts])
+    real = torch.stack([load_image_tensor(ref / p.image_name, cfg.resolution, cfg.crop_to_content) for p in prompts])
     return EvalSet([p.key for p in prompts], [p.text for p in prompts], [seed + i for i in range(len(prompts))],
                    real, [attrs[p.key] for p in prompts])
 
@@ -284,12 +285,12 @@ def _fmt(v) -> str:
 # ---------------------------------------------------------------- metrics.json
 
 
-def _json_safe(obj):
+def json_safe(obj):
     """Tensors and numpy scalars to numbers, NaN/inf to None (JSON has no NaN)."""
     if isinstance(obj, dict):
-        return {str(k): _json_safe(v) for k, v in obj.items()}
+        return {str(k): json_safe(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
+        return [json_safe(v) for v in obj]
     if hasattr(obj, "item") and callable(obj.item) and getattr(obj, "ndim", 0) == 0:
         obj = obj.item()
     if isinstance(obj, float) and not math.isfinite(obj):
@@ -314,7 +315,7 @@ def write_metrics(run_dir, metrics: dict) -> Path:
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}: malformed JSON at line {e.lineno}, column {e.colno}: {e.msg}; "
                              f"fix or delete it") from None
-    return atomic_write_text(path, json.dumps(_json_safe(_merge(old, metrics)), indent=2, ensure_ascii=False))
+    return atomic_write_text(path, json.dumps(json_safe(_merge(old, metrics)), indent=2, ensure_ascii=False))
 
 
 def reference_evaluator(eval_set: EvalSet, clip=None, model_id: str = "openai/clip-vit-base-patch32"):

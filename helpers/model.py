@@ -85,12 +85,13 @@ class TextToImage:
         return self.text_encoder.encode(list(prompts))
 
 
-def load_model(cfg: RunConfig, use_ema: bool | None = None, device=None) -> TextToImage:
-    """The trained model of a run (EMA weights unless `use_ema=False` or `cfg.use_ema` is off)."""
+def load_model(cfg: RunConfig, use_ema: bool | None = None, device=None, unet_dir=None) -> TextToImage:
+    """The trained model of a run: the U-Net in `unet_dir` (e.g. a snapshot), else the final EMA weights
+    (the raw last-step weights if `use_ema=False` or `cfg.use_ema` is off)."""
     from diffusers import DDPMScheduler, UNet2DConditionModel
 
     use_ema = cfg.use_ema if use_ema is None else use_ema
-    folder = model_dir(cfg) / ("unet_ema" if use_ema else "unet")
+    folder = Path(unet_dir) if unet_dir else model_dir(cfg) / ("unet_ema" if use_ema else "unet")
     if not folder.exists():
         raise FileNotFoundError(f"No trained U-Net at {folder}: run notebooks/03_train_cfg.ipynb for run "
                                 f"{cfg.run_name!r} first")

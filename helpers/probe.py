@@ -133,14 +133,14 @@ def label_indices(attributes: list[dict]) -> dict[str, torch.Tensor]:
     return out
 
 
-def _load_images(paths: list[Path], resolution: int, progress: bool) -> torch.Tensor:
-    """Composited on white and resized exactly as the model's training images are."""
-    return torch.stack([load_image_tensor(p, resolution)
+def _load_images(paths: list[Path], resolution: int, progress: bool, crop: bool) -> torch.Tensor:
+    """Composited on white, cropped (if `crop`) and resized exactly as the model's training images are."""
+    return torch.stack([load_image_tensor(p, resolution, crop)
                         for p in tqdm(paths, desc="probe: loading images", disable=not progress, leave=False)])
 
 
-def _real_set(records: list[ImageRecord], attrs: dict, resolution: int, progress: bool):
-    images = _load_images([r.path for r in records], resolution, progress)
+def _real_set(records: list[ImageRecord], attrs: dict, resolution: int, progress: bool, crop: bool):
+    images = _load_images([r.path for r in records], resolution, progress, crop)
     return images, label_indices([attrs[r.key] for r in records])
 
 
@@ -230,19 +230,22 @@ def accuracy(probe: Probe, images: torch.Tensor, labels: dict[str, torch.Tensor]
     return {k: float((pred[k] == labels[k]).float().mean()) for k in CLASSES}
 
 
-def _reference_set(data_dir: Path, attrs: dict, resolution: int):
+def _reference_set(data_dir: Path, attrs: dict, resolution: int, crop: bool):
     """test_reference/<key>.png: the generator's own pictures of the test prompts (held-out combinations)."""
     folder = data_dir / "test_reference"
     paths = sorted(folder.glob("*.png")) if folder.is_dir() else []
     paths = [p for p in paths if p.stem in attrs]
     if not paths:
         return torch.zeros(0, 3, resolution, resolution), {}
-    return _load_images(paths, resolution, False), label_indices([attrs[p.stem] for p in paths])
+    return _load_images(paths, resolution, False, crop), label_indices([attrs[p.stem] for p in paths])
 
 
 def train_probe(data_dir, *, resolution: int, cache_dir, steps: int = 400, batch_size: int = 64, lr: float = 1e-2,
-                width: int = 16, heldout_fraction: float = 0.1, seed: int = 0, progress: bool = True) -> Probe:
+                width: int = 16, heldout_fraction: float = 0.1, seed: int = 0, progress: bool = True,
+                crop_to_content: bool = False) -> Probe:
     """The probe for the demo dataset in `data_dir` at `resolution`: loaded from cache, else trained and cached.
+
+    `crop_to_content`: prepare the real images as a run with that option trains on (config field of that name).
 
     Trains on real train images only. A `heldout_fraction` of the monsters is held out and gives
     `heldout_accuracy`; `reference_accuracy` is on test_reference/ (the test prompts' unseen combinations).
@@ -251,6 +254,8 @@ def train_probe(data_dir, *, resolution: int, cache_dir, steps: int = 400, batch
     attrs = load_attributes(data_dir)
     settings = dict(steps=steps, batch_size=batch_size, lr=lr, width=width, heldout_fraction=heldout_fraction,
                     seed=seed)
+    if crop_to_content:  # only named when on, so probes cached before the option existed keep their hash
+        settings["crop_to_content"] = True
     out = cache_dir / f"probe-{dataset_hash(data_dir, resolution, settings)}"
     if (out / "probe.safetensors").exists() and (out / "probe.json").exists():
         meta = json.loads((out / "probe.json").read_text(encoding="utf-8"))
@@ -262,14 +267,14 @@ def train_probe(data_dir, *, resolution: int, cache_dir, steps: int = 400, batch
     records, _ = load_course_data(data_dir)
     records = [r for r in records if r.key in attrs]
     train_idx, held_idx = split_by_group(records, heldout_fraction, seed)
-    images, labels = _real_set(records, attrs, resolution, progress)
+    images, labels = _real_set(records, attrs, resolution, progress, crop_to_content)
     torch.manual_seed(seed)
     net = ProbeNet(resolution, width)
     _fit(net, images[train_idx], {k: v[train_idx] for k, v in labels.items()}, steps=steps,
          batch_size=batch_size, lr=lr, seed=seed, progress=progress)
     probe = Probe(net, resolution)
     probe.heldout_accuracy = accuracy(probe, images[held_idx], {k: v[held_idx] for k, v in labels.items()})
-    probe.reference_accuracy = accuracy(probe, *_reference_set(data_dir, attrs, resolution))
+    probe.reference_accuracy = accuracy(probe, *_reference_set(data_dir, attrs, resolution, crop_to_content))
 
     out.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in net.state_dict().items()}, out / "probe.safetensors")

@@ -13,6 +13,7 @@ One sampler serves training previews, the test set, the notebook's widget (helpe
 from __future__ import annotations
 
 import contextlib
+from typing import Callable
 
 import torch
 from PIL import Image
@@ -60,9 +61,9 @@ def _autocast(device: torch.device):
     return contextlib.nullcontext()
 
 
-def noise_level(scheduler, t) -> float:
+def noise_level(sampler, t) -> float:
     """sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t) of the training schedule at timestep t."""
-    alpha_bar = scheduler.alphas_cumprod[int(round(float(t)))].item()
+    alpha_bar = sampler.alphas_cumprod[int(round(float(t)))].item()
     return ((1 - alpha_bar) / alpha_bar) ** 0.5
 
 
@@ -74,12 +75,14 @@ def guided_at(sigma: float, guidance: float, interval) -> bool:
 
 
 @torch.no_grad()
-def sample_latents(unet, scheduler, cond, uncond, seeds, *, guidance: float, steps: int,
-                   guidance_rescale: float = 0.0, guidance_interval=None, latent_shape) -> torch.Tensor:
+def sample_latents(unet, sampler, cond, uncond, seeds, *, guidance: float, steps: int,
+                   guidance_rescale: float = 0.0, guidance_interval=None, latent_shape,
+                   on_step: Callable[[int, int], None] | None = None) -> torch.Tensor:
     """Denoise one latent per seed. cond [B, L, D]; uncond [1, L, D] is the "" embedding.
 
     At each step: eps = eps_uncond + guidance * (eps_cond - eps_uncond) if the step's noise level lies in
     `guidance_interval` (sigma_lo, sigma_hi] (None: every step), else eps = eps_cond alone.
+    `on_step(done, total)` is called after each step (e.g. to move a progress bar).
     """
     from diffusers.guiders.guider_utils import rescale_noise_cfg
 
@@ -92,15 +95,15 @@ def sample_latents(unet, scheduler, cond, uncond, seeds, *, guidance: float, ste
     # Ancestral/stochastic steps draw fresh noise; one CPU generator per image keeps image i batch-independent.
     # They continue the seed's stream after the initial noise, exactly as diffusers' pipeline does.
     generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
-    scheduler.set_timesteps(steps, device=device)  # before the noise: init_noise_sigma depends on the steps
-    if hasattr(scheduler, "set_begin_index"):
+    sampler.set_timesteps(steps, device=device)  # before the noise: init_noise_sigma depends on the steps
+    if hasattr(sampler, "set_begin_index"):
         # Count steps by position, not by looking t up: Karras sigmas on the cosine schedule (sigma_max ~2e4)
         # round to repeated timesteps, and the lookup would then skip a step and run off the end.
-        scheduler.set_begin_index(0)
-    latents = torch.cat([_draw(g, latent_shape) for g in generators]).to(device) * scheduler.init_noise_sigma
-    for t in scheduler.timesteps:
-        guided = guided_at(noise_level(scheduler, t), guidance, guidance_interval)
-        model_in = scheduler.scale_model_input(torch.cat([latents] * 2) if guided else latents, t)
+        sampler.set_begin_index(0)
+    latents = torch.cat([_draw(g, latent_shape) for g in generators]).to(device) * sampler.init_noise_sigma
+    for i, t in enumerate(sampler.timesteps):
+        guided = guided_at(noise_level(sampler, t), guidance, guidance_interval)
+        model_in = sampler.scale_model_input(torch.cat([latents] * 2) if guided else latents, t)
         with _autocast(device):
             eps = unet(model_in.to(p.dtype), t, encoder_hidden_states=both if guided else cond,
                        return_dict=False)[0].float()
@@ -109,8 +112,10 @@ def sample_latents(unet, scheduler, cond, uncond, seeds, *, guidance: float, ste
             eps = eps_uncond + guidance * (eps_cond - eps_uncond)
             if guidance_rescale > 0:
                 eps = rescale_noise_cfg(eps, eps_cond, guidance_rescale=guidance_rescale)
-        kwargs = {"generator": generators} if _takes_generator(scheduler) else {}
-        latents = scheduler.step(eps, t, latents, return_dict=False, **kwargs)[0]
+        kwargs = {"generator": generators} if _takes_generator(sampler) else {}
+        latents = sampler.step(eps, t, latents, return_dict=False, **kwargs)[0]
+        if on_step is not None:
+            on_step(i + 1, len(sampler.timesteps))
     return latents
 
 
@@ -120,17 +125,20 @@ def _draw(generator, latent_shape) -> torch.Tensor:
     return randn_tensor((1, *latent_shape), generator=generator, device=torch.device("cpu"), dtype=torch.float32)
 
 
-def _takes_generator(scheduler) -> bool:
+def _takes_generator(sampler) -> bool:
     import inspect
 
-    return "generator" in inspect.signature(scheduler.step).parameters
+    return "generator" in inspect.signature(sampler.step).parameters
 
 
 @torch.no_grad()
 def sample_images(model, prompts, seeds, *, guidance: float, steps: int, scheduler: str = "dpm++2m-karras",
                   batch_size: int = 64, guidance_rescale: float = 0.0, guidance_interval=None,
-                  progress: bool = False) -> torch.Tensor:
-    """[B, 3, H, W] images in [-1, 1] (on the CPU) for `prompts`, one seed each, decoded by the autoencoder."""
+                  progress: bool = False, on_step: Callable[[int, int], None] | None = None) -> torch.Tensor:
+    """[B, 3, H, W] images in [-1, 1] (on the CPU) for `prompts`, one seed each, decoded by the autoencoder.
+
+    `on_step(done, total)` is called after each denoising step of each batch of `batch_size` prompts.
+    """
     prompts, seeds = list(prompts), [int(s) for s in seeds]
     if len(prompts) != len(seeds):
         raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
@@ -143,7 +151,8 @@ def sample_images(model, prompts, seeds, *, guidance: float, steps: int, schedul
         cond = model.encode_prompts(prompts[start:start + batch_size]).to(device)
         latents = sample_latents(model.unet, sampler, cond, uncond, seeds[start:start + batch_size],
                                  guidance=guidance, steps=steps, guidance_rescale=guidance_rescale,
-                                 guidance_interval=guidance_interval, latent_shape=model.latent_shape)
+                                 guidance_interval=guidance_interval, latent_shape=model.latent_shape,
+                                 on_step=on_step)
         with _autocast(device):
             out.append(model.autoencoder.decode(latents).float().cpu())
     return torch.cat(out) if out else torch.zeros(0, 3, *model.latent_shape[1:])

@@ -1,12 +1,20 @@
 """The course deliverable: one 256×256 RGB PNG per `test.json` entry, checked, and packed as a zip.
 
-Generation is resumable: images already on disk are skipped (and counted), every batch is written as
-soon as it is decoded, and each PNG is written to a temporary name first, so an interrupted run never
-leaves a half-written file that would later be mistaken for a finished one.
+`results/manifest.json` records what made the images: the snapshot (name and weights hash), guidance,
+steps, scheduler, guidance interval, seed, image size, the prompts file and the project commit.
+`write_test_set` compares it with the setting it is asked for: the same setting resumes (images already
+on disk are skipped and counted), another one moves the old folder aside to `results.previous/`, saying
+so, and starts over, so one folder never mixes images of different models or settings. Every batch is
+written as soon as it is decoded, each PNG to a temporary name first, so an interrupted run never leaves
+a half-written file that would later be mistaken for a finished one.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import shutil
+import subprocess
 import time
 import zipfile
 from collections import Counter
@@ -18,7 +26,8 @@ from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
 from .config import PROJECT_ROOT
-from .data import Prompt
+from .data import Prompt, read_json
+from .files import atomic_write_text
 from .sample import sample_images, to_output_pils
 
 
@@ -33,8 +42,80 @@ def check_prompt_names(prompts: list[Prompt]) -> None:
         raise ValueError(f"{len(problems)} problem(s) with the prompts:\n  " + "\n  ".join(problems))
 
 
+MANIFEST = "manifest.json"
+
+
+def results_manifest(setting, weights: str, prompts: list[Prompt], *, seed: int, size: int) -> dict:
+    """What decides the images of a results folder (a helpers.selection.Setting plus seed, size, prompts)."""
+    names = hashlib.sha256(json.dumps([[p.image_name, p.text] for p in prompts]).encode()).hexdigest()[:16]
+    return {**setting.to_dict(), "weights_sha256": weights, "seed": seed, "size": size, "prompts": len(prompts),
+            "prompts_sha256": names}
+
+
+def manifest_differences(have: dict | None, want: dict) -> list[str]:
+    """Human-readable differences between two manifests ('complete' and 'commit' do not count)."""
+    if have is None:
+        return ["no manifest.json (images of unknown origin)"]
+    return [f"{k}: {have.get(k)!r} -> {v!r}" for k, v in want.items() if have.get(k) != v]
+
+
+def read_manifest(results_dir) -> dict | None:
+    path = Path(results_dir) / MANIFEST
+    return read_json(path) if path.exists() else None
+
+
+def write_test_set(model, prompts: list[Prompt], results_dir, setting, weights: str, *, seed: int, size: int,
+                   batch_size: int) -> dict:
+    """The test set of exactly `setting` in `results_dir`: resumed if the folder holds that setting already,
+    else the old folder is moved to results.previous/ (saying why) and the set is written anew."""
+    results_dir = Path(results_dir)
+    want = results_manifest(setting, weights, prompts, seed=seed, size=size)
+    have = read_manifest(results_dir)
+    pngs = list(results_dir.glob("*.png")) if results_dir.is_dir() else []
+    changed = manifest_differences(have, want)
+    if pngs and changed:
+        previous = results_dir.with_name(results_dir.name + ".previous")
+        if previous.exists():
+            shutil.rmtree(previous)
+        os.replace(results_dir, previous)
+        print(f"Regenerating the test set: {results_dir} held {len(pngs)} images of another setting "
+              f"({'; '.join(changed)}). Moved them to {previous} (replacing what was there).")
+    atomic_write_text(results_dir / MANIFEST, json.dumps({**want, "complete": False, "commit": project_commit()},
+                                                         indent=1, ensure_ascii=False))
+    print(f"Test set: {setting.label()}, seed {seed}, {size}px, {len(prompts)} prompts -> {results_dir}")
+    stats = generate_test_set(model, prompts, results_dir, guidance=setting.guidance, steps=setting.steps,
+                              scheduler=setting.scheduler, batch_size=batch_size, seed=seed, size=size,
+                              guidance_interval=setting.guidance_interval or None)
+    atomic_write_text(results_dir / MANIFEST, json.dumps({**want, "complete": True, "commit": project_commit()},
+                                                         indent=1, ensure_ascii=False))
+    return stats
+
+
+def check_manifest(results_dir, want: dict) -> None:
+    """Refuse a results folder that is incomplete or was made with another setting than `want`."""
+    have = read_manifest(results_dir)
+    changed = manifest_differences(have, want)
+    if changed or not have.get("complete"):
+        reasons = changed or ["the test set was not finished (complete: false)"]
+        raise ValueError(f"{Path(results_dir) / MANIFEST} does not match the chosen setting: {'; '.join(reasons)}. "
+                         "Run 04_sample (or write_test_set) with the chosen setting first.")
+
+
+def project_commit() -> str:
+    """The project's git commit (with '+changes' if the tree differs), or 'unknown' outside a checkout."""
+    try:
+        run = lambda *a: subprocess.run(["git", *a], cwd=PROJECT_ROOT, capture_output=True, text=True,  # noqa: E731
+                                        timeout=10)
+        commit = run("rev-parse", "HEAD").stdout.strip()
+        dirty = run("status", "--porcelain", "--untracked-files=no").stdout.strip()
+        return (commit + ("+changes" if dirty else "")) or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
 def generate_test_set(model, prompts: list[Prompt], out_dir, *, guidance: float, steps: int, scheduler: str,
-                      batch_size: int, seed: int = 0, size: int = 256, guidance_rescale: float = 0.0) -> dict:
+                      batch_size: int, seed: int = 0, size: int = 256, guidance_rescale: float = 0.0,
+                      guidance_interval=None) -> dict:
     """Write `<out_dir>/<image_name>` for every prompt not yet there. Prompt i gets seed `seed + i`."""
     check_prompt_names(prompts)
     out_dir = Path(out_dir)
@@ -48,7 +129,7 @@ def generate_test_set(model, prompts: list[Prompt], out_dir, *, guidance: float,
         batch = todo[b:b + batch_size]
         images = sample_images(model, [p.text for _, p in batch], [seed + i for i, _ in batch], guidance=guidance,
                                steps=steps, scheduler=scheduler, batch_size=batch_size,
-                               guidance_rescale=guidance_rescale)
+                               guidance_rescale=guidance_rescale, guidance_interval=guidance_interval)
         bad = [p.image_name for (_, p), x in zip(batch, images) if not torch.isfinite(x).all()]
         if bad:
             raise FloatingPointError(f"Sampling produced NaN/inf for {len(bad)} image(s), e.g. {bad[:3]}; nothing "
@@ -72,7 +153,7 @@ def validate_results(results_dir, prompts: list[Prompt], size: int = 256) -> lis
     if not results_dir.is_dir():
         return [f"{results_dir}: results folder not found"]
     expected = {p.image_name for p in prompts}
-    present = {f.name for f in results_dir.iterdir() if f.is_file()}
+    present = {f.name for f in results_dir.iterdir() if f.is_file() and f.name != MANIFEST}
     problems = [f"missing: {n}" for n in sorted(expected - present)]
     problems += [f"unexpected file: {n}" for n in sorted(present - expected)]
     for name in sorted(expected & present):
@@ -111,16 +192,19 @@ def check_results(results_dir, prompts: list[Prompt], size: int = 256) -> int:
     return len(prompts)
 
 
-def pack_submission(run_dir, out_zip, code_dirs=("helpers", "notebooks"), model_dir=None, results_dir=None,
-                    overwrite: bool = False) -> Path:
-    """Zip the course layout: `code/<each code dir>`, `model/` (the run's trained model), `results/` (PNGs)."""
+def pack_submission(run_dir, out_zip, unet_dir, results_dir=None, expected_manifest: dict | None = None,
+                    code_dirs=("helpers", "notebooks"), overwrite: bool = False) -> Path:
+    """Zip the course layout: `code/<each code dir>`, `model/` (the chosen U-Net as unet_ema/, the scheduler
+    config), `results/` (the PNGs and their manifest, checked against `expected_manifest` first)."""
     run_dir, out_zip = Path(run_dir), Path(out_zip)
-    model_dir = Path(model_dir) if model_dir else run_dir / "model"
     results_dir = Path(results_dir) if results_dir else run_dir / "results"
+    if expected_manifest is not None:
+        check_manifest(results_dir, expected_manifest)
     if out_zip.exists() and not overwrite:
         raise FileExistsError(f"{out_zip} already exists; to replace it run 04_sample with overwrite_zip=True "
                               "(from Python: pack_submission(..., overwrite=True))")
-    sources = {"model": model_dir, "results": results_dir}
+    sources = {"model/unet_ema": Path(unet_dir), "model/scheduler": run_dir / "model" / "scheduler",
+               "results": results_dir}
     sources.update({f"code/{Path(d).name}": _project_path(d) for d in code_dirs})
     missing = [f"{arc}/ <- {src}" for arc, src in sources.items() if not src.is_dir()]
     if missing:
@@ -145,3 +229,14 @@ def _project_path(d) -> Path:
 
 def _is_clutter(f: Path) -> bool:
     return any(part in ("__pycache__", ".ipynb_checkpoints") for part in f.parts) or f.suffix in (".pyc", ".tmp")
+
+
+def read_results(results_dir, prompts: list[Prompt]) -> torch.Tensor:
+    """The PNGs of `prompts` as they will be handed in, [N, 3, S, S] in [-1, 1] (for judging them)."""
+    from .images import pil_to_tensor
+
+    images = []
+    for p in prompts:
+        with Image.open(Path(results_dir) / p.image_name) as im:
+            images.append(pil_to_tensor(im.convert("RGB")))
+    return torch.stack(images)

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from .cache import LatentCache, load_cache, read_split
 from .checkpoint import (CheckpointsDamagedError, checkpoint_config, checkpoint_name, latest_checkpoint,
                          save_checkpoint)
-from .config import RunConfig, as_bool, load_config, resolve_path, save_config
+from .config import RunConfig, as_bool, load_config, resolve_path, save_config, total_steps, warmup_steps_for
 from .diffusion import EMA, diffusion_loss
 from .model import noise_scheduler, save_model
 from .resume import IncompatibleResumeError, check_resume, retarget_optimizer
@@ -140,8 +140,8 @@ def make_optimizer(cfg: RunConfig, unet, device):
 
     optimizer = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
                                   fused=device.type == "cuda")
-    lr_schedule = get_scheduler(cfg.lr_schedule, optimizer=optimizer, num_warmup_steps=cfg.warmup_steps,
-                                num_training_steps=cfg.max_steps)
+    lr_schedule = get_scheduler(cfg.lr_schedule, optimizer=optimizer,
+                                num_warmup_steps=warmup_steps_for(cfg, cfg.max_steps), num_training_steps=cfg.max_steps)
     return optimizer, lr_schedule
 
 
@@ -185,6 +185,7 @@ def train(cfg: RunConfig, *, resume: bool = True, progress: bool = True, max_ste
 
 def _train(cfg: RunConfig, accelerator, resume: bool, progress: bool, stop_at: int | None) -> TrainResult:
     device, main = accelerator.device, accelerator.is_main_process
+    given_config = cfg.to_json()  # stored in checkpoints as the user set it (before max_epochs -> max_steps)
     found = latest_checkpoint(cfg.run_dir / "checkpoints") if resume else None
     if found:  # before anything is written: a refused resume leaves the run as it was
         check_resume(found[0], checkpoint_config(found[0]), cfg, verbose=main)
@@ -196,14 +197,15 @@ def _train(cfg: RunConfig, accelerator, resume: bool, progress: bool, stop_at: i
 
     cache = load_cache(cfg)
     rows, data = train_rows(cfg, cache), DeviceCache.from_cache(cache, device)
+    cfg = cfg.replace(max_steps=total_steps(cfg, len(rows), accelerator.num_processes))  # max_epochs -> steps
     unet = unet_for_cache(cfg, cache).to(device).train()
     if cfg.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     ema = EMA(unet, cfg.ema_halflife_images, cfg.ema_rampup)
     alphas_cumprod = noise_scheduler(cfg).alphas_cumprod.to(device)
     optimizer, lr_schedule = make_optimizer(cfg, unet, device)
-    model, optimizer = accelerator.prepare(unet, optimizer)
-    forward = torch.compile(model) if cfg.compile else model
+    ddp_unet, optimizer = accelerator.prepare(unet, optimizer)  # the U-Net as accelerate wraps it (DDP on GPUs)
+    forward = torch.compile(ddp_unet) if cfg.compile else ddp_unet
     micro_batch, processes, rank = cfg.batch_size, accelerator.num_processes, accelerator.process_index
     images_per_step = micro_batch * cfg.grad_accum * processes
 
@@ -232,12 +234,12 @@ def _train(cfg: RunConfig, accelerator, resume: bool, progress: bool, stop_at: i
             position += micro_batch * processes
             x0, context, eps, t = data.batch(batch_rows, gen, cfg.caption_dropout, cfg.offset_noise,
                                              cfg.num_train_timesteps)
-            with accelerator.accumulate(model), accelerator.autocast():
+            with accelerator.accumulate(ddp_unet), accelerator.autocast():
                 loss = diffusion_loss(forward, x0, context, eps, t, alphas_cumprod, cfg.prediction_type,
                                       cfg.min_snr_gamma)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and cfg.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+                    accelerator.clip_grad_norm_(ddp_unet.parameters(), cfg.max_grad_norm)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             losses.append(loss.detach().float())
@@ -264,7 +266,7 @@ def _train(cfg: RunConfig, accelerator, resume: bool, progress: bool, stop_at: i
                 state = training_state(done, position, optimizer, lr_schedule, accelerator)
                 result.checkpoint = str(save_checkpoint(cfg.run_dir / "checkpoints", done, unet.state_dict(),
                                                         ema.state_dict(), state, cfg.keep_checkpoints,
-                                                        config=cfg.to_json()))
+                                                        config=given_config))
         if snapshot and main:
             result.snapshots.append(str(save_snapshot(cfg, ema_copy(unet, ema), done)))
         if preview:
@@ -279,7 +281,7 @@ def _train(cfg: RunConfig, accelerator, resume: bool, progress: bool, stop_at: i
     log.close()
 
     if end == cfg.max_steps and main:
-        result.model_dir = str(save_model(cfg, accelerator.unwrap_model(model), ema_copy(unet, ema),
+        result.model_dir = str(save_model(cfg, accelerator.unwrap_model(ddp_unet), ema_copy(unet, ema),
                                           noise_scheduler(cfg)))
     accelerator.wait_for_everyone()
     return result

@@ -25,3 +25,9 @@ def test_bench_sample_tiny_reports_images_per_second():
     out = run("bench_sample.py", "--size", "tiny", "--prompts", "4", "--batch-size", "4", "--steps", "2",
               "--schedulers", "dpm++2m,ddim")
     assert out.count("| tiny |") == 2
+
+
+@pytest.mark.slow
+def test_bench_cpu_tiny_reports_each_variant_against_fp32():
+    out = run("bench_cpu.py", "--size", "tiny", "--steps", "1", "--warmup", "1", "--variants", "fp32,bf16 autocast")
+    assert "fp32" in out and "bf16 autocast" in out and "1.00" in out

@@ -8,14 +8,17 @@ from helpers.runs import NOTEBOOKS, run_pipeline
 
 
 @pytest.mark.slow
-def test_all_notebooks_run_headless_and_write_their_outputs(tmp_path):
+def test_all_notebooks_run_headless_and_write_their_outputs(tmp_path, capfd):
     data = tmp_path / "data"
     data.mkdir()  # the demo generator writes only into the profile's data_dir or an empty folder
     run_dir = run_pipeline("nb", "tiny", str(tmp_path), parameters=dict(
         data_dir=str(data), demo_monsters=8, demo_test_monsters=2, demo_frames=1))
+    # the kernels' sockets are encrypted, so ipykernel has no plain-TCP warning to print
+    assert "without encryption" not in capfd.readouterr().err
     for name in NOTEBOOKS:  # executed copies, with outputs, in the run folder
         nb = json.loads((run_dir / "notebooks" / f"{name}.ipynb").read_text())
         assert any(c.get("outputs") for c in nb["cells"] if c["cell_type"] == "code"), name
+        assert "requires torchvision" not in json.dumps(nb), name  # transformers' image-processor warning
     config = json.loads((run_dir / "config.json").read_text())
     assert config["profile"] == "tiny" and config["data_dir"] == str(tmp_path / "data")
     # 01: report, split, cache pointer
@@ -27,13 +30,21 @@ def test_all_notebooks_run_headless_and_write_their_outputs(tmp_path):
     assert list((run_dir / "checkpoints").glob("step-*"))
     assert (run_dir / "logs" / "train.csv").read_text().count("\n") >= 2
     assert list((run_dir / "previews").glob("*.png"))
-    # 04: one PNG per test prompt, at the configured output size
+    # 03: EMA snapshots to choose from
+    snapshots = sorted(p.name for p in (run_dir / "snapshots").glob("step-*"))
+    assert snapshots == ["step-000002", "step-000004"]
+    # 05: a selection over snapshots x guidance x steps, its choice, and the test set of exactly that choice
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    table, choice = metrics["selection"]["table"], metrics["selection"]["choice"]
+    cells = {(r["setting"]["snapshot"], r["setting"]["guidance"], r["setting"]["steps"]) for r in table}
+    assert cells == {(s, g, n) for s in snapshots for g in config["guidance_sweep"] for n in config["sweep_steps"]}
+    assert choice in table and all(0.0 <= r["accuracy"][a] <= 1.0 for r in table for a in ("color", "shape", "action"))
+    assert max(r["mean_accuracy"] for r in table) == choice["mean_accuracy"]
+    manifest = json.loads((run_dir / "results" / "manifest.json").read_text())
+    assert manifest["complete"] and {k: manifest[k] for k in choice["setting"]} == choice["setting"]
+    assert metrics["chosen"]["setting"] == choice["setting"] and 0.0 <= metrics["chosen"]["mean_accuracy"] <= 1.0
+    # one PNG per test prompt, at the configured output size
     prompts = json.loads((tmp_path / "data" / "test.json").read_text())
     results = sorted(p.name for p in (run_dir / "results").glob("*.png"))
     assert results == sorted(e["image_name"] for e in prompts.values())
     assert Image.open(run_dir / "results" / results[0]).size == (config["output_size"],) * 2
-    # 05: metrics with the demo probe's figures
-    metrics = json.loads((run_dir / "metrics.json").read_text())
-    for attr in ("color", "shape", "action"):
-        assert 0.0 <= metrics["probe"]["accuracy"][attr] <= 1.0
-    assert [s["guidance"] for s in metrics["probe"]["guidance_sweep"]] == config["guidance_sweep"]

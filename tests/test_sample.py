@@ -1,18 +1,15 @@
 """The sampler, the pictures built on it, the diffusers export, and the SD baseline's offline behaviour."""
-import io
 import json
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from helpers.autoencoder import load_autoencoder
 from helpers.config import profile_config
 from helpers.model import TextToImage, noise_scheduler
 from helpers.baseline import load_sd_baseline
 from helpers.grids import guidance_steps_grid, scheduler_grid
-from helpers.panel import make_panel, preview
 from helpers.sample import SCHEDULERS, make_scheduler, noise_level, sample_images, sample_latents, to_output_pils
 from helpers.text import load_text_encoder
 from helpers.unet import build_unet
@@ -91,26 +88,6 @@ def test_output_pils_are_rgb_at_the_output_size_with_crisp_pixels():
     assert (arr[:16, :16] == arr[0, 0]).all()  # each model pixel became one 16×16 block
     (small,) = to_output_pils(torch.zeros(1, 3, 512, 512), 256)
     assert small.size == (256, 256)
-
-
-def test_preview_and_the_panel_button_headless(model):
-    grid = preview(model, "a red monster", guidance=3, steps=2, scheduler="unipc", seed=5, n=3, cell=32)
-    assert grid.size == (96, 32)
-    panel = make_panel(model, prompt="a red monster", steps=2, n=2)
-    widgets = _walk(panel)
-    (button,) = [w for w in widgets if type(w).__name__ == "Button"]
-    (image,) = [w for w in widgets if type(w).__name__ == "Image"]
-    assert not image.value
-    button.click()
-    shown = Image.open(io.BytesIO(image.value))
-    assert shown.format == "PNG" and shown.size == (256, 128)
-
-
-def _walk(widget):
-    out = [widget]
-    for child in getattr(widget, "children", ()):
-        out += _walk(child)
-    return out
 
 
 def test_grids_are_figures_with_one_panel_per_setting(model):

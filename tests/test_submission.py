@@ -12,7 +12,9 @@ from helpers.autoencoder import load_autoencoder
 from helpers.config import profile_config
 from helpers.data import Prompt, load_prompts
 from helpers.model import TextToImage, noise_scheduler
-from helpers.submission import check_results, generate_test_set, pack_submission, validate_results
+from helpers.selection import Setting
+from helpers.submission import (check_manifest, check_results, generate_test_set, pack_submission, read_manifest,
+                                results_manifest, validate_results, write_test_set)
 from helpers.text import load_text_encoder
 from helpers.unet import build_unet
 
@@ -84,33 +86,75 @@ def test_hand_made_bad_prompts_are_refused_before_sampling(model, tmp_path, monk
         generate_test_set(model, bad, tmp_path / "results", **ARGS)
 
 
-def test_pack_submission_has_the_course_layout_and_refuses_to_overwrite(tmp_path):
+def make_packable_run(tmp_path):
     run = tmp_path / "run"
-    (run / "model" / "unet_ema").mkdir(parents=True)
-    (run / "model" / "unet_ema" / "config.json").write_text("{}")
+    (run / "snapshots" / "step-000004").mkdir(parents=True)
+    (run / "snapshots" / "step-000004" / "config.json").write_text("{}")
+    (run / "model" / "scheduler").mkdir(parents=True)
+    (run / "model" / "scheduler" / "scheduler_config.json").write_text("{}")
     (run / "results").mkdir()
     Image.new("RGB", (256, 256)).save(run / "results" / "0_main.png")
+    return run
+
+
+def test_pack_submission_has_the_course_layout_and_refuses_to_overwrite(tmp_path):
+    run = make_packable_run(tmp_path)
+    unet = run / "snapshots" / "step-000004"
     code = tmp_path / "helpers_copy"
     (code / "__pycache__").mkdir(parents=True)
     (code / "a.py").write_text("x = 1\n")
     (code / "__pycache__" / "a.cpython-311.pyc").write_bytes(b"junk")
-    zip_path = pack_submission(run, tmp_path / "submission.zip", code_dirs=(str(code),))
+    zip_path = pack_submission(run, tmp_path / "submission.zip", unet, code_dirs=(str(code),))
     with zipfile.ZipFile(zip_path) as zf:
-        assert sorted(zf.namelist()) == ["code/helpers_copy/a.py", "model/unet_ema/config.json", "results/0_main.png"]
+        assert sorted(zf.namelist()) == ["code/helpers_copy/a.py", "model/scheduler/scheduler_config.json",
+                                         "model/unet_ema/config.json", "results/0_main.png"]
     with pytest.raises(FileExistsError, match=r"submission.zip already exists.*overwrite_zip=True.*overwrite=True"):
-        pack_submission(run, zip_path, code_dirs=(str(code),))
-    assert pack_submission(run, zip_path, code_dirs=(str(code),), overwrite=True) == zip_path
+        pack_submission(run, zip_path, unet, code_dirs=(str(code),))
+    assert pack_submission(run, zip_path, unet, code_dirs=(str(code),), overwrite=True) == zip_path
     with pytest.raises(FileNotFoundError, match="results/ <- .*nothing"):
-        pack_submission(run, tmp_path / "other.zip", code_dirs=(str(code),), results_dir=tmp_path / "nothing")
+        pack_submission(run, tmp_path / "other.zip", unet, code_dirs=(str(code),), results_dir=tmp_path / "nothing")
 
 
 def test_pack_submission_default_code_dirs_are_the_project_helpers_and_notebooks(tmp_path):
-    run = tmp_path / "run"
-    (run / "model").mkdir(parents=True)
-    (run / "results").mkdir()
-    with zipfile.ZipFile(pack_submission(run, tmp_path / "s.zip")) as zf:
+    run = make_packable_run(tmp_path)
+    with zipfile.ZipFile(pack_submission(run, tmp_path / "s.zip", run / "snapshots" / "step-000004")) as zf:
         names = zf.namelist()
     assert "code/helpers/submission.py" in names and any(n.startswith("code/notebooks/") for n in names)
+
+
+SETTING = Setting("model", 3.0, 2, "ddim")
+
+
+def test_write_test_set_resumes_the_same_setting_and_regenerates_another(model, prompts, tmp_path, capsys):
+    out = tmp_path / "results"
+    kw = dict(seed=0, size=32, batch_size=2)
+    write_test_set(model, prompts, out, SETTING, "w1", **kw)
+    manifest = read_manifest(out)
+    assert manifest["complete"] and manifest["guidance"] == 3.0 and manifest["weights_sha256"] == "w1"
+    (out / "4_main.png").unlink()  # an interrupted run: the same setting resumes
+    assert write_test_set(model, prompts, out, SETTING, "w1", **kw)["written"] == 1
+    assert not (tmp_path / "results.previous").exists()
+    first = np.asarray(Image.open(out / "0_main.png")).astype(int)
+    other = Setting("model", 1.0, 2, "ddim")  # 05 chose another guidance: everything is regenerated
+    assert write_test_set(model, prompts, out, other, "w1", **kw)["written"] == 5
+    said = capsys.readouterr().out
+    assert "Regenerating the test set" in said and "guidance: 3.0 -> 1.0" in said and "Moved them to" in said
+    assert np.abs(np.asarray(Image.open(out / "0_main.png")).astype(int) - first).max() > 0
+    assert read_manifest(tmp_path / "results.previous")["guidance"] == 3.0  # the old set is kept, aside
+    write_test_set(model, prompts, out, other, "w2", **kw)  # more training: new weights, new images
+    assert read_manifest(out)["weights_sha256"] == "w2" and read_manifest(tmp_path / "results.previous")["weights_sha256"] == "w1"
+    check_manifest(out, results_manifest(other, "w2", prompts, seed=0, size=32))
+    with pytest.raises(ValueError, match="does not match the chosen setting: guidance: 1.0 -> 3.0"):
+        check_manifest(out, results_manifest(SETTING, "w2", prompts, seed=0, size=32))
+
+
+def test_results_without_a_manifest_are_never_mixed_with_new_ones(model, prompts, tmp_path, capsys):
+    out = tmp_path / "results"
+    out.mkdir()
+    Image.new("RGB", (32, 32), (9, 9, 9)).save(out / "0_main.png")  # images of unknown origin
+    write_test_set(model, prompts, out, SETTING, "w1", seed=0, size=32, batch_size=5)
+    assert "no manifest.json (images of unknown origin)" in capsys.readouterr().out
+    assert np.asarray(Image.open(out / "0_main.png")).std() > 0 and (tmp_path / "results.previous" / "0_main.png").exists()
 
 
 # ---------------------------------------------------------------- bad test.json: refused before any sampling

@@ -186,3 +186,16 @@ def test_notebook_03_trains_headless(tmp_path, course_dir):
     assert (cfg.run_dir / "loss_curve.png").exists() and (cfg.run_dir / "model" / "unet_ema").is_dir()
     assert read_log(cfg)["step"] == [1.0, 2.0]
     assert '"lr": 0.0005' in (cfg.run_dir / "config.json").read_text()
+
+
+def test_training_length_in_epochs_and_warmup_as_a_fraction(tmp_path, course_dir):
+    from helpers.train import train_rows
+
+    cfg = make_run(tmp_path, course_dir, max_steps=999, max_epochs=2, batch_size=8, warmup_fraction=0.5,
+                   checkpoint_every=100, snapshot_every=0)
+    n = len(train_rows(cfg, load_cache(cfg)))
+    result = train(cfg, progress=False)
+    steps = -(-2 * n // 8)  # two passes over the training images, the last step partial
+    assert result.last_step == steps < 999
+    lrs = read_log(cfg)["lr"]  # the lr each step trained with: warm-up over the first half, then decay
+    assert lrs.index(max(lrs)) == round(0.5 * steps) and lrs[0] == 0.0 and lrs[-1] < max(lrs)

@@ -1,0 +1,250 @@
+"""Who decides which setting is best: the course's scorer (hw6 and any real data) or the demo's probe.
+
+A judge scores a batch of generated images of fixed prompts and ranks the rows it produced:
+- `CourseJudge`: FID against reference statistics (the course's test_mu/test_sigma.npy, or ones computed the
+  same way from the validation split) and CLIP-T against the prompts, exactly as the course's program
+  (helpers.score). Rule: lowest FID; ties: higher CLIP-T. Without Inception: highest CLIP-T.
+- `ProbeJudge`: the demo's offline judge (helpers.probe): attribute accuracy on held-out attribute
+  combinations, and the probe Fréchet distance to real pictures of the same prompts. Rule: highest mean
+  accuracy over colour, shape and action; ties: lower Fréchet distance.
+Further ties go to less guidance, then fewer steps (cheaper, more diverse), then the earlier snapshot.
+`make_judge` picks the one a run can use and says why the other metrics are missing.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .config import RunConfig
+from .data import Prompt, load_prompts
+from .selection import prompt_subset
+
+
+def _tie_break(row: dict) -> tuple:
+    s = row["setting"]
+    return (s["guidance"], s["steps"], s["snapshot"])
+
+
+@dataclass
+class ProbeJudge:
+    probe: object  # helpers.probe.Probe
+    attributes: list[dict]  # what each prompt asks for
+    real: torch.Tensor  # real pictures of the same prompts (test_reference/), [N, 3, R, R] in [-1, 1]
+    key: str = "probe"
+    columns = ["accuracy.color", "accuracy.shape", "accuracy.eyes", "accuracy.extra", "accuracy.action",
+               "mean_accuracy", "frechet_distance"]
+    rule = ("highest mean probe accuracy over colour, shape and action; ties: lower probe Fréchet distance, "
+            "then less guidance, fewer steps, earlier snapshot")
+    plot_axes = (("frechet_distance", "probe Fréchet distance to real (lower = more realistic)"),
+                 ("mean_accuracy", "mean probe accuracy: colour, shape, action"))
+
+    def evaluate(self, images: torch.Tensor) -> dict:
+        from .probe import attribute_accuracy, mean_accuracy, probe_frechet_distance
+
+        accuracy = attribute_accuracy(self.probe, images, self.attributes)
+        return {"accuracy": accuracy, "mean_accuracy": mean_accuracy(accuracy),
+                "frechet_distance": probe_frechet_distance(self.probe, self.real, images)}
+
+    def rank(self, row: dict) -> tuple:
+        return (-row["mean_accuracy"], row["frechet_distance"], *_tie_break(row))
+
+
+@dataclass
+class CourseJudge:
+    prompts: list[str]
+    output_size: int  # images are scored as the PNGs that would be handed in
+    reference_stats: tuple | None  # (mu, sigma) of real images' Inception features, or None
+    inception: object | None
+    clip: object | None
+    key: str = "course"
+    skipped: dict = field(default_factory=dict)  # metric -> why it cannot be computed here
+
+    @property
+    def columns(self) -> list[str]:
+        return [m for m in ("fid", "clip_t") if m not in self.skipped]
+
+    @property
+    def rule(self) -> str:
+        if "fid" not in self.skipped:
+            return "lowest FID (course scorer); ties: higher CLIP-T, then less guidance, fewer steps, earlier snapshot"
+        return "highest CLIP-T (FID unavailable here); ties: less guidance, fewer steps, earlier snapshot"
+
+    @property
+    def plot_axes(self):
+        return (("fid", "FID, course scorer (lower = closer to real)"), ("clip_t", "CLIP-T (higher = follows the prompt)"))
+
+    def evaluate(self, images: torch.Tensor) -> dict:
+        from .sample import to_output_pils
+        from .score import score_images
+
+        scores = score_images(to_output_pils(images, self.output_size), self.prompts,
+                              reference_stats=self.reference_stats, inception=self.inception, clip=self.clip)
+        return {k: v for k, v in scores.items() if k in ("fid", "clip_t")}
+
+    def rank(self, row: dict) -> tuple:
+        if "fid" in row:
+            return (row["fid"], -row.get("clip_t", 0.0), *_tie_break(row))
+        return (-row["clip_t"], *_tie_break(row))
+
+
+@dataclass
+class JudgeSet:
+    """A judge with the prompts (a fixed subset of test.json) and seeds it judges, as the test set would get them."""
+
+    judge: object
+    prompts: list[Prompt]
+    seeds: list[int]  # cfg.seed + the prompt's index in test.json: the same image the test set would hold
+    note: str
+
+    @property
+    def texts(self) -> list[str]:
+        return [p.text for p in self.prompts]
+
+
+def make_judge(cfg: RunConfig, count: int, *, probe=None, inception=None, clip=None, reference_stats=None,
+               skipped: dict | None = None) -> JudgeSet | None:
+    """The judge for this run on `count` seeded test prompts (0 = all), or None if nothing can judge here."""
+    prompts = load_prompts(cfg.data_path / "test.json")
+    pick = prompt_subset(len(prompts), count, cfg.seed)
+    chosen, seeds = [prompts[i] for i in pick], [cfg.seed + i for i in pick]
+    note = (f"{len(pick)} of {len(prompts)} test prompts" + (f" (a fixed subset drawn with seed {cfg.seed})"
+                                                            if len(pick) < len(prompts) else ""))
+    if probe is not None:
+        from .demo_data import load_attributes
+        from .images import load_image_tensor
+
+        attributes = load_attributes(cfg.data_path)
+        real = torch.stack([load_image_tensor(cfg.data_path / "test_reference" / p.image_name, cfg.resolution,
+                                              crop=cfg.crop_to_content) for p in chosen])
+        judge = ProbeJudge(probe, [attributes[p.key] for p in chosen], real, key=f"probe:{Path(probe.path).name}")
+        return JudgeSet(judge, chosen, seeds, note)
+    skipped = dict(skipped or {})
+    if reference_stats is None or inception is None:
+        skipped.setdefault("fid", "no Inception network or no reference statistics")
+    if clip is None:
+        skipped.setdefault("clip_t", "no CLIP model")
+    if "fid" in skipped and "clip_t" in skipped:
+        return None
+    key = "course:" + ",".join(m for m in ("fid", "clip_t") if m not in skipped)
+    if reference_stats is not None:  # cells scored against other reference statistics are not reused
+        import hashlib
+
+        key += ":" + hashlib.sha256(reference_stats[0].tobytes()).hexdigest()[:12]
+    judge = CourseJudge([p.text for p in chosen], cfg.output_size, reference_stats, inception, clip, key, skipped)
+    return JudgeSet(judge, chosen, seeds, note)
+
+
+def judge_for_run(cfg: RunConfig, count: int, *, probe_steps: int = 400, reference_stats_dir=None,
+                  inception_weights=None, clip_weights=None, device=None) -> tuple[JudgeSet | None, dict]:
+    """The judge this run can have here, and {metric: why it is skipped}. Demo data (attributes.json): the
+    probe, trained on real training images only. Otherwise the course scorer with whatever weights load."""
+    if (cfg.data_path / "attributes.json").exists():
+        from .probe import train_probe
+
+        probe = train_probe(cfg.data_path, resolution=cfg.resolution, cache_dir=cfg.cache_dir, steps=probe_steps,
+                            seed=cfg.seed, crop_to_content=cfg.crop_to_content)
+        fmt = lambda acc: ", ".join(f"{k} {v:.3f}" for k, v in acc.items())  # noqa: E731
+        print(f"probe accuracy on held-out real monsters: {fmt(probe.heldout_accuracy)}\n"
+              f"probe accuracy on test_reference (real pictures of the test prompts): {fmt(probe.reference_accuracy)}")
+        return make_judge(cfg, count, probe=probe), {}
+    from . import score
+
+    skipped, inception, clip, stats = {}, None, None, None
+    try:
+        inception = score.load_inception(inception_weights, device)
+    except score.ScorerUnavailable as e:
+        skipped["fid"] = str(e)
+    try:
+        clip = score.load_clip_scorer(clip_weights or cfg.clip_model, device)
+    except score.ScorerUnavailable as e:
+        skipped["clip_t"] = skipped["clip_i"] = str(e)
+    if inception is not None:
+        stats, why = reference_stats(cfg, inception, reference_stats_dir)
+        if stats is None:
+            skipped["fid"] = why
+    return make_judge(cfg, count, inception=inception, clip=clip, reference_stats=stats, skipped=skipped), skipped
+
+
+def reference_stats(cfg: RunConfig, inception, stats_dir=None) -> tuple[tuple | None, str]:
+    """(mu, sigma) to compute FID against: the course's test_mu/test_sigma.npy in `stats_dir` (default
+    <data_dir>/score), else the same statistics of the validation split's real images (computed once)."""
+    from . import score
+
+    stats_dir = Path(stats_dir) if stats_dir else cfg.data_path / "score"
+    if (stats_dir / "test_mu.npy").exists():
+        print(f"FID reference: the course's statistics in {stats_dir}")
+        return score.load_reference_stats(stats_dir), ""
+    from .metrics import validation_set
+
+    try:
+        real_paths = validation_set(cfg).paths
+    except (FileNotFoundError, ValueError) as e:
+        return None, f"no {stats_dir / 'test_mu.npy'} and no validation images to compute a reference from ({e})"
+    print(f"FID reference: no {stats_dir / 'test_mu.npy'}; using the validation split's {len(real_paths)} real "
+          f"images instead (put the course's test_mu.npy / test_sigma.npy there for leaderboard-comparable FID)")
+    return score.reference_stats_from_paths(real_paths, cfg.run_dir / "selection" / "val_stats", inception,
+                                            size=cfg.output_size), ""
+
+
+def same_judge(cfg: RunConfig, judge, count: int) -> JudgeSet:
+    """The same judge (same probe or networks and reference) on `count` test prompts (0 = all of them)."""
+    if isinstance(judge, ProbeJudge):
+        return make_judge(cfg, count, probe=judge.probe)
+    return make_judge(cfg, count, inception=judge.inception, clip=judge.clip, reference_stats=judge.reference_stats,
+                      skipped=judge.skipped)
+
+
+def validation_scores(cfg: RunConfig, model, setting, judge, *, batch_size: int) -> dict:
+    """CLIP-I, CLIP-T (and FID against the validation images) of the chosen setting on the held-out validation
+    monsters: the only place CLIP-I can be measured locally (it needs the real image of each prompt)."""
+    if isinstance(judge, ProbeJudge) or judge.clip is None:
+        return {"skipped": {"clip_i": "no CLIP model" if not isinstance(judge, ProbeJudge) else
+                            "demo data: the probe judges instead (see selection and chosen)"}}
+    from .images import crop_to_content, load_rgb, square_resize
+    from .metrics import validation_set
+    from .sample import sample_images, to_output_pils
+    from .score import score_images
+
+    val = validation_set(cfg)
+    images = sample_images(model, val.prompts, val.seeds, guidance=setting.guidance, steps=setting.steps,
+                           scheduler=setting.scheduler, batch_size=batch_size,
+                           guidance_interval=setting.guidance_interval or None, progress=True)
+    real = [square_resize(crop_to_content(load_rgb(p)) if cfg.crop_to_content else load_rgb(p), cfg.output_size)
+            for p in val.paths]
+    return {**score_images(to_output_pils(images, cfg.output_size), val.prompts, real_images=real,
+                           reference_stats=judge.reference_stats, inception=judge.inception, clip=judge.clip),
+            "images": len(val)}
+
+
+def probe_verdict_grid(judged: JudgeSet, images: torch.Tensor, n: int = 8):
+    """matplotlib Figure: real pictures (top) over generated ones (bottom) for n spread prompts, with the
+    probe's reading of each generated image under it (✓ where it matches the prompt)."""
+    import matplotlib.pyplot as plt
+
+    from .images import image_grid, tensor_to_pil
+    from .probe import CLASSES, GATED
+
+    judge = judged.judge
+    n = min(n, len(images))
+    pick = [round(i * (len(images) - 1) / max(n - 1, 1)) for i in range(n)]
+    fake = torch.nn.functional.interpolate(images[pick], size=judge.real.shape[-2:], mode="bilinear", antialias=True)
+    read = judge.probe.predict(fake)
+    grid = image_grid([tensor_to_pil(x) for x in judge.real[pick]] + [tensor_to_pil(x) for x in fake], cols=n, cell=96)
+    fig, ax = plt.subplots(figsize=(1.5 * n, 3.6))
+    ax.imshow(grid, interpolation="nearest")
+    labels = []
+    for j, i in enumerate(pick):
+        lines = []
+        for a in GATED:
+            said = CLASSES[a][read[a][j]]
+            lines.append(f"{a}: {said} " + ("✓" if said == judge.attributes[i][a] else "✗"))
+        labels.append("\n".join(lines))
+    ax.set_xticks([96 * i + 48 for i in range(n)], labels, fontsize=7)
+    ax.set_yticks([48, 144], ["real", "generated"])
+    ax.set_title("real (top) vs generated (bottom), with the probe's reading")
+    fig.tight_layout()
+    for i in pick:
+        print(f"{judged.prompts[i].key}: {judged.prompts[i].text!r}")
+    return fig
