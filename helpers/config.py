@@ -203,6 +203,16 @@ def _sigma_interval(v):
         return "must be [] or [sigma_lo, sigma_hi] with 0 <= sigma_lo < sigma_hi"
 
 
+def _interval_list(v):
+    if not v or not all(isinstance(i, list) and not _sigma_interval(i) for i in v):
+        return "must be a non-empty list of [] or [sigma_lo, sigma_hi] items with 0 <= sigma_lo < sigma_hi"
+
+
+def _step_list(v):
+    if not v or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in v):
+        return "must be a non-empty list of step counts >= 1"
+
+
 def _unet_presets():
     from .unet import PRESETS  # imported here: helpers.unet imports torch
 
@@ -225,6 +235,8 @@ FIELD_CHECKS = {
     "val_fraction": _fraction(),
     "caption_dropout": _fraction(),
     "max_images": _at_least(0),
+    "max_epochs": _at_least(0),  # 0 = train max_steps
+    "warmup_fraction": _fraction(),
     "text_encoder": _not_empty,
     "max_tokens": _at_least(1),
     "autoencoder": _not_empty,
@@ -260,6 +272,10 @@ FIELD_CHECKS = {
     "guidance_sweep": _guidance_list,
     "clip_model": _not_empty,
     "eval_max_images": _at_least(0),
+    "sweep_steps": _step_list,
+    "sweep_intervals": _interval_list,
+    "sweep_prompts": _at_least(0),
+    "sweep_snapshots": _at_least(0),
 }
 
 

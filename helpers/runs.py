@@ -50,21 +50,6 @@ def run_pipeline(run_name: str, profile: str, outputs_dir: str = "outputs", para
     return cfg.run_dir
 
 
-def kernel_config():
-    """Jupyter config that starts kernels with CurveZMQ-encrypted sockets where pyzmq and jupyter_client can.
-
-    ipykernel >= 7 warns "Kernel is running over TCP without encryption" at every start unless the kernel
-    manager provisions Curve keys, which jupyter_client does only when asked (its default is "disabled").
-    """
-    import zmq
-    from jupyter_client import KernelManager
-    from traitlets.config import Config
-
-    if zmq.has("curve") and KernelManager.class_traits().get("transport_encryption") is not None:
-        return Config({"KernelManager": {"transport_encryption": "auto"}})
-    return Config()
-
-
 RESERVED = {"run_name": "--run-name", "outputs_dir": "--outputs-dir", "profile": "--profile"}
 
 
@@ -100,6 +85,21 @@ def route_parameters(parameters: dict, notebooks: list[str]) -> tuple[dict[str, 
     per_notebook = {n: {k: v for k, v in parameters.items() if k in declared[n]} for n in notebooks}
     config_only = {k: v for k, v in parameters.items() if k in fields and not any(k in d for d in declared.values())}
     return per_notebook, config_only
+
+
+def kernel_config():
+    """Jupyter config that starts kernels with CurveZMQ-encrypted sockets where pyzmq and jupyter_client can.
+
+    ipykernel >= 7 warns "Kernel is running over TCP without encryption" at every start unless the kernel
+    manager provisions Curve keys, which jupyter_client does only when asked (its default is "disabled").
+    """
+    import zmq
+    from jupyter_client import KernelManager
+    from traitlets.config import Config
+
+    if zmq.has("curve") and KernelManager.class_traits().get("transport_encryption") is not None:
+        return Config({"KernelManager": {"transport_encryption": "auto"}})
+    return Config()
 
 
 def parse_parameter(text: str) -> tuple[str, object]:

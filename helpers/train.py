@@ -185,6 +185,7 @@ def train(cfg: RunConfig, *, resume: bool = True, progress: bool = True, max_ste
 
 def _train(cfg: RunConfig, accelerator, resume: bool, progress: bool, stop_at: int | None) -> TrainResult:
     device, main = accelerator.device, accelerator.is_main_process
+    given_config = cfg.to_json()  # stored in checkpoints as the user set it (before max_epochs -> max_steps)
     found = latest_checkpoint(cfg.run_dir / "checkpoints") if resume else None
     if found:  # before anything is written: a refused resume leaves the run as it was
         check_resume(found[0], checkpoint_config(found[0]), cfg, verbose=main)
@@ -265,7 +266,7 @@ def _train(cfg: RunConfig, accelerator, resume: bool, progress: bool, stop_at: i
                 state = training_state(done, position, optimizer, lr_schedule, accelerator)
                 result.checkpoint = str(save_checkpoint(cfg.run_dir / "checkpoints", done, unet.state_dict(),
                                                         ema.state_dict(), state, cfg.keep_checkpoints,
-                                                        config=cfg.to_json()))
+                                                        config=given_config))
         if snapshot and main:
             result.snapshots.append(str(save_snapshot(cfg, ema_copy(unet, ema), done)))
         if preview:

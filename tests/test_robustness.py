@@ -221,6 +221,9 @@ def test_case5_a_copied_run_is_used_where_it_is(tmp_path, capsys):
     ("ema_halflife_images", 0, "ema_halflife_images=0.0 must be greater than 0.0"),
     ("beta_schedule", "cosine", "beta_schedule='cosine' is not one of"),
     ("run_name", "../elsewhere", "run_name='../elsewhere' must be a plain folder name"),
+    ("max_epochs", -1, "max_epochs=-1 must be at least 0"),
+    ("sweep_steps", [0], "sweep_steps=\\[0\\] must be a non-empty list of step counts"),
+    ("sweep_intervals", [[2.0, 1.0]], "sweep_intervals=.* must be a non-empty list of \\[\\] or"),
 ])
 def test_case6_every_value_is_checked_where_it_enters(field, value, message):
     with pytest.raises(ValueError, match=message):
