@@ -27,8 +27,8 @@ from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from .config import RunConfig
-from .data import ImageRecord, read_json, split_by_group
-from .files import atomic_save_tensors, atomic_write_text
+from .data import ImageRecord, split_by_group
+from .files import atomic_save_tensors, atomic_write_text, read_json
 from .images import BadImageError, load_image_tensor
 
 CACHE_VERSION = 1  # bump when the layout or the encoding changes
@@ -196,7 +196,7 @@ def _is_complete(out: Path) -> bool:
     if not index.exists():
         return False
     try:
-        shards = json.loads(index.read_text(encoding="utf-8"))["shards"]
+        shards = read_json(index)["shards"]
     except (ValueError, KeyError):
         return False
     return (out / "captions.safetensors").exists() and all((out / s["file"]).exists() for s in shards)

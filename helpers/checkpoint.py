@@ -20,6 +20,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from .files import read_json
+
 FILES = ("unet.safetensors", "unet_ema.safetensors", "state.pt")
 _NAME = re.compile(r"step-(\d{6,})")
 
@@ -115,9 +117,9 @@ def checkpoint_config(path: str | Path) -> dict | None:
     if not file.exists():
         return None
     try:
-        values = json.loads(file.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ValueError(f"{file}: damaged checkpoint config ({e})") from None
+        values = read_json(file)
+    except ValueError as e:
+        raise ValueError(f"damaged checkpoint config: {e}") from None
     if not isinstance(values, dict):
         raise ValueError(f"{file}: damaged checkpoint config (expected an object)")
     return values

@@ -13,7 +13,7 @@ import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from .files import atomic_write_text
+from .files import atomic_write_text, read_json
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
@@ -382,12 +382,9 @@ def load_config(path: str | Path) -> RunConfig:
     path = Path(path)
     if path.is_dir():
         path = path / "config.json"
-    try:
-        values = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise FileNotFoundError(f"No run config at {path}: run notebooks/01_data.ipynb for this run first") from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: malformed JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
+    if not path.exists():
+        raise FileNotFoundError(f"No run config at {path}: run notebooks/01_data.ipynb for this run first")
+    values = read_json(path)
     check_fields(values)
     return _where_it_is(RunConfig(**values).validate(), path.parent)
 

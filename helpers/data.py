@@ -13,7 +13,7 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .files import atomic_write_text
+from .files import atomic_write_json, atomic_write_text, read_json
 
 
 @dataclass(frozen=True)
@@ -50,24 +50,7 @@ class DataReport:
         return "\n".join(lines) if lines else "no problems"
 
     def write(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({"counts": self.counts, "problems": dict(self.problems)},
-                                   indent=2, ensure_ascii=False), encoding="utf-8")
-        return path
-
-
-def read_json(path: str | Path):
-    """json.load with messages that name the file (and the line and column of a syntax error)."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: file not found")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: malformed JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+        return atomic_write_json(path, {"counts": self.counts, "problems": dict(self.problems)})
 
 
 # ---------------------------------------------------------------- the course format

@@ -11,7 +11,6 @@ test prompt. Only numpy and PIL: no torch.
 """
 from __future__ import annotations
 
-import json
 import math
 import shutil
 import time
@@ -21,6 +20,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
+
+from .data import compose_caption
+from .files import atomic_save_image, atomic_write_json, read_json
 
 COLORS = ("red", "orange", "yellow", "green", "cyan", "blue", "purple", "brown")
 SHAPES = ("round", "square", "triangle", "diamond")
@@ -69,12 +71,6 @@ def describe(color: str, shape: str, eyes: int, extra: str) -> list[str]:
     return [f"{_a(color).capitalize()} {color} {s} monster with {e}.",
             f"{s.capitalize()} {color} creature with {e}.",
             f"A monster with {_a(color)} {color}, {s} body and {e}."]
-
-
-def compose(description: str, action: str) -> str:
-    """The course's caption: description, then the action phrase when there is one."""
-    phrase = ACTIONS[action]
-    return f"{description} {phrase}" if phrase else description
 
 
 # ---------------------------------------------------------------- which monsters exist
@@ -299,11 +295,6 @@ def render_monster(monster, action: str = "main", *, resolution: int = 16, frame
 # ---------------------------------------------------------------- the dataset on disk
 
 
-def _write_json(path: Path, obj) -> None:
-    with open(path, "w", encoding="utf-8", newline="\n") as f:
-        f.write(json.dumps(obj, indent=4, ensure_ascii=False) + "\n")
-
-
 def _reuse_or_clear(out: Path, meta: dict, overwrite: bool) -> bool:
     """True if `out` already holds this exact dataset. Clears an older one of ours only when allowed;
     never deletes a dataset that this module did not write."""
@@ -314,7 +305,7 @@ def _reuse_or_clear(out: Path, meta: dict, overwrite: bool) -> bool:
             raise FileExistsError(f"{out} holds {', '.join(foreign)} but no demo_meta.json: not a demo dataset, "
                                   f"so it is left alone. Pick another folder or remove it yourself.")
         return False
-    old = json.loads(meta_path.read_text(encoding="utf-8"))
+    old = read_json(meta_path)
     same = {k: old.get(k) for k in ("version", "args")} == {k: meta[k] for k in ("version", "args")}
     if same and old.get("complete"):
         return True
@@ -349,7 +340,7 @@ def _test_entries(m: Monster) -> tuple[dict, dict]:
     for i, (action, phrase) in enumerate(ACTIONS.items()):
         key, desc = f"{m.id}_{KEY_SUFFIX[action]}", descriptions[(m.id + i) % 3]
         entries[key] = {"image_name": f"{key}.png", "given_description": desc,
-                        "action_description": phrase, "text_prompt": compose(desc, action)}
+                        "action_description": phrase, "text_prompt": compose_caption(desc, phrase)}
         attrs[key] = m.attributes(action)
     return entries, attrs
 
@@ -359,7 +350,7 @@ def _render_monster_files(m: Monster, folder: Path, frames: int, resolution: int
         key = f"{m.id}_{KEY_SUFFIX[action]}"
         for f in range(1 if test else frames):
             im = render_monster(m, action, resolution=resolution, frame=f, num_frames=frames, seed=seed)
-            im.save(folder / (f"{key}.png" if test else f"{key}_{f}.png"))
+            atomic_save_image(im, folder / (f"{key}.png" if test else f"{key}_{f}.png"))
     return len(ACTIONS) * (1 if test else frames)
 
 
@@ -387,7 +378,7 @@ def make_demo_dataset(out_dir, *, num_monsters: int = 300, resolution: int = 16,
         return out
 
     start = time.perf_counter()
-    _write_json(out / "demo_meta.json", meta)  # first, so an interrupted run is known to be ours
+    atomic_write_json(out / "demo_meta.json", meta)  # first, so an interrupted run is known to be ours
     (out / "train").mkdir()
     (out / "test_reference").mkdir()
     train, test = plan_monsters(num_monsters, num_test_monsters, seed)
@@ -400,10 +391,10 @@ def make_demo_dataset(out_dir, *, num_monsters: int = 300, resolution: int = 16,
         folder = out / ("test_reference" if is_test else "train")
         rendered = _render_monster_files(m, folder, frames_per_action, resolution, seed, is_test)
         images += 0 if is_test else rendered
-    _write_json(out / "train_info.json", info)
-    _write_json(out / "test.json", tests)
-    _write_json(out / "attributes.json", attrs)
-    _write_json(out / "demo_meta.json", {**meta, "complete": True})
+    atomic_write_json(out / "train_info.json", info)
+    atomic_write_json(out / "test.json", tests)
+    atomic_write_json(out / "attributes.json", attrs)
+    atomic_write_json(out / "demo_meta.json", {**meta, "complete": True})
     print(f"Demo dataset in {out}: {num_monsters} monsters, {images} images at {resolution}x{resolution}, "
           f"{len(tests)} test prompts ({num_test_monsters} held-out monsters), {time.perf_counter() - start:.1f} s")
     return out
@@ -414,7 +405,7 @@ def load_attributes(data_dir) -> dict:
     path = Path(data_dir) / "attributes.json"
     if not path.exists():
         raise FileNotFoundError(f"{path}: not found; attributes exist only for demo datasets (make_demo_dataset)")
-    return json.loads(path.read_text(encoding="utf-8"))
+    return read_json(path)
 
 
 def ensure_dataset(cfg, **demo_args) -> Path:

@@ -23,7 +23,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .data import key_of_image, load_prompts, load_records
-from .files import atomic_write_text
+from .files import atomic_write_json, read_json
 from .hub import WeightsUnavailableError, load_pretrained
 from .images import load_image_tensor
 
@@ -308,14 +308,8 @@ def _merge(old: dict, new: dict) -> dict:
 def write_metrics(run_dir, metrics: dict) -> Path:
     """Merge `metrics` into `<run_dir>/metrics.json` (nested dicts merge, other values replace); atomic."""
     path = Path(run_dir) / "metrics.json"
-    old = {}
-    if path.exists():
-        try:
-            old = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: malformed JSON at line {e.lineno}, column {e.colno}: {e.msg}; "
-                             f"fix or delete it") from None
-    return atomic_write_text(path, json.dumps(json_safe(_merge(old, metrics)), indent=2, ensure_ascii=False))
+    old = read_json(path) if path.exists() else {}
+    return atomic_write_json(path, json_safe(_merge(old, metrics)), indent=2)
 
 
 def reference_evaluator(eval_set: EvalSet, clip=None, model_id: str = "openai/clip-vit-base-patch32"):

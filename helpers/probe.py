@@ -21,12 +21,13 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 from tqdm.auto import tqdm
 
 from .data import ImageRecord, load_course_data, split_by_group
 from .demo_data import ACTIONS, COLORS, EXTRAS, EYES, SHAPES, load_attributes
+from .files import atomic_save_tensors, atomic_write_json, read_json
 from .images import load_image_tensor
 
 PROBE_VERSION = 1  # bump when the architecture, training or augmentation changes
@@ -258,7 +259,7 @@ def train_probe(data_dir, *, resolution: int, cache_dir, steps: int = 400, batch
         settings["crop_to_content"] = True
     out = cache_dir / f"probe-{dataset_hash(data_dir, resolution, settings)}"
     if (out / "probe.safetensors").exists() and (out / "probe.json").exists():
-        meta = json.loads((out / "probe.json").read_text(encoding="utf-8"))
+        meta = read_json(out / "probe.json")
         net = ProbeNet(resolution, width)
         net.load_state_dict(load_file(out / "probe.safetensors"))
         print(f"Reusing the probe in {out} (same dataset files, resolution and settings)")
@@ -276,12 +277,11 @@ def train_probe(data_dir, *, resolution: int, cache_dir, steps: int = 400, batch
     probe.heldout_accuracy = accuracy(probe, images[held_idx], {k: v[held_idx] for k, v in labels.items()})
     probe.reference_accuracy = accuracy(probe, *_reference_set(data_dir, attrs, resolution, crop_to_content))
 
-    out.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, out / "probe.safetensors")
+    atomic_save_tensors({k: v.contiguous() for k, v in net.state_dict().items()}, out / "probe.safetensors")
     meta = dict(settings, resolution=resolution, version=PROBE_VERSION, train_images=len(train_idx),
                 heldout_images=len(held_idx), heldout_accuracy=probe.heldout_accuracy,
                 reference_accuracy=probe.reference_accuracy)
-    (out / "probe.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")  # last: marks it complete
+    atomic_write_json(out / "probe.json", meta, indent=2)  # last: marks it complete
     probe.path = out
     return probe
 

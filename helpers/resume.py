@@ -57,8 +57,8 @@ def check_resume(checkpoint, saved: dict | None, cfg, verbose: bool = True) -> d
         lines = [f"{k}: {old!r} -> {new!r} changes {SHAPE_FIELDS[k]}" for k, (old, new) in refused.items()]
         raise IncompatibleResumeError(
             f"Cannot resume {checkpoint} with a changed {', '.join(refused)}:\n  " + "\n  ".join(lines) +
-            f"\nSet it back, start a new run (another run_name), or train with resume=False "
-            f"(the old checkpoints are moved aside)")
+            "\nSet it back, start a new run (another run_name), or train with resume=False "
+            "(the old checkpoints are moved aside)")
     allowed = {k: v for k, v in changes.items() if k not in SHAPE_FIELDS}
     if allowed and verbose:
         shown = ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in allowed.items())

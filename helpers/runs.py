@@ -13,7 +13,6 @@ import ast
 import dataclasses
 import difflib
 import functools
-import sys
 import time
 from pathlib import Path
 

@@ -19,11 +19,10 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from tqdm.auto import tqdm
 
 from .config import RunConfig
-from .data import read_json
+from .files import read_json
 from .sample import sample_images
 
 FINAL = "model"  # the setting's snapshot name for <run>/model/unet_ema, the EMA U-Net at max_steps

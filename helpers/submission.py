@@ -25,9 +25,9 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
-from .config import PROJECT_ROOT
-from .data import Prompt, read_json
-from .files import atomic_write_text
+from .config import PROJECT_ROOT, resolve_path
+from .data import Prompt
+from .files import atomic_save_image, atomic_write, atomic_write_json, read_json
 from .sample import sample_images, to_output_pils
 
 
@@ -80,14 +80,12 @@ def write_test_set(model, prompts: list[Prompt], results_dir, setting, weights: 
         os.replace(results_dir, previous)
         print(f"Regenerating the test set: {results_dir} held {len(pngs)} images of another setting "
               f"({'; '.join(changed)}). Moved them to {previous} (replacing what was there).")
-    atomic_write_text(results_dir / MANIFEST, json.dumps({**want, "complete": False, "commit": project_commit()},
-                                                         indent=1, ensure_ascii=False))
+    atomic_write_json(results_dir / MANIFEST, {**want, "complete": False, "commit": project_commit()})
     print(f"Test set: {setting.label()}, seed {seed}, {size}px, {len(prompts)} prompts -> {results_dir}")
     stats = generate_test_set(model, prompts, results_dir, guidance=setting.guidance, steps=setting.steps,
                               scheduler=setting.scheduler, batch_size=batch_size, seed=seed, size=size,
                               guidance_interval=setting.guidance_interval or None)
-    atomic_write_text(results_dir / MANIFEST, json.dumps({**want, "complete": True, "commit": project_commit()},
-                                                         indent=1, ensure_ascii=False))
+    atomic_write_json(results_dir / MANIFEST, {**want, "complete": True, "commit": project_commit()})
     return stats
 
 
@@ -135,16 +133,10 @@ def generate_test_set(model, prompts: list[Prompt], out_dir, *, guidance: float,
             raise FloatingPointError(f"Sampling produced NaN/inf for {len(bad)} image(s), e.g. {bad[:3]}; nothing "
                                      "of this batch was written (a diverged checkpoint, or try use_ema/guidance)")
         for (_, p), im in zip(batch, to_output_pils(images, size)):
-            _save_png_atomically(im, out_dir / p.image_name)
+            atomic_save_image(im, out_dir / p.image_name)
     seconds = time.perf_counter() - start
     return dict(written=len(todo), skipped=skipped, seconds=round(seconds, 2),
                 images_per_s=round(len(todo) / seconds, 2) if todo and seconds > 0 else None)
-
-
-def _save_png_atomically(im: Image.Image, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    im.save(tmp, format="PNG")
-    os.replace(tmp, path)
 
 
 def validate_results(results_dir, prompts: list[Prompt], size: int = 256) -> list[str]:
@@ -205,26 +197,21 @@ def pack_submission(run_dir, out_zip, unet_dir, results_dir=None, expected_manif
                               "(from Python: pack_submission(..., overwrite=True))")
     sources = {"model/unet_ema": Path(unet_dir), "model/scheduler": run_dir / "model" / "scheduler",
                "results": results_dir}
-    sources.update({f"code/{Path(d).name}": _project_path(d) for d in code_dirs})
+    sources.update({f"code/{Path(d).name}": resolve_path(d) for d in code_dirs})
     missing = [f"{arc}/ <- {src}" for arc, src in sources.items() if not src.is_dir()]
     if missing:
         raise FileNotFoundError("Cannot pack the submission, folder(s) not found:\n  " + "\n  ".join(missing))
-    out_zip.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_zip.with_name(out_zip.name + ".tmp")
-    with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as zf:
+    return atomic_write(out_zip, lambda tmp: _write_zip(tmp, sources))
+
+
+def _write_zip(path: Path, sources: dict[str, Path]) -> None:
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
         for arc, src in sources.items():
             files = [f for f in sorted(src.rglob("*")) if f.is_file() and not _is_clutter(f)]
             for f in tqdm(files, desc=f"zip {arc}", disable=len(files) < 200):
                 # weights and PNGs are already compressed: storing them is as small and much faster
                 method = zipfile.ZIP_STORED if f.suffix in (".safetensors", ".png", ".bin") else zipfile.ZIP_DEFLATED
                 zf.write(f, f"{arc}/{f.relative_to(src).as_posix()}", compress_type=method)
-    os.replace(tmp, out_zip)
-    return out_zip
-
-
-def _project_path(d) -> Path:
-    d = Path(d)
-    return d if d.is_absolute() else PROJECT_ROOT / d
 
 
 def _is_clutter(f: Path) -> bool:

@@ -20,7 +20,6 @@ import contextlib
 import copy
 import csv
 import hashlib
-import json
 import shutil
 import time
 from dataclasses import dataclass
@@ -34,6 +33,7 @@ from .checkpoint import (CheckpointsDamagedError, checkpoint_config, checkpoint_
                          save_checkpoint)
 from .config import RunConfig, as_bool, load_config, resolve_path, save_config, total_steps, warmup_steps_for
 from .diffusion import EMA, diffusion_loss
+from .files import atomic_save_image, atomic_write_json
 from .model import noise_scheduler, save_model
 from .resume import IncompatibleResumeError, check_resume, retarget_optimizer
 from .runlock import RunLockedError, run_lock
@@ -422,9 +422,8 @@ class Previewer:
                           cell=max(64, cfg.resolution))
         out = cfg.run_dir / "previews" / f"{checkpoint_name(step)}.png"
         out.parent.mkdir(parents=True, exist_ok=True)
-        grid.save(out)
-        (out.parent / "prompts.json").write_text(json.dumps(self.prompts, ensure_ascii=False, indent=1),
-                                                 encoding="utf-8")
+        atomic_save_image(grid, out)
+        atomic_write_json(out.parent / "prompts.json", self.prompts)
         return out
 
 

@@ -5,7 +5,8 @@ import pytest
 from PIL import Image
 
 from helpers.data import (coco_to_manifest, compose_caption, count_long_captions, flickr_to_manifest,
-                          load_course_data, load_manifest, load_prompts, read_json, split_by_group)
+                          load_course_data, load_manifest, load_prompts, split_by_group)
+from helpers.files import read_json
 from helpers.images import BadImageError, load_image_tensor, load_rgb, square_resize
 from helpers.text import load_text_encoder
 

@@ -12,7 +12,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +20,8 @@ from PIL import Image
 
 from helpers.checkpoint import list_checkpoints
 from helpers.config import PROJECT_ROOT, load_config, open_run, profile_config
-from helpers.data import load_course_data, load_prompts, read_json
+from helpers.data import load_course_data, load_prompts
+from helpers.files import read_json
 from helpers.images import BadImageError, load_image_tensor, load_rgb
 from helpers.train import read_log, train
 from test_train import make_run

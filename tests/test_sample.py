@@ -1,5 +1,4 @@
 """The sampler, the pictures built on it, the diffusers export, and the SD baseline's offline behaviour."""
-import json
 
 import numpy as np
 import pytest

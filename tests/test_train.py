@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from helpers.cache import build_cache, load_cache, write_split
 from helpers.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
-from helpers.config import PROJECT_ROOT, open_run, profile_config
+from helpers.config import PROJECT_ROOT, open_run
 from helpers.data import load_records
 from helpers.train import DeviceCache, data_rows, read_log, step_generator, train
 
