@@ -1,105 +1,11 @@
-"""helpers.metrics: skips with reasons offline, the real CLIP path on a tiny random CLIP, the sweep, metrics.json."""
+"""helpers.metrics: the evaluation sets, the guidance sweep and metrics.json (the scores: tests/test_score.py)."""
 import json
-import math
-import time
 
 import pytest
 import torch
 
 from helpers.config import open_run
-from helpers.metrics import (best_guidance, clip_scores, demo_test_set, fid_kid_is, guidance_sweep, sweep_table,
-                             validation_set, write_metrics)
-
-
-def tiny_clip():
-    """A random 2-layer CLIP (vision 32 px) with MiniLM's offline tokenizer and a real CLIPProcessor."""
-    from transformers import AutoTokenizer, CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
-
-    from helpers.text import minilm_path
-
-    tok = AutoTokenizer.from_pretrained(minilm_path())
-    image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
-    small = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
-    config = CLIPConfig(text_config=dict(small, vocab_size=tok.vocab_size, max_position_embeddings=77,
-                                         pad_token_id=tok.pad_token_id, bos_token_id=tok.cls_token_id,
-                                         eos_token_id=tok.sep_token_id),
-                        vision_config=dict(small, image_size=32, patch_size=8), projection_dim=16)
-    torch.manual_seed(0)
-    return CLIPModel(config).eval(), CLIPProcessor(image_processor=image_processor, tokenizer=tok)
-
-
-def images(n, seed=0, size=16):
-    return torch.rand(n, 3, size, size, generator=torch.Generator().manual_seed(seed)) * 2 - 1
-
-
-# ---------------------------------------------------------------- offline: skipped with reasons, quickly
-
-
-def test_inception_metrics_are_skipped_with_what_to_install():
-    try:
-        import torch_fidelity  # noqa: F401
-        pytest.skip("torch-fidelity is installed here; the skip path is not reachable")
-    except ImportError:
-        pass
-    start = time.perf_counter()
-    out = fid_kid_is(images(4), images(4, 1))
-    assert time.perf_counter() - start < 2
-    assert set(out["skipped"]) == {"fid", "kid", "inception_score"}
-    assert all("torch-fidelity" in r and "pt_inception-2015-12-05" in r for r in out["skipped"].values())
-    assert "fid" not in out
-
-
-@pytest.mark.parametrize("offline_env", [{"HF_HUB_OFFLINE": "1"},
-                                         {"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9"}])
-def test_clip_metrics_with_the_real_model_id_are_skipped_offline(monkeypatch, tmp_path, offline_env):
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # an empty cache even where CLIP was downloaded
-    for k, v in offline_env.items():
-        monkeypatch.setenv(k, v)
-    start = time.perf_counter()
-    out = clip_scores(images(2), ["a red monster", "a blue monster"], images(2, 1), "openai/clip-vit-base-patch32")
-    assert time.perf_counter() - start < 10  # no 30 s of download retries
-    assert set(out["skipped"]) == {"clip_t", "clip_i"}
-    assert all("openai/clip-vit-base-patch32" in r and "huggingface-cli download" in r for r in out["skipped"].values())
-    assert "clip_t" not in out
-
-
-# ---------------------------------------------------------------- the real metric code paths, tiny weights
-
-
-def test_clip_scores_run_the_torchmetrics_path_on_a_tiny_clip():
-    clip = tiny_clip()
-    fake, real = images(6), images(6, 1)
-    prompts = [f"a monster number {i}." for i in range(6)]
-    out = clip_scores(fake, prompts, real, clip=clip, batch_size=4)  # two batches
-    assert out["skipped"] == {}
-    assert 0.0 <= out["clip_t"] <= 100.0 and math.isfinite(out["clip_t"])
-    assert -1.0 <= out["clip_i"] < 0.9999
-    same = clip_scores(fake, prompts, fake, clip=clip)  # every image against itself: cosine 1
-    assert same["clip_i"] == pytest.approx(1.0, abs=1e-4)
-    assert "clip_i" not in clip_scores(fake, prompts, clip=clip)  # no real images: CLIP-T only
-    with pytest.raises(ValueError, match="6 images, 5 prompts"):
-        clip_scores(fake, prompts[:5], clip=clip)
-
-
-def test_frechet_distance_via_torchmetrics_with_a_custom_tiny_feature_module():
-    from torchmetrics.image.fid import FrechetInceptionDistance
-
-    class MeanColour(torch.nn.Module):  # what the probe does, in miniature: no torch-fidelity involved
-        num_features = 3
-
-        def forward(self, x):
-            return x.mean((2, 3)).double()
-
-    real = images(64)
-    shifted = (images(64, 1) + 1.0).clamp(-1, 1)
-    fid = FrechetInceptionDistance(feature=MeanColour())
-    fid.update(real, real=True)
-    fid.update(real, real=False)
-    assert float(fid.compute()) == pytest.approx(0.0, abs=1e-6)
-    fid.reset()
-    fid.update(real, real=True)
-    fid.update(shifted, real=False)
-    assert float(fid.compute()) > 0.1
+from helpers.metrics import best_guidance, demo_test_set, guidance_sweep, sweep_table, validation_set, write_metrics
 
 
 # ---------------------------------------------------------------- guidance sweep and choosing the best
@@ -197,33 +103,3 @@ def test_demo_test_set_pairs_prompts_with_attributes_and_reference_images(tmp_pa
     assert all(a["color"] in p.lower() for a, p in zip(ts.attributes, ts.prompts))
     assert len(demo_test_set(cfg, max_images=5)) == 5
 
-
-# ---------------------------------------------------------------- the notebook, hw6 profile, hub unreachable
-
-
-@pytest.mark.slow
-def test_05_eval_on_hw6_offline_reports_every_skipped_metric(tmp_path, course_dir, monkeypatch):
-    import papermill
-
-    from helpers.cache import write_split
-    from helpers.config import PROJECT_ROOT
-    from helpers.data import load_course_data
-    from helpers.model import noise_scheduler, save_model
-    from helpers.unet import build_unet
-
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # nothing cached: as on a fresh offline machine
-    cfg = open_run("hw6-offline", "hw6", str(tmp_path), data_dir=str(course_dir), val_fraction=0.34)
-    write_split(cfg, load_course_data(course_dir)[0])
-    unet = build_unet("tiny", 4, 512, 32, seed=0)  # a stand-in trained U-Net; the CLIP text encoder is what's missing
-    save_model(cfg, unet, unet, noise_scheduler(cfg))
-    papermill.execute_notebook(PROJECT_ROOT / "notebooks" / "05_eval.ipynb", tmp_path / "05.ipynb",
-                               parameters=dict(run_name="hw6-offline", outputs_dir=str(tmp_path)),
-                               cwd=str(PROJECT_ROOT / "notebooks"), progress_bar=False)
-    metrics = json.loads((cfg.run_dir / "metrics.json").read_text())
-    skipped = metrics["validation"]["skipped"]
-    assert set(skipped) == {"fid", "kid", "inception_score", "clip_t", "clip_i"}
-    assert "torch-fidelity" in skipped["fid"] and "openai/clip-vit-base-patch32" in skipped["clip_t"]
-    assert "probe" not in metrics and "best_guidance" not in metrics
-    out = (tmp_path / "05.ipynb").read_text()
-    assert "clip_t: SKIPPED" in out and "the model could not be loaded" in out
