@@ -176,16 +176,31 @@ def reference_stats(cfg: RunConfig, inception, stats_dir=None) -> tuple[tuple | 
     if (stats_dir / "test_mu.npy").exists():
         print(f"FID reference: the course's statistics in {stats_dir}")
         return score.load_reference_stats(stats_dir), ""
-    from .metrics import validation_set
-
     try:
-        real_paths = validation_set(cfg).paths
+        real_dir = validation_images(cfg)
     except (FileNotFoundError, ValueError) as e:
         return None, f"no {stats_dir / 'test_mu.npy'} and no validation images to compute a reference from ({e})"
-    print(f"FID reference: no {stats_dir / 'test_mu.npy'}; using the validation split's {len(real_paths)} real "
-          f"images instead (put the course's test_mu.npy / test_sigma.npy there for leaderboard-comparable FID)")
-    return score.reference_stats_from_paths(real_paths, cfg.run_dir / "selection" / "val_stats", inception,
-                                            size=cfg.output_size), ""
+    print(f"FID reference: no {stats_dir / 'test_mu.npy'}, so the validation split's real images in {real_dir} "
+          f"(put the course's test_mu.npy / test_sigma.npy there for leaderboard-comparable FID)")
+    return score.reference_stats_from_folder(real_dir, cfg.run_dir / "selection" / "val_stats", inception), ""
+
+
+def validation_images(cfg: RunConfig) -> Path:
+    """<run>/selection/val_real/<key>.png: each validation key's real first frame as the course would see a real
+    image (on white, cropped if crop_to_content, output_size²), written once; usable as `--real` of helpers.score."""
+    from .files import atomic_save_image
+    from .images import crop_to_content, load_rgb, square_resize
+    from .metrics import validation_set
+
+    out = cfg.run_dir / "selection" / "val_real"
+    val = validation_set(cfg)
+    for key, path in zip(val.keys, val.paths):
+        target = out / f"{key}.png"
+        if not target.exists():
+            im = load_rgb(path)
+            atomic_save_image(square_resize(crop_to_content(im) if cfg.crop_to_content else im, cfg.output_size),
+                              target)
+    return out
 
 
 def same_judge(cfg: RunConfig, judge, count: int) -> JudgeSet:
@@ -202,17 +217,17 @@ def validation_scores(cfg: RunConfig, model, setting, judge, *, batch_size: int)
     if isinstance(judge, ProbeJudge) or judge.clip is None:
         return {"skipped": {"clip_i": "no CLIP model" if not isinstance(judge, ProbeJudge) else
                             "demo data: the probe judges instead (see selection and chosen)"}}
-    from .images import crop_to_content, load_rgb, square_resize
+    from PIL import Image
+
     from .metrics import validation_set
     from .sample import sample_images, to_output_pils
     from .score import score_images
 
-    val = validation_set(cfg)
+    val, real_dir = validation_set(cfg), validation_images(cfg)
     images = sample_images(model, val.prompts, val.seeds, guidance=setting.guidance, steps=setting.steps,
                            scheduler=setting.scheduler, batch_size=batch_size,
                            guidance_interval=setting.guidance_interval or None, progress=True)
-    real = [square_resize(crop_to_content(load_rgb(p)) if cfg.crop_to_content else load_rgb(p), cfg.output_size)
-            for p in val.paths]
+    real = [Image.open(real_dir / f"{key}.png").convert("RGB") for key in val.keys]
     return {**score_images(to_output_pils(images, cfg.output_size), val.prompts, real_images=real,
                            reference_stats=judge.reference_stats, inception=judge.inception, clip=judge.clip),
             "images": len(val)}
