@@ -48,3 +48,18 @@ def test_all_notebooks_run_headless_and_write_their_outputs(tmp_path, capfd):
     results = sorted(p.name for p in (run_dir / "results").glob("*.png"))
     assert results == sorted(e["image_name"] for e in prompts.values())
     assert Image.open(run_dir / "results" / results[0]).size == (config["output_size"],) * 2
+
+
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_papermill_reads_every_parameter_of_every_notebook(name):
+    """A comment papermill cannot parse (e.g. one with '=') silently drops that parameter from -p checks."""
+    import re
+
+    import papermill
+
+    from helpers.config import PROJECT_ROOT
+
+    path = PROJECT_ROOT / "notebooks" / f"{name}.ipynb"
+    cell = next(c for c in json.loads(path.read_text())["cells"] if "parameters" in c["metadata"].get("tags", []))
+    assigned = re.findall(r"^(\w+)\s*=", "".join(cell["source"]), flags=re.M)
+    assert list(papermill.inspect_notebook(str(path))) == assigned
