@@ -14,7 +14,7 @@ from PIL import Image
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach for the hub
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-SHARED_FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "hw6"
+COURSE_EXCERPTS = Path(__file__).resolve().parent / "fixtures" / "hw6"  # real excerpts of the course json
 
 
 def sprite(path: Path, seed: int, size: int = 16, mode: str = "RGBA") -> Path:
@@ -59,13 +59,11 @@ def course_dir(tmp_path) -> Path:
 @pytest.fixture
 def hw6_excerpt(tmp_path) -> Path:
     """The real course json excerpts with stand-in images under the real file names."""
-    if not SHARED_FIXTURES.exists():
-        pytest.skip(f"course excerpts not found at {SHARED_FIXTURES} (they live in ../shared beside the checkout)")
     root = tmp_path / "hw6"
     root.mkdir()
-    (root / "train_info.json").write_bytes((SHARED_FIXTURES / "train_info.excerpt.json").read_bytes())
-    (root / "test.json").write_bytes((SHARED_FIXTURES / "test.excerpt.json").read_bytes())
-    for i, name in enumerate((SHARED_FIXTURES / "train_files.txt").read_text().split()):
+    (root / "train_info.json").write_bytes((COURSE_EXCERPTS / "train_info.excerpt.json").read_bytes())
+    (root / "test.json").write_bytes((COURSE_EXCERPTS / "test.excerpt.json").read_bytes())
+    for i, name in enumerate((COURSE_EXCERPTS / "train_files.txt").read_text().split()):
         sprite(root / "train" / name, seed=i, size=24)
     return root
 
