@@ -25,8 +25,11 @@ demo: env
 test: env
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
+# Rooted at the project so the executed copies in outputs/runs/<run>/notebooks/ open too; starts in notebooks/.
+# Kernels get CurveZMQ keys: ipykernel warns "running over TCP without encryption" otherwise.
 lab: env
-	$(BIN)/jupyter lab --ServerApp.root_dir=. --LabApp.default_url=/lab/tree/notebooks
+	$(BIN)/jupyter lab --ServerApp.root_dir=. --LabApp.default_url=/lab/tree/notebooks \
+	  --KernelManager.transport_encryption=auto
 
 clean-demo:
 	rm -rf data/demo outputs/runs/$(RUN)

@@ -74,7 +74,8 @@ def make_panel(model, *, prompt: str = "", guidance: float | None = None, steps:
     status, error = w.Label(), w.HTML()
     details = w.Accordion(children=[w.HTML()], titles=("traceback",), selected_index=None,
                           layout=w.Layout(display="none"))
-    image = w.Image(format="png", layout=w.Layout(display="none"))  # no broken-image icon before the first grid
+    # hidden until the first grid (no broken-image icon), then at its own size rather than stretched to the panel
+    image = w.Image(format="png", layout=w.Layout(display="none", align_self="flex-start"))
 
     def show_error(message: str, trace: str = ""):
         first_line = message.splitlines()[0] + (" …" if "\n" in message else "") if message else ""
@@ -132,7 +133,8 @@ def _controls(model, *, prompt, guidance, steps, scheduler, seed, n) -> dict:
         scheduler=w.Dropdown(options=list(SCHEDULERS), value=start["scheduler"], description="scheduler"),
         # Text, not IntText: the browser holds numbers as doubles, which round seeds above 2**53
         seed=w.Text(value=str(start["seed"]), description="seed"),
-        everywhere=w.Checkbox(value=not cfg.guidance_interval, description="guide at every step", indent=False),
+        everywhere=w.Checkbox(value=not cfg.guidance_interval, description="guide at every step", indent=False,
+                              layout=w.Layout(width="auto")),
         sigma_lo=w.FloatText(value=lo, description="or from σ", layout=w.Layout(width="180px")),
         sigma_hi=w.FloatText(value=hi, description="to σ", layout=w.Layout(width="180px")),
     )

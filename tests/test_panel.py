@@ -1,8 +1,10 @@
 """The notebook's widget panel, clicked headless: validation, errors shown in the panel, progress, the image."""
+import dataclasses
 import html
 import io
 
 import pytest
+import torch
 from PIL import Image
 
 import helpers.panel
@@ -78,8 +80,6 @@ def test_an_error_while_sampling_shows_in_the_panel_with_its_traceback(model, mo
 
 
 def test_the_guidance_interval_control_reaches_the_sampler(model, monkeypatch):
-    import torch
-
     calls = []
 
     def fake(model, prompts, seeds, **kwargs):
@@ -98,6 +98,12 @@ def test_the_guidance_interval_control_reaches_the_sampler(model, monkeypatch):
     p["to σ"].value = 0.1
     p["Generate"].click()
     assert len(calls) == 2 and "guide from σ=0.5 to σ=0.1: needs 0 ≤ from < to" in html.unescape(p["HTML"].value)
+    # a run that guides on an interval starts the panel there
+    run_with_interval = dataclasses.replace(model, cfg=model.cfg.replace(guidance_interval=[0.2, 3.0]))
+    p = parts(make_panel(run_with_interval, prompt="a red monster", steps=2, n=2))
+    assert not p["guide at every step"].value and (p["or from σ"].value, p["to σ"].value) == (0.2, 3.0)
+    p["Generate"].click()
+    assert calls[-1]["guidance_interval"] == (0.2, 3.0)
 
 
 def test_starting_values_outside_the_sliders_are_refused_not_clamped(model):
