@@ -75,11 +75,13 @@ def write_test_set(model, prompts: list[Prompt], results_dir, setting, weights: 
     changed = manifest_differences(have, want)
     if pngs and changed:
         previous = results_dir.with_name(results_dir.name + ".previous")
-        if previous.exists():
+        replaced = previous.exists()
+        if replaced:
             shutil.rmtree(previous)
         os.replace(results_dir, previous)
         print(f"Regenerating the test set: {results_dir} held {len(pngs)} images of another setting "
-              f"({'; '.join(changed)}). Moved them to {previous} (replacing what was there).")
+              f"({'; '.join(changed)}). Moved them to {previous}" + (" (replacing the set kept there before)."
+                                                                     if replaced else "."))
     atomic_write_json(results_dir / MANIFEST, {**want, "complete": False, "commit": project_commit()})
     print(f"Test set: {setting.label()}, seed {seed}, {size}px, {len(prompts)} prompts -> {results_dir}")
     stats = generate_test_set(model, prompts, results_dir, guidance=setting.guidance, steps=setting.steps,
