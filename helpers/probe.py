@@ -327,13 +327,3 @@ def probe_frechet_distance(probe: Probe, real: torch.Tensor, fake: torch.Tensor)
     fid.update(real, real=True)
     fid.update(fake, real=False)
     return max(float(fid.compute()), 0.0)  # tiny negative values are round-off of an exact 0
-
-
-
-def probe_evaluator(probe: Probe, attributes: list[dict], real: torch.Tensor):
-    """evaluate(images) -> {"accuracy": {...}, "mean_accuracy", "frechet_distance"} for metrics.guidance_sweep."""
-    def evaluate(images: torch.Tensor) -> dict:
-        acc = attribute_accuracy(probe, images, attributes)
-        return {"accuracy": acc, "mean_accuracy": mean_accuracy(acc),
-                "frechet_distance": probe_frechet_distance(probe, real, images)}
-    return evaluate

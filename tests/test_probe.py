@@ -4,7 +4,8 @@ import torch
 
 from helpers.demo_data import make_demo_dataset
 from helpers.images import load_image_tensor
-from helpers.probe import (CLASSES, GATED, attribute_accuracy, label_indices, mean_accuracy, probe_evaluator,
+from helpers.judges import ProbeJudge
+from helpers.probe import (CLASSES, GATED, attribute_accuracy, label_indices, mean_accuracy,
                            probe_frechet_distance, train_probe)
 
 # Small enough to train in seconds on 2 CPU cores, large enough that every colour meets 3 shapes in training.
@@ -82,6 +83,6 @@ def test_probe_reads_images_at_another_resolution_and_feeds_the_sweep(demo):
     images, attrs = reference(data)
     big = torch.nn.functional.interpolate(images, scale_factor=2, mode="nearest")  # e.g. 32 px samples
     assert attribute_accuracy(probe, big, attrs)["color"] >= 0.9
-    row = probe_evaluator(probe, attrs, images)(images)
+    row = ProbeJudge(probe, attrs, images).evaluate(images)
     assert row["frechet_distance"] < 1e-3 and row["mean_accuracy"] == pytest.approx(mean_accuracy(row["accuracy"]))
     assert probe.features(images).shape == (len(images), probe.net.num_features)
