@@ -123,7 +123,7 @@ def generate_test_set(model, prompts: list[Prompt], out_dir, *, guidance: float,
     todo = [(i, p) for i, p in enumerate(prompts) if not (out_dir / p.image_name).exists()]
     skipped = len(prompts) - len(todo)
     if skipped:
-        print(f"Skipping {skipped} of {len(prompts)} images already in {out_dir} (delete them to regenerate)")
+        print(f"Skipping {skipped} of {len(prompts)} images already in {out_dir} (written earlier with the same setting)")
     start = time.perf_counter()
     for b in tqdm(range(0, len(todo), batch_size), desc="test set", unit="batch", disable=not todo):
         batch = todo[b:b + batch_size]
