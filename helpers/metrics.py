@@ -30,7 +30,6 @@ class EvalSet:
     prompts: list[str]
     seeds: list[int]
     real: torch.Tensor  # [N, 3, R, R] in [-1, 1]
-    attributes: list[dict] = field(default_factory=list)  # demo only: what each prompt asks for
     paths: list = field(default_factory=list)  # the real images' files
 
     def __len__(self) -> int:
