@@ -83,24 +83,32 @@ def weights_sha256(folder: Path) -> str:
     return h.hexdigest()[:16]
 
 
+def weights_id(cfg: RunConfig, snapshot: str) -> str:
+    """What identifies the weights a snapshot samples with: its hash, or the pretrained id for sd-baseline."""
+    if cfg.profile == "sd-baseline":  # one pretrained pipeline, no snapshots of ours
+        return f"pretrained:{cfg.sd_model}"
+    return weights_sha256(unet_folder(cfg, snapshot))
+
+
 def with_snapshot(model, cfg: RunConfig, snapshot: str):
     """`model` (a TextToImage) with the U-Net of `snapshot`; the frozen parts are shared, not reloaded."""
     from diffusers import UNet2DConditionModel
 
+    if cfg.profile == "sd-baseline":
+        return model
     unet = UNet2DConditionModel.from_pretrained(unet_folder(cfg, snapshot)).to(model.device)
     return dataclasses.replace(model, unet=unet.eval().requires_grad_(False))
 
 
 def load_for_setting(cfg: RunConfig, setting: Setting):
-    """(model that samples `setting`, its weights hash). The sd-baseline profile's model is the pretrained pipeline."""
+    """(model that samples `setting`, its weights id). The sd-baseline profile's model is the pretrained pipeline."""
     if cfg.profile == "sd-baseline":
         from .baseline import load_sd_baseline
 
-        return load_sd_baseline(cfg), f"pretrained:{cfg.sd_model}"
+        return load_sd_baseline(cfg), weights_id(cfg, setting.snapshot)
     from .model import load_model
 
-    folder = unet_folder(cfg, setting.snapshot)
-    return load_model(cfg, unet_dir=folder), weights_sha256(folder)
+    return load_model(cfg, unet_dir=unet_folder(cfg, setting.snapshot)), weights_id(cfg, setting.snapshot)
 
 
 # ---------------------------------------------------------------- which setting
@@ -142,7 +150,7 @@ def selection_sweep(model, cfg: RunConfig, judge, settings: list[Setting], promp
     context = {"prompts": hashlib.sha256(json.dumps([prompts, seeds]).encode()).hexdigest()[:16],
                "judge": judge.key}
     done = {_cell_key(r["setting"], r["weights"], r["context"]): r for r in _read_cells(cells)}
-    hashes = {s: weights_sha256(unet_folder(cfg, s)) for s in sorted({s.snapshot for s in settings})}
+    hashes = {s: weights_id(cfg, s) for s in sorted({s.snapshot for s in settings})}
     todo = [s for s in settings if _cell_key(s.to_dict(), hashes[s.snapshot], context) not in done]
     if len(todo) < len(settings):
         print(f"Reusing {len(settings) - len(todo)} of {len(settings)} sweep cells already in {cells}")

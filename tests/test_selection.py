@@ -151,3 +151,13 @@ def test_05_eval_offline_on_course_data_reports_every_skipped_metric(run, tmp_pa
     text = "".join("".join(o.get("text", "")) for c in json.loads(out.read_text())["cells"] for o in c.get("outputs", []))
     assert "fid: SKIPPED:" in text and "clip_t: SKIPPED:" in text and "no sweep" in text
     assert "Traceback" not in text
+
+
+def test_the_sd_baseline_is_one_pretrained_model_without_snapshots(tmp_path):
+    from helpers.config import profile_config
+    from helpers.selection import weights_id, with_snapshot
+
+    cfg = profile_config("sd-baseline", outputs_dir=str(tmp_path), sd_model="some/sd-model")
+    pipeline = object()
+    assert snapshot_names(cfg) == [] and with_snapshot(pipeline, cfg, FINAL) is pipeline
+    assert weights_id(cfg, FINAL) == "pretrained:some/sd-model"
