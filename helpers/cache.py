@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from .config import RunConfig
 from .data import ImageRecord, split_by_group
-from .files import atomic_save_tensors, atomic_write_text, read_json
+from .files import atomic_save_tensors, atomic_write_json, read_json
 from .images import BadImageError, load_image_tensor
 
 CACHE_VERSION = 1  # bump when the layout or the encoding changes
@@ -148,7 +148,7 @@ def build_cache(cfg: RunConfig, records: list[ImageRecord], *, device=None, batc
                  skipped=dict(count=len(skipped), files=skipped),
                  records=[dict(key=r.key, group=r.group, path=str(r.path), caption_ids=i)
                           for r, i in zip(records, ids)])
-    atomic_write_text(out / "index.json", json.dumps(index, ensure_ascii=False, indent=1))
+    atomic_write_json(out / "index.json", index)
     _write_pointer(cfg, out)
     return out
 
@@ -204,7 +204,7 @@ def _is_complete(out: Path) -> bool:
 
 def _write_pointer(cfg: RunConfig, out: Path) -> None:
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(cfg.run_dir / "cache.json", json.dumps({"cache_dir": str(out)}, indent=2))
+    atomic_write_json(cfg.run_dir / "cache.json", {"cache_dir": str(out)}, indent=2)
 
 
 # ---------------------------------------------------------------- reading
@@ -245,7 +245,7 @@ def write_split(cfg: RunConfig, records: list[ImageRecord]) -> dict:
     split = {"train": sorted({records[i].group for i in train_idx}),
              "val": sorted({records[i].group for i in val_idx})}
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(cfg.run_dir / "split.json", json.dumps(split, ensure_ascii=False, indent=1))
+    atomic_write_json(cfg.run_dir / "split.json", split)
     return split
 
 

@@ -18,7 +18,6 @@ OpenAI weights and open_clip's preprocessing reproduced here. Nothing is fatal f
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Callable, Iterable
@@ -32,7 +31,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .data import load_prompts, read_json
-from .files import atomic_write, atomic_write_text
+from .files import atomic_write, atomic_write_json
 from .hub import WeightsUnavailableError, load_pretrained
 from .images import BadImageError
 
@@ -249,7 +248,7 @@ def reference_stats_from_folder(real_dir, out_dir, model: nn.Module, **kw) -> tu
     mu, sigma = feature_statistics(inception_features(files, model, **kw))
     for name, array in zip(STATS_FILES, (mu, sigma)):
         _save_array(out_dir / name, array)
-    atomic_write_text(source_path, json.dumps(source, indent=1))
+    atomic_write_json(source_path, source)
     return mu, sigma
 
 
@@ -541,7 +540,7 @@ def main(argv=None) -> int:
     print(score_table(result))
     out = Path(args.out) if args.out else Path(args.results).resolve().parent / "score.json"
     replaced = out.exists()
-    atomic_write_text(out, json.dumps(result, indent=2, ensure_ascii=False))
+    atomic_write_json(out, result, indent=2)
     print(f"wrote {out}" + (" (replacing the previous one)" if replaced else ""))
     return 0
 
