@@ -25,6 +25,7 @@ from helpers.config import open_run  # noqa: E402
 # lever -> (config overrides for training, sampling overrides)
 LEVERS: dict[str, tuple[dict, dict]] = {
     "baseline": ({}, {}),
+    "hflip": ({"hflip": True}, {}),
     "dropout-0.05": ({"caption_dropout": 0.05}, {}),
     "min-snr-off": ({"min_snr_gamma": 0.0}, {}),
     "epsilon": ({"prediction_type": "epsilon"}, {}),

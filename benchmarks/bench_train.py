@@ -91,7 +91,7 @@ def our_step_fn(unet, cfg, batch: int, latent: int, tokens: int, hidden: int, de
         rows = torch.randint(0, n, (batch,), generator=step_generator(0, "rows", i))
         with torch.autocast(device.type, dtype=dtype, enabled=device.type == "cuda"):
             x0, context, eps, t = cache.batch(rows, step_generator(0, i, device=device), cfg.caption_dropout,
-                                              cfg.offset_noise, cfg.num_train_timesteps)
+                                              cfg.offset_noise, cfg.num_train_timesteps, cfg.hflip)
             loss = diffusion_loss(unet, x0, context, eps, t, alphas_cumprod, cfg.prediction_type, cfg.min_snr_gamma)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)

@@ -37,6 +37,9 @@ class RunConfig:
     # crop each image (on white) to the box of its non-white pixels before padding to a square: sprites
     # fill the frame instead of floating in margins (helpers.images.crop_to_content)
     crop_to_content: bool = False
+    # mirror training images at random (the latent cache holds both orientations). Off by default, as in
+    # diffusers' examples: sprites face one way, and a mirrored "attacking" demo monster reads as another action
+    hflip: bool = False
 
     # frozen parts
     text_encoder: str = "minilm"  # minilm | tiny | a CLIP id or path | any HF text-encoder id

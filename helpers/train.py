@@ -92,11 +92,11 @@ class DeviceCache:
                    (ids >= 0).sum(1).clamp(min=1).to(device), cache.embeddings.to(device))
 
     def batch(self, rows: torch.Tensor, gen: torch.Generator, caption_dropout: float, offset_noise: float,
-              num_train_timesteps: int):
-        """(x0, caption embeddings, eps, t) for `rows`, every draw from `gen`."""
+              num_train_timesteps: int, hflip: bool = False):
+        """(x0, caption embeddings, eps, t) for `rows`, every draw from `gen`; `hflip`: mirrored at random."""
         dev, b = self.mean.device, len(rows)
         rows = rows.to(dev)
-        flip = torch.randint(0, 2, (b,), generator=gen, device=dev)
+        flip = torch.randint(0, 2, (b,), generator=gen, device=dev) * hflip  # drawn either way: same stream after
         mean, std = self.mean[rows, flip].float(), self.std[rows, flip].float()
         x0 = mean + std * torch.randn(mean.shape, generator=gen, device=dev)  # a sample of the VAE's posterior
         counts = self.caption_counts[rows]
@@ -216,8 +216,9 @@ def _train(cfg: RunConfig, accelerator, resume: bool, progress: bool, stop_at: i
         retarget_optimizer(optimizer, lr_schedule, cfg.lr, cfg.weight_decay)  # this config's lr, not the saved one
     end = min(cfg.max_steps, stop_at or cfg.max_steps)
     if main:
+        mirrored = " (and their mirror images)" if cfg.hflip else ""
         print((f"Resuming from checkpoint {resumed_from} (step {start}). " if found else "")
-              + f"Training {len(rows)} images ({len(rows) * 2} with flips) from step {start} to {end} of "
+              + f"Training {len(rows)} images{mirrored} from step {start} to {end} of "
               f"{cfg.max_steps}; {images_per_step} images/step on {processes} process(es), {device}, "
               f"mixed precision {accelerator.mixed_precision}")
 
@@ -233,7 +234,7 @@ def _train(cfg: RunConfig, accelerator, resume: bool, progress: bool, stop_at: i
             batch_rows = data_rows(rows, cfg.seed, position + rank * micro_batch, micro_batch)
             position += micro_batch * processes
             x0, context, eps, t = data.batch(batch_rows, gen, cfg.caption_dropout, cfg.offset_noise,
-                                             cfg.num_train_timesteps)
+                                             cfg.num_train_timesteps, cfg.hflip)
             with accelerator.accumulate(ddp_unet), accelerator.autocast():
                 loss = diffusion_loss(forward, x0, context, eps, t, alphas_cumprod, cfg.prediction_type,
                                       cfg.min_snr_gamma)

@@ -59,6 +59,21 @@ def test_batches_drop_captions_to_the_empty_prompt(tmp_path, course_dir):
     assert not torch.equal(draw(5, 0.1)[2], draw(6, 0.1)[2])  # another step, other noise
 
 
+def test_batches_are_mirrored_only_when_asked():
+    images = torch.randn(6, 3, 4, 4)
+    both = torch.stack([images, images.flip(-1)], 1).half()  # the cache's layout: index 1 = mirror image
+    cache = DeviceCache(both, torch.zeros_like(both), torch.zeros(6, 1, dtype=torch.long), torch.ones(6, dtype=torch.long),
+                        torch.zeros(1, 2, 8, dtype=torch.float16))
+    rows = torch.arange(6).repeat(20)
+    plain, mirror = both[rows, 0].float(), both[rows, 1].float()
+    x0, _, eps, _ = cache.batch(rows, step_generator(0, 1), 0.0, 0.0, 1000)
+    assert torch.equal(x0, plain)
+    x0, _, eps_mirrored, _ = cache.batch(rows, step_generator(0, 1), 0.0, 0.0, 1000, hflip=True)
+    is_plain, is_mirror = (x0 == plain).flatten(1).all(1), (x0 == mirror).flatten(1).all(1)
+    assert (is_plain ^ is_mirror).all() and 0.3 < float(is_mirror.float().mean()) < 0.7
+    assert torch.equal(eps, eps_mirrored)  # the same random stream either way
+
+
 def test_resume_is_exact(tmp_path, course_dir):
     """4 steps straight == 2 steps, stop, resume for 2 more: losses and weights (EMA too)."""
     settings = dict(max_steps=4, grad_accum=2, checkpoint_every=2, min_snr_gamma=5.0, offset_noise=0.1)
