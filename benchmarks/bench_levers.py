@@ -7,7 +7,7 @@
 Each lever trains a run of the demo profile from scratch with one setting changed (the latent cache and the
 probe are shared, keyed by what made them), samples every demo test prompt (attribute combinations never seen
 in training) at each guidance scale with the same seeds, and scores them with the demo probe: accuracy per
-attribute and the probe Fréchet distance. Sampling-only levers (guidance interval) reuse the baseline's model.
+attribute and the probe Fréchet distance. Sampling-only levers (where guidance applies) reuse the baseline's model.
 Prints a markdown table (the best guidance per lever, by the probe rule of helpers.judges) and writes all rows
 to <outputs-dir>/levers.json.
 """
@@ -31,7 +31,7 @@ LEVERS: dict[str, tuple[dict, dict]] = {
     "epsilon": ({"prediction_type": "epsilon"}, {}),
     "ema-halflife-2.5k": ({"ema_halflife_images": 2_500.0, "ema_rampup": 0.0}, {}),
     "crop-to-content": ({"crop_to_content": True}, {}),
-    "guidance-interval": ({}, {"guidance_interval": (0.3, 5.0)}),
+    "guide-every-step": ({}, {"guidance_interval": ()}),
 }
 
 
@@ -63,8 +63,9 @@ def measure(lever: str, outputs_dir: Path, data_dir: str, max_steps: int, guidan
     rows = []
     for g in guidances:
         t0 = time.perf_counter()
+        interval = sampling.get("guidance_interval", cfg.guidance_interval)
         images = sample_images(model, judged.texts, judged.seeds, guidance=g, steps=steps, scheduler=cfg.scheduler,
-                               batch_size=cfg.sample_batch_size, guidance_interval=sampling.get("guidance_interval"))
+                               batch_size=cfg.sample_batch_size, guidance_interval=tuple(interval) or None)
         rows.append({"lever": lever, "guidance": g, "steps": steps, "train_s": round(train_s, 1),
                      "sample_s": round(time.perf_counter() - t0, 1), **judged.judge.evaluate(images)})
     return rows

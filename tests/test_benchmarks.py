@@ -37,8 +37,8 @@ def test_bench_cpu_tiny_reports_each_variant_against_fp32():
 def test_bench_levers_tiny_trains_each_lever_and_prints_the_table(tmp_path):
     (tmp_path / "data").mkdir()
     out = run("bench_levers.py", "--size", "tiny", "--outputs-dir", str(tmp_path / "out"), "--data-dir",
-              str(tmp_path / "data"), "--levers", "baseline,dropout-0.05,guidance-interval", "--max-steps", "2",
+              str(tmp_path / "data"), "--levers", "baseline,dropout-0.05,guide-every-step", "--max-steps", "2",
               "--guidances", "1,3", "--steps", "2")
-    assert out.count("| baseline |") == 1 and "| dropout-0.05 |" in out and "| guidance-interval |" in out
+    assert out.count("| baseline |") == 1 and "| dropout-0.05 |" in out and "| guide-every-step |" in out
     assert (tmp_path / "out" / "runs" / "lever-dropout-0.05" / "model").is_dir()
-    assert not (tmp_path / "out" / "runs" / "lever-guidance-interval").exists()  # sampling-only: baseline's model
+    assert not (tmp_path / "out" / "runs" / "lever-guide-every-step").exists()  # sampling-only: baseline's model

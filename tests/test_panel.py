@@ -87,8 +87,9 @@ def test_the_guidance_interval_control_reaches_the_sampler(model, monkeypatch):
         return torch.zeros(len(prompts), 3, 16, 16)
 
     monkeypatch.setattr(helpers.panel, "sample_images", fake)
-    p = parts(make_panel(model, prompt="", steps=2, n=2))
-    assert p["guide at every step"].value  # the tiny run sets no interval
+    every_step = dataclasses.replace(model, cfg=model.cfg.replace(guidance_interval=[]))
+    p = parts(make_panel(every_step, prompt="", steps=2, n=2))
+    assert p["guide at every step"].value  # a run that sets no interval
     p["Generate"].click()
     assert calls[-1]["guidance_interval"] is None
     assert "empty prompt: unconditional samples" in p["Label"].value
