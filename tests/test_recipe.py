@@ -146,7 +146,7 @@ RECIPE = dict(
     prediction_type="epsilon", beta_schedule="linear", num_train_timesteps=1000, min_snr_gamma=0.0,
     caption_dropout=0.05, lr=2e-4, lr_schedule="cosine", warmup_fraction=0.05, batch_size=64, grad_accum=1,
     max_epochs=60, max_grad_norm=1.0, ema_halflife_images=22_150.0,
-    scheduler="dpm++2m", sample_steps=15, guidance=3.0,
+    scheduler="dpm++2m", sample_steps=15, guidance=3.0, hflip=False, guidance_interval=[], sweep_intervals=[[]],
 )
 
 
@@ -172,3 +172,8 @@ def test_every_part_of_the_recipe_can_be_switched_off():
     assert total_steps(cfg, 43_294) == cfg.max_steps and warmup_steps_for(cfg, cfg.max_steps) == cfg.warmup_steps
     for profile in ("demo", "tiny"):
         assert profile_config(profile).crop_to_content is False and profile_config(profile).max_epochs == 0
+    # what the demo measured best (benchmarks/RESULTS.md), and every profile can switch it back
+    demo = profile_config("demo")
+    assert (demo.hflip, demo.guidance_interval, demo.sweep_intervals) == (False, [0.3, 5.0], [[0.3, 5.0]])
+    back = profile_config("demo", hflip=True, guidance_interval=[], sweep_intervals=[[]])
+    assert (back.hflip, back.guidance_interval, back.sweep_intervals) == (True, [], [[]])
