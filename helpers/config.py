@@ -38,7 +38,7 @@ class RunConfig:
     # fill the frame instead of floating in margins (helpers.images.crop_to_content)
     crop_to_content: bool = False
     # mirror training images at random (the latent cache holds both orientations). Off by default, as in
-    # diffusers' examples: sprites face one way, and a mirrored "attacking" demo monster reads as another action
+    # diffusers' examples: sprites usually face one way, and a mirrored "attacking" demo monster reads as another action
     hflip: bool = False
 
     # frozen parts
