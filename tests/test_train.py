@@ -62,8 +62,8 @@ def test_batches_drop_captions_to_the_empty_prompt(tmp_path, course_dir):
 def test_batches_are_mirrored_only_when_asked():
     images = torch.randn(6, 3, 4, 4)
     both = torch.stack([images, images.flip(-1)], 1).half()  # the cache's layout: index 1 = mirror image
-    cache = DeviceCache(both, torch.zeros_like(both), torch.zeros(6, 1, dtype=torch.long), torch.ones(6, dtype=torch.long),
-                        torch.zeros(1, 2, 8, dtype=torch.float16))
+    one_caption = torch.zeros(6, 1, dtype=torch.long), torch.ones(6, dtype=torch.long)
+    cache = DeviceCache(both, torch.zeros_like(both), *one_caption, torch.zeros(1, 2, 8, dtype=torch.float16))
     rows = torch.arange(6).repeat(20)
     plain, mirror = both[rows, 0].float(), both[rows, 1].float()
     x0, _, eps, _ = cache.batch(rows, step_generator(0, 1), 0.0, 0.0, 1000)
