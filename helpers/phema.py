@@ -30,7 +30,8 @@ import numpy as np
 import torch
 
 DEFAULT_SIGMA_RELS = (0.05, 0.10)
-FILE_PREFIX = "phema-"  # snapshots/<step>/phema-0.050.safetensors
+MAX_SIGMA_REL = math.sqrt(1 / 12)  # the width at gamma = 0 (a plain running mean); wider needs gamma < 0
+FILE_PREFIX = "phema-"  # <run>/phema/step-NNNNNN/phema-0.050.safetensors
 
 
 # ---------------------------------------------------------------- the profile's two parametrisations
@@ -47,9 +48,9 @@ def sigma_rel_to_gamma(sigma_rel: float) -> float:
     gamma = 0): the largest real root of (gamma + 2)^2 (gamma + 3) sigma_rel^2 = gamma + 1, i.e. of the cubic
     gamma^3 + 7 gamma^2 + (16 - s) gamma + (12 - s) with s = sigma_rel^-2."""
     sigma_rel = float(sigma_rel)
-    if not (math.isfinite(sigma_rel) and 0 < sigma_rel < gamma_to_sigma_rel(0.0)):
+    if not (math.isfinite(sigma_rel) and 0 < sigma_rel < MAX_SIGMA_REL):
         raise ValueError(f"sigma_rel {sigma_rel!r} is not a power-function EMA length: expected a number in "
-                         f"(0, {gamma_to_sigma_rel(0.0):.3f}) (gamma >= 0)")
+                         f"(0, {MAX_SIGMA_REL:.4f}) (gamma > 0)")
     s = sigma_rel ** -2
     roots = np.roots([1.0, 7.0, 16.0 - s, 12.0 - s])
     return float(roots[np.abs(roots.imag) < 1e-9].real.max())
@@ -81,6 +82,13 @@ class PowerEMA:
         for gamma, profile in zip(self.gammas, self.profiles):
             torch._foreach_lerp_(profile, weights, 1.0 - power_beta(gamma, self.images_seen, images))
 
+    @torch.no_grad()
+    def restart(self, model: torch.nn.Module, images_seen: int) -> None:
+        """Every profile := the model's weights, with `images_seen` images counted as already averaged."""
+        for profile in self.profiles:
+            torch._foreach_copy_(profile, [p.detach().float() for p in model.parameters()])
+        self.images_seen = int(images_seen)
+
     def weights(self, sigma_rel: float) -> dict[str, torch.Tensor]:
         """The tracked average of length `sigma_rel` by parameter name (fp32, shared: do not modify)."""
         return dict(zip(self.names, self.profiles[self._index(sigma_rel)]))
@@ -95,8 +103,9 @@ class PowerEMA:
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         missing = [key(s) for s in self.sigma_rels if f"{key(s)}/{self.names[0]}" not in state]
         if missing:
-            raise ValueError(f"the saved post-hoc EMA state has no profile sigma_rel {', '.join(missing)} (it has "
-                             f"{', '.join(sorted({k.split('/')[0] for k in state if '/' in k})) or 'none'})")
+            have = sorted({k.split("/")[0] for k in state if "/" in k})
+            raise ValueError(f"the saved post-hoc EMA state has no profile sigma_rel {', '.join(missing)} "
+                             f"(it has {', '.join(have) or 'none'})")
         for s, profile in zip(self.sigma_rels, self.profiles):
             for n, w in zip(self.names, profile):
                 w.copy_(state[f"{key(s)}/{n}"])
@@ -120,6 +129,19 @@ class PowerEMA:
                                                     "step": str(int(step))})
             out.append(path)
         return out
+
+    def store(self, root: str | Path, step: int, dtype: torch.dtype = torch.float16) -> Path:
+        """`save` into root/step-NNNNNN/ atomically (a temp folder renamed into place), replacing an older one."""
+        import shutil
+
+        name = f"step-{int(step):06d}"
+        final, tmp = Path(root) / name, Path(root) / f".tmp-{name}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        self.save(tmp, step, dtype)
+        if final.exists():  # this run trained the step again (resumed from an earlier checkpoint)
+            shutil.rmtree(final)
+        tmp.rename(final)
+        return final
 
     def _index(self, sigma_rel: float) -> int:
         for i, s in enumerate(self.sigma_rels):
@@ -172,12 +194,12 @@ class StoredProfile:
     sigma_rel: float
 
 
-def stored_profiles(snapshots_dir: str | Path) -> list[StoredProfile]:
-    """Every profile stored under `snapshots_dir` (<run>/snapshots/<step>/phema-*.safetensors), by time then length."""
+def stored_profiles(root: str | Path) -> list[StoredProfile]:
+    """Every profile stored under `root` (<run>/phema/step-NNNNNN/phema-*.safetensors), by time then length."""
     from safetensors import safe_open
 
     found = []
-    for path in sorted(Path(snapshots_dir).glob(f"*/{FILE_PREFIX}*.safetensors")):
+    for path in sorted(Path(root).glob(f"step-*/{FILE_PREFIX}*.safetensors")):
         try:
             with safe_open(str(path), "pt") as f:
                 meta = f.metadata() or {}

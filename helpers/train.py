@@ -35,6 +35,7 @@ from .config import RunConfig, as_bool, load_config, resolve_path, save_config, 
 from .diffusion import EMA, diffusion_loss
 from .files import atomic_save_image, atomic_write_json
 from .model import noise_scheduler, save_model
+from .phema import PowerEMA
 from .resume import IncompatibleResumeError, check_resume, retarget_optimizer
 from .runlock import RunLockedError, run_lock
 from .unet import build_unet
@@ -202,6 +203,7 @@ def _train(cfg: RunConfig, accelerator, resume: bool, progress: bool, stop_at: i
     if cfg.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     ema = EMA(unet, cfg.ema_halflife_images, cfg.ema_rampup)
+    phema = PowerEMA(unet, cfg.phema_sigma_rels) if cfg.phema_sigma_rels else None  # post-hoc EMA profiles
     alphas_cumprod = noise_scheduler(cfg).alphas_cumprod.to(device)
     optimizer, lr_schedule = make_optimizer(cfg, unet, device)
     ddp_unet, optimizer = accelerator.prepare(unet, optimizer)  # the U-Net as accelerate wraps it (DDP on GPUs)
@@ -213,6 +215,7 @@ def _train(cfg: RunConfig, accelerator, resume: bool, progress: bool, stop_at: i
     if found:
         resumed_from = str(found[0])
         start, position = load_training_state(found[1], unet, ema, optimizer, lr_schedule, accelerator)
+        resume_phema(phema, unet, found[1]["state"], start * images_per_step, verbose=main)
         retarget_optimizer(optimizer, lr_schedule, cfg.lr, cfg.weight_decay)  # this config's lr, not the saved one
     end = min(cfg.max_steps, stop_at or cfg.max_steps)
     if main:
@@ -246,6 +249,8 @@ def _train(cfg: RunConfig, accelerator, resume: bool, progress: bool, stop_at: i
             losses.append(loss.detach().float())
         lr_schedule.step()
         ema.update(unet, images_per_step)
+        if phema is not None:
+            phema.update(unet, images_per_step)
         done = step + 1
         pending.append((done, torch.stack(losses).mean(), lr))
 
@@ -264,12 +269,15 @@ def _train(cfg: RunConfig, accelerator, resume: bool, progress: bool, stop_at: i
                 raise FloatingPointError(f"U-Net weights are not finite after step {done}: not checkpointing. The "
                                          f"last good checkpoint is {result.checkpoint or 'none'}; lower lr and resume.")
             if main:
-                state = training_state(done, position, optimizer, lr_schedule, accelerator)
+                state = training_state(done, position, optimizer, lr_schedule, accelerator, phema)
                 result.checkpoint = str(save_checkpoint(cfg.run_dir / "checkpoints", done, unet.state_dict(),
                                                         ema.state_dict(), state, cfg.keep_checkpoints,
                                                         config=given_config))
         if snapshot and main:
             result.snapshots.append(str(save_snapshot(cfg, ema_copy(unet, ema), done)))
+        if phema is not None and main and (done % max(cfg.phema_every or cfg.snapshot_every, 1) == 0
+                                           or done == cfg.max_steps):
+            phema.store(cfg.run_dir / "phema", done)
         if preview:
             result.previews.append(str(previewer.save(ema_copy(unet, ema), done)))
         if checkpoint or snapshot or preview:
@@ -304,11 +312,30 @@ def check_losses(accelerator, pending: list, last_checkpoint: str | None, lr: fl
 # ---------------------------------------------------------------- checkpoints and snapshots
 
 
-def training_state(step: int, position: int, optimizer, lr_schedule, accelerator) -> dict:
-    """Everything besides the weights that resuming needs (state.pt of a checkpoint)."""
+def training_state(step: int, position: int, optimizer, lr_schedule, accelerator, phema=None) -> dict:
+    """Everything besides the weights that resuming needs (state.pt of a checkpoint), with the post-hoc EMA
+    profiles in fp32 (exact resume)."""
     scaler = accelerator.scaler.state_dict() if accelerator.scaler is not None else {}
     return dict(step=step, data_position=position, optimizer=optimizer.state_dict(),
-                lr_scheduler=lr_schedule.state_dict(), scaler=scaler)
+                lr_scheduler=lr_schedule.state_dict(), scaler=scaler,
+                **({"phema": phema.state_dict()} if phema is not None else {}))
+
+
+def resume_phema(phema, unet, state: dict, images_seen: int, verbose: bool) -> None:
+    """Restore the post-hoc EMA profiles from a checkpoint's state. A checkpoint without the lengths asked for
+    (written with phema off, or other phema_sigma_rels) restarts them from the resumed weights, as if the weights
+    had been these since step 0, and says so."""
+    if phema is None:
+        return
+    try:
+        if state.get("phema") is None:
+            raise ValueError("the checkpoint has none")
+        phema.load_state_dict(state["phema"])
+    except ValueError as e:
+        phema.restart(unet, images_seen)
+        if verbose:
+            print(f"Post-hoc EMA profiles {phema.sigma_rels} start at this step ({e}): they count the steps before "
+                  f"it as if the weights had been the resumed ones")
 
 
 def load_training_state(ckpt: dict, unet, ema: EMA, optimizer, lr_schedule, accelerator) -> tuple[int, int]:

@@ -224,6 +224,9 @@ def test_case5_a_copied_run_is_used_where_it_is(tmp_path, capsys):
     ("max_epochs", -1, "max_epochs=-1 must be at least 0"),
     ("sweep_steps", [0], "sweep_steps=\\[0\\] must be a non-empty list of step counts"),
     ("sweep_intervals", [[2.0, 1.0]], "sweep_intervals=.* must be a non-empty list of \\[\\] or"),
+    ("phema_sigma_rels", [0.05, 0.3], "phema_sigma_rels=.* must be a list of distinct EMA lengths sigma_rel in"),
+    ("phema_sigma_rels", [0.05, 0.05], "phema_sigma_rels=.* must be a list of distinct EMA lengths"),
+    ("phema_every", -1, "phema_every=-1 must be at least 0"),
 ])
 def test_case6_every_value_is_checked_where_it_enters(field, value, message):
     with pytest.raises(ValueError, match=message):

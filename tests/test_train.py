@@ -92,6 +92,27 @@ def test_resume_is_exact(tmp_path, course_dir):
             torch.testing.assert_close(wa[k], wb[k], rtol=1e-5, atol=1e-6)
     ema, raw = model_weights(a, "unet_ema"), model_weights(a, "unet")
     assert any(not torch.equal(ema[k], raw[k]) for k in ema)  # the EMA is an average, not a copy
+    for name in ("phema-0.050.safetensors", "phema-0.100.safetensors"):  # post-hoc EMA profiles resume too
+        pa, pb = (load_file(str(c.run_dir / "phema" / "step-000004" / name)) for c in (a, b))
+        for k in pa:  # stored as fp16: float rounding of the run may move a value by one fp16 step
+            torch.testing.assert_close(pa[k].float(), pb[k].float(), rtol=2**-10, atol=1e-6)
+
+
+def test_post_hoc_ema_profiles_are_stored_and_reconstruct(tmp_path, course_dir, capsys):
+    from helpers.phema import reconstruct, stored_profiles
+
+    cfg = make_run(tmp_path, course_dir, max_steps=4, snapshot_every=2, checkpoint_every=2, phema_sigma_rels=[])
+    train(cfg, progress=False, stop_at=2)
+    assert not (cfg.run_dir / "phema").exists()  # [] = off
+    train(cfg.replace(phema_sigma_rels=[0.05, 0.1]), progress=False)
+    assert "Post-hoc EMA profiles [0.05, 0.1] start at this step (the checkpoint has none)" in capsys.readouterr().out
+    stored = stored_profiles(cfg.run_dir / "phema")
+    assert [(p.step, p.images, p.sigma_rel) for p in stored] == [(4, 32, 0.05), (4, 32, 0.1)]
+    own = load_file(str(stored[0].path))
+    rebuilt = reconstruct(stored, 0.05)
+    for k in own:  # x = (1, 0) up to float64 rounding
+        torch.testing.assert_close(rebuilt[k], own[k].float(), rtol=1e-6, atol=1e-7)
+    assert rebuilt.keys() == model_weights(cfg, "unet_ema").keys()  # a U-Net state dict, ready to load
 
 
 def test_snapshots_keep_the_ema_unet_every_n_steps_and_at_the_end(tmp_path, course_dir):
