@@ -77,11 +77,20 @@ def guided_at(sigma: float, guidance: float, interval) -> bool:
 @torch.no_grad()
 def sample_latents(unet, sampler, cond, uncond, seeds, *, guidance: float, steps: int,
                    guidance_rescale: float = 0.0, guidance_interval=None, latent_shape,
-                   on_step: Callable[[int, int], None] | None = None) -> torch.Tensor:
+                   on_step: Callable[[int, int], None] | None = None, guide_unet=None,
+                   guide_weight: float = 1.0) -> torch.Tensor:
     """Denoise one latent per seed. cond [B, L, D]; uncond [1, L, D] is the "" embedding.
 
-    At each step: eps = eps_uncond + guidance * (eps_cond - eps_uncond) if the step's noise level lies in
-    `guidance_interval` (sigma_lo, sigma_hi] (None: every step), else eps = eps_cond alone.
+    With CFG weight g = `guidance` and autoguidance weight w = `guide_weight` (guide network `guide_unet`, e.g. an
+    early snapshot; Karras et al. 2024, "Guiding a Diffusion Model with a Bad Version of Itself"):
+        eps = eps_c + (g - 1)(eps_c - eps_u) + (w - 1)(eps_c - eps_guide)   on steps whose noise level lies in
+                                                                           `guidance_interval` (sigma_lo, sigma_hi]
+        eps = eps_c                          + (w - 1)(eps_c - eps_guide)   on the others (None: every step is CFG's)
+    (eps_c + (g - 1)(eps_c - eps_u) = eps_u + g (eps_c - eps_u), plain CFG.) Autoguidance works at every step, as in
+    the paper. Both networks are conditional, so w sharpens images but adds no prompt adherence; the paper's own
+    text-to-image examples split one guidance budget between the two, i.e. (g - 1) + (w - 1) held fixed.
+    U-Net calls per step: one (prompt and, on CFG steps, "" batched together) plus one of the guide while it is
+    active (w != 1); a guide equal to the main network changes nothing.
     `on_step(done, total)` is called after each step (e.g. to move a progress bar).
     """
     from diffusers.guiders.guider_utils import rescale_noise_cfg
@@ -101,17 +110,23 @@ def sample_latents(unet, sampler, cond, uncond, seeds, *, guidance: float, steps
         # round to repeated timesteps, and the lookup would then skip a step and run off the end.
         sampler.set_begin_index(0)
     latents = torch.cat([_draw(g, latent_shape) for g in generators]).to(device) * sampler.init_noise_sigma
+    autoguided = guide_unet is not None and guide_weight != 1.0
     for i, t in enumerate(sampler.timesteps):
         guided = guided_at(noise_level(sampler, t), guidance, guidance_interval)
-        model_in = sampler.scale_model_input(torch.cat([latents] * 2) if guided else latents, t)
+        model_in = sampler.scale_model_input(latents, t).to(p.dtype)
         with _autocast(device):
-            eps = unet(model_in.to(p.dtype), t, encoder_hidden_states=both if guided else cond,
-                       return_dict=False)[0].float()
+            eps = unet(torch.cat([model_in] * 2) if guided else model_in, t,
+                       encoder_hidden_states=both if guided else cond, return_dict=False)[0].float()
+            eps_guide = guide_unet(model_in, t, encoder_hidden_states=cond, return_dict=False)[0].float() \
+                if autoguided else None
+        eps_cond = eps.chunk(2)[1] if guided else eps
         if guided:
-            eps_uncond, eps_cond = eps.chunk(2)
+            eps_uncond = eps.chunk(2)[0]
             eps = eps_uncond + guidance * (eps_cond - eps_uncond)
-            if guidance_rescale > 0:
-                eps = rescale_noise_cfg(eps, eps_cond, guidance_rescale=guidance_rescale)
+        if autoguided:
+            eps = eps + (guide_weight - 1.0) * (eps_cond - eps_guide)
+        if guidance_rescale > 0 and (guided or autoguided):
+            eps = rescale_noise_cfg(eps, eps_cond, guidance_rescale=guidance_rescale)
         kwargs = {"generator": generators} if _takes_generator(sampler) else {}
         latents = sampler.step(eps, t, latents, return_dict=False, **kwargs)[0]
         if on_step is not None:
