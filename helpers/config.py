@@ -96,6 +96,12 @@ class RunConfig:
     # (lo, hi], the plain conditional prediction elsewhere (Kynkaanniemi et al. 2024); [] = guide every step.
     # The demo's (0.3, 5]: same probe accuracy as guiding every step, a lower probe FD (benchmarks/RESULTS.md)
     guidance_interval: list = field(default_factory=lambda: [0.3, 5.0])
+    # autoguidance (Karras et al. 2024): guide = a snapshot name ("step-000300") whose U-Net the sample is steered
+    # away from with weight guide_weight (1 = off); ema_length: sigma_rel of a post-hoc EMA reconstruction of the
+    # snapshot (helpers.phema; 0 = its stored half-life EMA)
+    guide: str = ""
+    guide_weight: float = 1.0
+    ema_length: float = 0.0
     sample_batch_size: int = 64
     use_ema: bool = True
     output_size: int = 256  # the course wants 256x256 PNGs
@@ -108,6 +114,11 @@ class RunConfig:
     sweep_intervals: list = field(default_factory=lambda: [[0.3, 5.0]])  # e.g. [[], [0.3, 5.0]]: try both
     sweep_prompts: int = 120
     sweep_snapshots: int = 3  # at most this many snapshots, spread evenly, the last always included (0 = all)
+    # more axes of the sweep: EMA lengths (0 = the stored half-life EMA), guides ("" = none) x guide weights (a guide
+    # is only tried at weights != 1, no guide only at 1); the demo's defaults keep its sweep at one value each
+    sweep_ema_lengths: list = field(default_factory=lambda: [0.0])
+    sweep_guides: list = field(default_factory=lambda: [""])
+    sweep_guide_weights: list = field(default_factory=lambda: [1.0])
     clip_model: str = "openai/clip-vit-base-patch32"
     eval_max_images: int = 0  # 0 = the whole validation split / test set
 
@@ -226,6 +237,23 @@ def _sigma_rel_list(v):
         return f"must be a list of distinct EMA lengths sigma_rel in (0, {MAX_SIGMA_REL:.4f}) ([] = off)"
 
 
+def _ema_length(v):
+    from .phema import MAX_SIGMA_REL
+
+    if not (v == 0 or 0 < v < MAX_SIGMA_REL):
+        return f"must be 0 (the stored half-life EMA) or a post-hoc EMA length sigma_rel in (0, {MAX_SIGMA_REL:.4f})"
+
+
+def _ema_length_list(v):
+    if not v or not all(isinstance(x, (int, float)) and not isinstance(x, bool) and not _ema_length(x) for x in v):
+        return "must be a non-empty list of EMA lengths, each " + _ema_length(-1)[len("must be "):]
+
+
+def _guide_list(v):
+    if not v or not all(isinstance(g, str) for g in v):
+        return 'must be a non-empty list of snapshot names ("" = no guide)'
+
+
 def _step_list(v):
     if not v or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in v):
         return "must be a non-empty list of step counts >= 1"
@@ -287,6 +315,8 @@ FIELD_CHECKS = {
     "guidance": _finite_at_least(0.0),  # 0 is unconditional, 1 is plain conditional: unusual but legal
     "guidance_rescale": _fraction(top_included=True),
     "guidance_interval": _sigma_interval,
+    "guide_weight": _finite_at_least(0.0),
+    "ema_length": _ema_length,
     "sample_batch_size": _at_least(1),
     "output_size": _at_least(1),
     "guidance_sweep": _guidance_list,
@@ -296,6 +326,9 @@ FIELD_CHECKS = {
     "sweep_intervals": _interval_list,
     "sweep_prompts": _at_least(0),
     "sweep_snapshots": _at_least(0),
+    "sweep_ema_lengths": _ema_length_list,
+    "sweep_guides": _guide_list,
+    "sweep_guide_weights": _guidance_list,
 }
 
 
@@ -356,6 +389,9 @@ PROFILES: dict[str, dict] = {
         scheduler="dpm++2m", sample_steps=15, guidance=3.0, sample_batch_size=64,
         guidance_sweep=[1.0, 2.0, 3.0, 4.0, 5.0],  # the recipe: 2 -> FID 63.4, 3 -> 59.7, 4 -> 60.6
         guidance_interval=[], sweep_intervals=[[]],  # the recipe guides every step; the demo's interval is untried here
+        # post-hoc EMA lengths and autoguidance, untried on hw6 (README): EDM2-S's best lengths are 0.025 with CFG and
+        # 0.070 with autoguidance; the guide is the first snapshot (~1/9 of training; the paper's default is ~1/16)
+        sweep_ema_lengths=[0.0, 0.025, 0.07], sweep_guides=["", "step-004000"], sweep_guide_weights=[2.0],
     ),
     "sd-baseline": dict(
         data_dir="data/hw6", resolution=256, text_encoder="CompVis/stable-diffusion-v1-4", max_tokens=77,

@@ -227,6 +227,10 @@ def test_case5_a_copied_run_is_used_where_it_is(tmp_path, capsys):
     ("phema_sigma_rels", [0.05, 0.3], "phema_sigma_rels=.* must be a list of distinct EMA lengths sigma_rel in"),
     ("phema_sigma_rels", [0.05, 0.05], "phema_sigma_rels=.* must be a list of distinct EMA lengths"),
     ("phema_every", -1, "phema_every=-1 must be at least 0"),
+    ("ema_length", 0.5, "ema_length=0.5 must be 0 \\(the stored half-life EMA\\) or a post-hoc EMA length"),
+    ("sweep_ema_lengths", [0.0, -0.1], "sweep_ema_lengths=.* must be a non-empty list of EMA lengths, each 0"),
+    ("guide_weight", float("inf"), "guide_weight=inf must be a finite number"),
+    ("sweep_guides", [], "sweep_guides=\\[\\] must be a non-empty list of snapshot names"),
 ])
 def test_case6_every_value_is_checked_where_it_enters(field, value, message):
     with pytest.raises(ValueError, match=message):
