@@ -15,6 +15,7 @@ from PIL import Image
 
 from .images import image_grid, tensor_to_pil
 from .sample import SCHEDULERS, make_scheduler, noise_level, sample_images
+from .setting import Setting
 
 GUIDANCE_RANGE = (1.0, 12.0)
 STEPS_RANGE = (1, 100)
@@ -29,19 +30,15 @@ class BadSetting(ValueError):
 def preview(model, prompt: str, *, guidance: float, steps: int, scheduler: str, seed: int, n: int = 4,
             cell: int = 128, guidance_interval=None, on_step=None) -> Image.Image:
     """A row of `n` samples of one prompt (seeds seed … seed+n-1): what the widget's button shows."""
-    images = sample_images(model, [prompt] * n, range(seed, seed + n), guidance=guidance, steps=steps,
-                           scheduler=scheduler, batch_size=n, guidance_interval=guidance_interval, on_step=on_step)
+    setting = Setting(guidance=guidance, steps=steps, scheduler=scheduler, guidance_interval=guidance_interval or ())
+    images = sample_images(model, [prompt] * n, range(seed, seed + n), setting, batch_size=n, on_step=on_step)
     return image_grid([tensor_to_pil(x) for x in images], cols=n, cell=cell)
 
 
 def check_settings(values: dict, n: int) -> dict:
     """The panel's raw control values as `preview` keyword arguments, or BadSetting naming every bad one."""
-    problems = []
-    for name, (lo, hi) in (("guidance", GUIDANCE_RANGE), ("steps", STEPS_RANGE)):
-        if not lo <= values[name] <= hi:
-            problems.append(f"{name}={values[name]!r} is outside {lo:g}…{hi:g}")
-    if values["scheduler"] not in SCHEDULERS:
-        problems.append(f"scheduler={values['scheduler']!r} is not one of {', '.join(SCHEDULERS)}")
+    problems = [p for p in Setting(guidance=values["guidance"], steps=values["steps"],
+                                   scheduler=values["scheduler"]).problems()]
     seed = values["seed"].strip() if isinstance(values["seed"], str) else values["seed"]
     try:
         seed = int(seed)
@@ -65,7 +62,8 @@ def check_settings(values: dict, n: int) -> dict:
 def make_panel(model, *, prompt: str = "", guidance: float | None = None, steps: int | None = None,
                scheduler: str | None = None, seed: int = 0, n: int = 4):
     """An ipywidgets box: prompt, guidance, steps, scheduler, seed, guidance interval and a Generate button
-    that previews `n` seeds inline. Bad starting values raise BadSetting here, before the sliders clamp them."""
+    that previews `n` seeds inline. Starting values the sampler cannot use raise BadSetting here; legal ones
+    outside the sliders' usual ranges widen them."""
     import ipywidgets as w
 
     c = _controls(model, prompt=prompt, guidance=guidance, steps=steps, scheduler=scheduler, seed=seed, n=n)
@@ -125,11 +123,13 @@ def _controls(model, *, prompt, guidance, steps, scheduler, seed, n) -> dict:
                                 steps=cfg.sample_steps if steps is None else steps,
                                 scheduler=scheduler or cfg.scheduler, seed=seed,
                                 everywhere=not cfg.guidance_interval, sigma_lo=lo, sigma_hi=hi), n)
+    # the sliders' usual ranges, widened to any legal starting value: the run's setting is never refused here
+    g_lo, g_hi = min(GUIDANCE_RANGE[0], start["guidance"]), max(GUIDANCE_RANGE[1], start["guidance"])
     return dict(
         prompt=w.Text(value=prompt, description="prompt", layout=w.Layout(width="600px")),
-        guidance=w.FloatSlider(value=start["guidance"], min=GUIDANCE_RANGE[0], max=GUIDANCE_RANGE[1], step=0.5,
-                               description="guidance"),
-        steps=w.IntSlider(value=start["steps"], min=STEPS_RANGE[0], max=STEPS_RANGE[1], description="steps"),
+        guidance=w.FloatSlider(value=start["guidance"], min=g_lo, max=g_hi, step=0.5, description="guidance"),
+        steps=w.IntSlider(value=start["steps"], min=STEPS_RANGE[0], max=max(STEPS_RANGE[1], start["steps"]),
+                          description="steps"),
         scheduler=w.Dropdown(options=list(SCHEDULERS), value=start["scheduler"], description="scheduler"),
         # Text, not IntText: the browser holds numbers as doubles, which round seeds above 2**53
         seed=w.Text(value=str(start["seed"]), description="seed"),

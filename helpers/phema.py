@@ -29,8 +29,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .setting import MAX_SIGMA_REL  # the width at gamma = 0 (a plain running mean); wider needs gamma < 0
+
 DEFAULT_SIGMA_RELS = (0.05, 0.10)
-MAX_SIGMA_REL = math.sqrt(1 / 12)  # the width at gamma = 0 (a plain running mean); wider needs gamma < 0
 FILE_PREFIX = "phema-"  # <run>/phema/step-NNNNNN/phema-0.050.safetensors
 
 

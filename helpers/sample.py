@@ -20,6 +20,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from .images import tensor_to_pil
+from .setting import Setting
 
 # name -> (diffusers class, kwargs on top of the training schedule's config)
 SCHEDULERS: dict[str, tuple[str, dict]] = {
@@ -67,31 +68,40 @@ def noise_level(sampler, t) -> float:
     return ((1 - alpha_bar) / alpha_bar) ** 0.5
 
 
-def guided_at(sigma: float, guidance: float, interval) -> bool:
-    """Whether a step at noise level `sigma` uses classifier-free guidance: interval = (lo, hi] or None (always)."""
-    if guidance == 1.0:
+def guided_at(sigma: float, setting: Setting) -> bool:
+    """Whether a step at noise level `sigma` uses classifier-free guidance under `setting`."""
+    if setting.guidance == 1.0:
         return False
-    return interval is None or len(interval) == 0 or interval[0] < sigma <= interval[1]
+    interval = setting.guidance_interval
+    return not interval or interval[0] < sigma <= interval[1]
+
+
+def guided_steps(train_scheduler_config: dict, setting: Setting) -> tuple[int, int]:
+    """(k, n): how many of the setting's n sampling steps are guided (the others cost one U-Net call, not two)."""
+    sampler = make_scheduler(setting.scheduler, train_scheduler_config)
+    sampler.set_timesteps(setting.steps)
+    guided = sum(guided_at(noise_level(sampler, t), setting) for t in sampler.timesteps)
+    return guided, len(sampler.timesteps)
 
 
 @torch.no_grad()
-def sample_latents(unet, sampler, cond, uncond, seeds, *, guidance: float, steps: int,
-                   guidance_rescale: float = 0.0, guidance_interval=None, latent_shape,
-                   on_step: Callable[[int, int], None] | None = None, guide_unet=None,
-                   guide_weight: float = 1.0) -> torch.Tensor:
-    """Denoise one latent per seed. cond [B, L, D]; uncond [1, L, D] is the "" embedding.
+def sample_latents(unet, sampler, cond, uncond, seeds, setting: Setting, *, latent_shape,
+                   on_step: Callable[[int, int], None] | None = None, guide_unet=None) -> torch.Tensor:
+    """Denoise one latent per seed with `sampler` (made for setting.scheduler). cond [B, L, D]; uncond [1, L, D]
+    is the "" embedding; `guide_unet`: the U-Net of setting.guide (needed only when setting.autoguided).
 
-    With CFG weight g = `guidance` and autoguidance weight w = `guide_weight` (guide network `guide_unet`, e.g. an
-    early snapshot; Karras et al. 2024, "Guiding a Diffusion Model with a Bad Version of Itself"):
-        eps = eps_c + (g - 1)(eps_c - eps_u) + (w - 1)(eps_c - eps_guide)   on steps whose noise level lies in
-                                                                           `guidance_interval` (sigma_lo, sigma_hi]
-        eps = eps_c                          + (w - 1)(eps_c - eps_guide)   on the others (None: every step is CFG's)
-    (eps_c + (g - 1)(eps_c - eps_u) = eps_u + g (eps_c - eps_u), plain CFG.) Autoguidance works at every step, as in
-    the paper. Both networks are conditional, so w sharpens images but adds no prompt adherence; the paper's own
-    text-to-image examples split one guidance budget between the two, i.e. (g - 1) + (w - 1) held fixed.
-    U-Net calls per step: one (prompt and, on CFG steps, "" batched together) plus one of the guide while it is
-    active (w != 1); a guide equal to the main network changes nothing.
-    `on_step(done, total)` is called after each step (e.g. to move a progress bar).
+    With CFG weight g = setting.guidance and autoguidance weight w = setting.guide_weight (Karras et al. 2024,
+    "Guiding a Diffusion Model with a Bad Version of Itself": the guide is a worse version of the same network,
+    here an earlier snapshot), the prediction at each step is
+        eps = eps_c + (g - 1)(eps_c - eps_u) + (w - 1)(eps_c - eps_guide)  where the step's noise level lies in
+                                                                          setting.guidance_interval (sigma_lo, sigma_hi]
+        eps = eps_c                          + (w - 1)(eps_c - eps_guide)  on the other steps
+    (eps_c + (g - 1)(eps_c - eps_u) = eps_u + g (eps_c - eps_u) is plain CFG; the paper's D_guide + w (D_main -
+    D_guide), applied at every step). Both networks are conditional, so w improves images without adding prompt
+    adherence; the paper's text-to-image examples split one guidance budget between the two, i.e. hold
+    (g - 1) + (w - 1) fixed. U-Net calls per step: one (the prompt and, on CFG steps, "" in the same batch) plus one
+    of the guide while it is active (w != 1). w = 1, or a guide equal to the main U-Net, changes nothing.
+    `on_step(done, total)` is called after each step (e.g. to move a progress bar; raising there stops).
     """
     from diffusers.guiders.guider_utils import rescale_noise_cfg
 
@@ -104,29 +114,31 @@ def sample_latents(unet, sampler, cond, uncond, seeds, *, guidance: float, steps
     # Ancestral/stochastic steps draw fresh noise; one CPU generator per image keeps image i batch-independent.
     # They continue the seed's stream after the initial noise, exactly as diffusers' pipeline does.
     generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
-    sampler.set_timesteps(steps, device=device)  # before the noise: init_noise_sigma depends on the steps
+    sampler.set_timesteps(setting.steps, device=device)  # before the noise: init_noise_sigma depends on the steps
     if hasattr(sampler, "set_begin_index"):
         # Count steps by position, not by looking t up: Karras sigmas on the cosine schedule (sigma_max ~2e4)
         # round to repeated timesteps, and the lookup would then skip a step and run off the end.
         sampler.set_begin_index(0)
     latents = torch.cat([_draw(g, latent_shape) for g in generators]).to(device) * sampler.init_noise_sigma
-    autoguided = guide_unet is not None and guide_weight != 1.0
+    if setting.autoguided and guide_unet is None:
+        raise ValueError(f"the setting is autoguided by {setting.guide!r} but no guide U-Net was given")
     for i, t in enumerate(sampler.timesteps):
-        guided = guided_at(noise_level(sampler, t), guidance, guidance_interval)
+        guided = guided_at(noise_level(sampler, t), setting)
         model_in = sampler.scale_model_input(latents, t).to(p.dtype)
         with _autocast(device):
             eps = unet(torch.cat([model_in] * 2) if guided else model_in, t,
                        encoder_hidden_states=both if guided else cond, return_dict=False)[0].float()
+            # the guide is another network: its call cannot share the main one's batch
             eps_guide = guide_unet(model_in, t, encoder_hidden_states=cond, return_dict=False)[0].float() \
-                if autoguided else None
+                if setting.autoguided else None
         eps_cond = eps.chunk(2)[1] if guided else eps
         if guided:
             eps_uncond = eps.chunk(2)[0]
-            eps = eps_uncond + guidance * (eps_cond - eps_uncond)
-        if autoguided:
-            eps = eps + (guide_weight - 1.0) * (eps_cond - eps_guide)
-        if guidance_rescale > 0 and (guided or autoguided):
-            eps = rescale_noise_cfg(eps, eps_cond, guidance_rescale=guidance_rescale)
+            eps = eps_uncond + setting.guidance * (eps_cond - eps_uncond)
+        if setting.autoguided:
+            eps = eps + (setting.guide_weight - 1.0) * (eps_cond - eps_guide)
+        if setting.guidance_rescale > 0 and (guided or setting.autoguided):
+            eps = rescale_noise_cfg(eps, eps_cond, guidance_rescale=setting.guidance_rescale)
         kwargs = {"generator": generators} if _takes_generator(sampler) else {}
         latents = sampler.step(eps, t, latents, return_dict=False, **kwargs)[0]
         if on_step is not None:
@@ -147,30 +159,42 @@ def _takes_generator(sampler) -> bool:
 
 
 @torch.no_grad()
-def sample_images(model, prompts, seeds, *, guidance: float, steps: int, scheduler: str = "dpm++2m-karras",
-                  batch_size: int = 64, guidance_rescale: float = 0.0, guidance_interval=None,
-                  progress: bool = False, on_step: Callable[[int, int], None] | None = None) -> torch.Tensor:
+def sample_images(model, prompts, seeds, setting: Setting, *, batch_size: int = 64, progress: bool = False,
+                  on_step: Callable[[int, int], None] | None = None) -> torch.Tensor:
     """[B, 3, H, W] images in [-1, 1] (on the CPU) for `prompts`, one seed each, decoded by the autoencoder.
 
+    `model` must already hold the U-Net of setting.snapshot (helpers.selection.with_snapshot), and of its ema_length
+    and guide (helpers.selection.with_setting: checked here).
     `on_step(done, total)` is called after each denoising step of each batch of `batch_size` prompts.
     """
     prompts, seeds = list(prompts), [int(s) for s in seeds]
     if len(prompts) != len(seeds):
         raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
-    sampler = make_scheduler(scheduler, model.scheduler_config)
+    setting.checked()
+    check_holds(model, setting)
+    sampler = make_scheduler(setting.scheduler, model.scheduler_config)
     device = model.device
     uncond = model.encode_prompts([""]).to(device)
     out = []
     starts = range(0, len(prompts), batch_size)
-    for start in tqdm(starts, desc=f"sampling ({scheduler}, {steps} steps)", disable=not progress):
+    for start in tqdm(starts, desc=f"sampling ({setting.scheduler}, {setting.steps} steps)", disable=not progress):
         cond = model.encode_prompts(prompts[start:start + batch_size]).to(device)
-        latents = sample_latents(model.unet, sampler, cond, uncond, seeds[start:start + batch_size],
-                                 guidance=guidance, steps=steps, guidance_rescale=guidance_rescale,
-                                 guidance_interval=guidance_interval, latent_shape=model.latent_shape,
-                                 on_step=on_step)
+        latents = sample_latents(model.unet, sampler, cond, uncond, seeds[start:start + batch_size], setting,
+                                 latent_shape=model.latent_shape, on_step=on_step,
+                                 guide_unet=getattr(model, "guide_unet", None))
         with _autocast(device):
             out.append(model.autoencoder.decode(latents).float().cpu())
     return torch.cat(out) if out else torch.zeros(0, 3, *model.latent_shape[1:])
+
+
+def check_holds(model, setting: Setting) -> None:
+    """ValueError unless `model` holds the EMA length and guide that `setting` asks for (a model loaded for
+    another setting would otherwise sample it silently with the wrong weights)."""
+    ema_length, guide = float(getattr(model, "ema_length", 0.0)), getattr(model, "guide", "")
+    if ema_length != setting.ema_length or (setting.autoguided and guide != setting.guide):
+        raise ValueError(f"the model holds EMA length {ema_length:g} and guide {guide or 'none'!r}; the setting "
+                         f"asks for {setting.ema_length:g} and {setting.guide if setting.autoguided else 'none'!r}: "
+                         f"load it with helpers.selection.with_setting(model, cfg, setting)")
 
 
 def to_output_pils(images: torch.Tensor, size: int = 256) -> list[Image.Image]:

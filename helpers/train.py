@@ -277,7 +277,7 @@ def _train(cfg: RunConfig, accelerator, resume: bool, progress: bool, stop_at: i
             result.snapshots.append(str(save_snapshot(cfg, ema_copy(unet, ema), done)))
         if phema is not None and main and (done % max(cfg.phema_every or cfg.snapshot_every, 1) == 0
                                            or done == cfg.max_steps):
-            phema.store(cfg.run_dir / "phema", done)
+            phema.store(cfg.layout.phema, done)
         if preview:
             result.previews.append(str(previewer.save(ema_copy(unet, ema), done)))
         if checkpoint or snapshot or preview:
@@ -440,12 +440,12 @@ class Previewer:
         from .images import image_grid, tensor_to_pil
         from .model import TextToImage
         from .sample import sample_images
+        from .setting import Setting
 
         cfg = self.cfg
         model = TextToImage(cfg, ema_unet, self.text_encoder, self.autoencoder, self.scheduler_config)
-        images = sample_images(model, self.prompts, list(range(len(self.prompts))), guidance=cfg.guidance,
-                               steps=cfg.sample_steps, scheduler=cfg.scheduler, batch_size=cfg.sample_batch_size,
-                               guidance_rescale=cfg.guidance_rescale, guidance_interval=cfg.guidance_interval)
+        images = sample_images(model, self.prompts, list(range(len(self.prompts))), Setting.from_config(cfg),
+                               batch_size=cfg.sample_batch_size)
         grid = image_grid([tensor_to_pil(x) for x in images], cols=min(len(self.prompts), 4),
                           cell=max(64, cfg.resolution))
         out = cfg.run_dir / "previews" / f"{checkpoint_name(step)}.png"

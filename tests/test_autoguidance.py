@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from helpers.sample import make_scheduler, sample_latents
+from helpers.setting import Setting
 
 TRAIN_SCHEDULE = {"num_train_timesteps": 1000, "beta_schedule": "squaredcos_cap_v2", "prediction_type": "epsilon"}
 SHAPE = (3, 8, 8)
@@ -44,12 +45,13 @@ def nets():
     return main, bad
 
 
-def run(unet, guide=None, w=1.0, g=3.0, interval=None, steps=4, scheduler="dpm++2m"):
+def denoise(unet, guide=None, w=1.0, g=3.0, interval=(), steps=4, scheduler="dpm++2m"):
     gen = torch.Generator().manual_seed(0)
     cond, uncond = torch.randn(3, 4, 32, generator=gen), torch.zeros(1, 4, 32)
-    return sample_latents(unet, make_scheduler(scheduler, TRAIN_SCHEDULE), cond, uncond, [5, 6, 7], guidance=g,
-                          steps=steps, guidance_interval=interval, latent_shape=SHAPE, guide_unet=guide,
-                          guide_weight=w)
+    setting = Setting(guidance=g, steps=steps, scheduler=scheduler, guidance_interval=interval,
+                      guide="step-000001" if guide is not None else "", guide_weight=w)
+    return sample_latents(unet, make_scheduler(scheduler, TRAIN_SCHEDULE), cond, uncond, [5, 6, 7], setting,
+                          latent_shape=SHAPE, guide_unet=guide)
 
 
 def test_the_combined_prediction_is_the_documented_formula(monkeypatch):
@@ -62,8 +64,9 @@ def test_the_combined_prediction_is_the_documented_formula(monkeypatch):
     main, guide = Constant(0.5), Constant(0.2)
     g, w, c = 3.0, 2.5, 0.7
     cond, uncond = torch.full((2, 4, 32), c), torch.zeros(1, 4, 32)
-    sample_latents(main, make_scheduler("ddim", TRAIN_SCHEDULE), cond, uncond, [0, 1], guidance=g, steps=2,
-                   latent_shape=SHAPE, guide_unet=guide, guide_weight=w)
+    setting = Setting(guidance=g, steps=2, scheduler="ddim", guide="step-000001", guide_weight=w)
+    sample_latents(main, make_scheduler("ddim", TRAIN_SCHEDULE), cond, uncond, [0, 1], setting, latent_shape=SHAPE,
+                   guide_unet=guide)
     eps_c, eps_u, eps_guide = 0.5 + c, 0.5, 0.2 + c
     want = eps_c + (g - 1) * (eps_c - eps_u) + (w - 1) * (eps_c - eps_guide)
     assert len(seen) == 2 and all(torch.allclose(e, torch.full_like(e, want), atol=1e-6) for e in seen)
@@ -72,7 +75,7 @@ def test_the_combined_prediction_is_the_documented_formula(monkeypatch):
 def test_guide_weight_1_gives_the_images_of_no_guide_and_never_calls_it(nets):
     main, bad = nets
     guide = Counting(bad)
-    assert torch.equal(run(main, guide, w=1.0), run(main))
+    assert torch.equal(denoise(main, guide, w=1.0), denoise(main))
     assert guide.batches == []
 
 
@@ -81,28 +84,133 @@ def test_a_guide_identical_to_the_main_net_changes_nothing(nets, w):
     main, _ = nets
     same = copy.deepcopy(main)
     # eps_c - eps_guide is 0 up to float rounding (the main net sees 2B inputs on CFG steps, the guide B)
-    torch.testing.assert_close(run(main, same, w=w, interval=(0.3, 5.0)), run(main, interval=(0.3, 5.0)),
+    torch.testing.assert_close(denoise(main, same, w=w, interval=(0.3, 5.0)), denoise(main, interval=(0.3, 5.0)),
                                rtol=1e-4, atol=1e-5)
 
 
 def test_a_worse_guide_changes_the_images(nets):
     main, bad = nets
-    assert (run(main, bad, w=2.0) - run(main)).abs().max() > 1e-2
+    assert (denoise(main, bad, w=2.0) - denoise(main)).abs().max() > 1e-2
 
 
-@pytest.mark.parametrize("g, w, interval", [(3.0, 2.0, (0.3, 5.0)), (1.0, 2.0, None), (3.0, 1.0, None),
-                                            (3.0, 2.0, None)])
+@pytest.mark.parametrize("g, w, interval", [(3.0, 2.0, (0.3, 5.0)), (1.0, 2.0, ()), (3.0, 1.0, ()),
+                                            (3.0, 2.0, ())])
 def test_one_extra_unet_call_per_step_only_while_the_guide_is_active(nets, g, w, interval):
     main, bad = nets
     counted_main, counted_guide = Counting(main), Counting(bad)
     steps, batch = 6, 3
-    sampler = make_scheduler("dpm++2m", TRAIN_SCHEDULE)
-    sampler.set_timesteps(steps)
-    from helpers.sample import guided_at, noise_level
+    from helpers.sample import guided_steps
 
-    cfg_steps = sum(guided_at(noise_level(sampler, t), g, interval) for t in sampler.timesteps)
-    run(counted_main, counted_guide, w=w, g=g, interval=interval, steps=steps)
+    cfg_steps, _ = guided_steps(TRAIN_SCHEDULE, Setting(guidance=g, steps=steps, guidance_interval=interval))
+    denoise(counted_main, counted_guide, w=w, g=g, interval=interval, steps=steps)
     assert sorted(counted_main.batches) == sorted([2 * batch] * cfg_steps + [batch] * (steps - cfg_steps))
     assert counted_guide.batches == ([batch] * steps if w != 1.0 else [])
     if interval:
         assert 0 < cfg_steps < steps  # the interval test really mixes CFG and plain steps
+
+
+# ---------------------------------------------------------------- settings, loading and the sweep
+
+
+def test_setting_names_and_checks_its_ema_length_and_guide():
+    s = Setting(snapshot="step-000004", guidance=2, guide="step-000002", guide_weight=2, ema_length=0.07)
+    assert "step-000004 (EMA σ_rel 0.07)" in s.label() and "autoguided by step-000002 × 2" in s.label()
+    assert Setting.from_dict(s.to_dict()) == s and s.autoguided
+    assert not Setting(guide="step-000002").autoguided and not Setting(guide_weight=3.0).autoguided
+    problems = " ".join(Setting(ema_length=0.5, guide_weight=float("nan"), guide=3).problems())
+    assert "ema_length=0.5" in problems and "guide_weight=nan" in problems and "guide=3" in problems
+    with pytest.raises(ValueError, match="ema_length"):
+        Setting.from_dict({**Setting().to_dict(), "ema_length": -1})
+
+
+def test_sweep_leaves_out_autoguidance_cells_that_cannot_differ():
+    from helpers.selection import sweep_settings
+
+    settings = sweep_settings(Setting(steps=2), snapshot=["step-000002", "step-000004", "model"], guidance=[1.0],
+                              guide=["", "step-000002"], guide_weight=[1.0, 2.0], ema_length=[0.0, 0.05])
+    got = [(s.snapshot, s.ema_length, s.guide, s.guide_weight) for s in settings]
+    no_guide = [(snap, e, "", 1.0) for snap in ("step-000002", "step-000004", "model") for e in (0.0, 0.05)]
+    guided = [(snap, e, "step-000002", 2.0) for snap in ("step-000004", "model") for e in (0.0, 0.05)]
+    assert sorted(got) == sorted(no_guide + guided) and len(got) == len(set(got))
+    keys = [(s.snapshot, s.ema_length, s.guide) for s in settings]  # each set of weights in one run of cells
+    assert all(keys.index(k) == i or keys[i - 1] == k for i, k in enumerate(keys))
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    from conftest import write_course_dataset
+    from test_train import make_run
+
+    from helpers.train import train
+
+    root = tmp_path_factory.mktemp("ag")
+    cfg = make_run(root, write_course_dataset(root / "course"), max_steps=4, snapshot_every=2, checkpoint_every=4)
+    train(cfg, progress=False)  # tiny profile: post-hoc EMA profiles stored with each snapshot (steps 2 and 4)
+    return cfg
+
+
+def test_with_setting_loads_the_rebuilt_ema_and_the_guide(run, capsys):
+    from safetensors.torch import load_file
+
+    from helpers.model import load_model
+    from helpers.sample import sample_images
+    from helpers.selection import setting_weights_id, with_setting
+
+    model = load_model(run)
+    s = Setting(snapshot="step-000004", guidance=2.0, steps=2, scheduler="ddim", ema_length=0.05,
+                guide="step-000002", guide_weight=2.0)
+    loaded = with_setting(model, run, s)
+    assert "step-000004: EMA length 0.05 rebuilt from 4 stored profiles (its weight profile is 0.0% off" \
+        in capsys.readouterr().out
+    stored = load_file(str(run.layout.phema / "step-000004" / "phema-0.050.safetensors"))
+    unet = dict(loaded.unet.named_parameters())
+    for name, w in stored.items():  # a stored length comes back as stored (x = e_i up to float64 rounding)
+        torch.testing.assert_close(unet[name].detach(), w.float(), rtol=1e-6, atol=1e-7)
+    guide = load_file(str(run.layout.snapshots / "step-000002" / "diffusion_pytorch_model.safetensors"))
+    assert all(torch.equal(dict(loaded.guide_unet.named_parameters())[k].detach(), v) for k, v in guide.items())
+    images = sample_images(loaded, ["a monster number 1."], [3], s, batch_size=1)
+    assert images.shape[0] == 1 and images.isfinite().all()
+    with pytest.raises(ValueError, match="load it with helpers.selection.with_setting"):
+        sample_images(model, ["a monster number 1."], [3], s)  # a model loaded for another setting
+    ids = {setting_weights_id(run, x) for x in (s, s.replace(ema_length=0.0), s.replace(guide_weight=1.0))}
+    assert len(ids) == 3 and any("guide:" in i for i in ids)
+
+
+def test_sweep_over_ema_lengths_and_guides_loads_each_weight_set_once(run, monkeypatch, capsys):
+    import helpers.selection as selection
+    from helpers.model import load_model
+
+    loads = []
+    real = selection.with_setting
+    monkeypatch.setattr(selection, "with_setting", lambda m, c, s: loads.append(s) or real(m, c, s))
+    axes = selection.sweep_axes(run, snapshots=["step-000004"], guidances=[2.0], steps_list=[2],
+                                ema_lengths=[0.0, 0.07], guides=["", "step-000002"], guide_weights=[2.0])
+    settings = selection.sweep_settings(Setting(scheduler="ddim"), **axes)
+    assert len(settings) == 4
+
+    class Brightness:
+        key, columns = "mean", ["brightness"]
+
+        def evaluate(self, images):
+            return {"brightness": float(images.mean())}
+
+        def rank(self, row):
+            return (-row["brightness"],)
+
+    rows = selection.selection_sweep(load_model(run), run, Brightness(), settings, ["a monster number 2."], [1],
+                                     batch_size=1, progress=False)
+    assert len(loads) == 4 and len({r["weights"] for r in rows}) == 4 and len({r["brightness"] for r in rows}) == 4
+    again = selection.selection_sweep(load_model(run), run, Brightness(), settings, ["a monster number 2."], [1],
+                                      batch_size=1, progress=False)
+    assert again == rows and len(loads) == 4 and "Reusing 4 of 4" in capsys.readouterr().out
+
+
+def test_sweep_axes_of_ema_and_guides_come_from_the_config_and_are_checked(run):
+    from helpers.selection import sweep_axes
+
+    axes = sweep_axes(run)
+    assert (axes["ema_length"], axes["guide"], axes["guide_weight"]) == ([0.0], [""], [1.0])
+    with pytest.raises(ValueError, match="guides: 'step-00002' is not a snapshot of run .* did you mean 'step-000002'"):
+        sweep_axes(run, guides=["step-00002"])
+    with pytest.raises(ValueError, match="ema_lengths: ema_length=0.4"):
+        sweep_axes(run, ema_lengths=[0.4])

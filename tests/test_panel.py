@@ -82,8 +82,8 @@ def test_an_error_while_sampling_shows_in_the_panel_with_its_traceback(model, mo
 def test_the_guidance_interval_control_reaches_the_sampler(model, monkeypatch):
     calls = []
 
-    def fake(model, prompts, seeds, **kwargs):
-        calls.append(kwargs)
+    def fake(model, prompts, seeds, setting, **kwargs):
+        calls.append({"guidance_interval": setting.guidance_interval or None})
         return torch.zeros(len(prompts), 3, 16, 16)
 
     monkeypatch.setattr(helpers.panel, "sample_images", fake)
@@ -107,6 +107,8 @@ def test_the_guidance_interval_control_reaches_the_sampler(model, monkeypatch):
     assert calls[-1]["guidance_interval"] == (0.2, 3.0)
 
 
-def test_starting_values_outside_the_sliders_are_refused_not_clamped(model):
-    with pytest.raises(BadSetting, match=r"guidance=20 is outside 1…12; steps=500 is outside 1…100"):
-        make_panel(model, guidance=20, steps=500)
+def test_legal_starting_values_widen_the_sliders_and_illegal_ones_are_refused(model):
+    p = parts(make_panel(model, guidance=0.5, steps=150))  # legal in the config: never gates the notebook
+    assert (p["guidance"].value, p["guidance"].min, p["steps"].value, p["steps"].max) == (0.5, 0.5, 150, 150)
+    with pytest.raises(BadSetting, match=r"guidance=-1.0 should be a finite number >= 0; steps=0 should be a whole"):
+        make_panel(model, guidance=-1, steps=0)
