@@ -147,7 +147,8 @@ def test_every_sweep_parameter_is_checked_where_it_enters(run, given, message):
 def test_sweep_axes_default_to_the_config_and_legal_values_pass(run):
     axes = sweep_axes(run)
     assert axes == {"snapshot": ["step-000002", "step-000004"], "guidance": run.guidance_sweep,
-                    "steps": run.sweep_steps, "guidance_interval": [tuple(i) for i in run.sweep_intervals]}
+                    "steps": run.sweep_steps, "guidance_interval": [tuple(i) for i in run.sweep_intervals],
+                    "ema_length": [0.0], "guide": [""], "guide_weight": [1.0]}
     axes = sweep_axes(run, guidances=[0.5, 15], steps_list=[150], intervals=[[], [0.3, 5]], snapshots=[FINAL])
     assert axes["guidance"] == [0.5, 15] and axes["guidance_interval"] == [(), (0.3, 5)]
 
