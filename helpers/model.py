@@ -63,6 +63,7 @@ class TextToImage:
     # what helpers.selection.with_setting loaded besides the snapshot: a post-hoc EMA length, a guide's U-Net
     ema_length: float = 0.0
     guide: str = ""
+    guide_weight: float = 1.0
     guide_unet: torch.nn.Module | None = None
 
     @property

@@ -30,9 +30,16 @@ class BadSetting(ValueError):
 def preview(model, prompt: str, *, guidance: float, steps: int, scheduler: str, seed: int, n: int = 4,
             cell: int = 128, guidance_interval=None, on_step=None) -> Image.Image:
     """A row of `n` samples of one prompt (seeds seed … seed+n-1): what the widget's button shows."""
-    setting = Setting(guidance=guidance, steps=steps, scheduler=scheduler, guidance_interval=guidance_interval or ())
+    setting = Setting(guidance=guidance, steps=steps, scheduler=scheduler, guidance_interval=guidance_interval or (),
+                      **held_weights(model))
     images = sample_images(model, [prompt] * n, range(seed, seed + n), setting, batch_size=n, on_step=on_step)
     return image_grid([tensor_to_pil(x) for x in images], cols=n, cell=cell)
+
+
+def held_weights(model) -> dict:
+    """The EMA length and guide the model was loaded with (helpers.selection.with_setting): the panel samples them."""
+    return dict(ema_length=getattr(model, "ema_length", 0.0), guide=getattr(model, "guide", ""),
+                guide_weight=getattr(model, "guide_weight", 1.0))
 
 
 def check_settings(values: dict, n: int) -> dict:

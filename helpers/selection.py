@@ -116,7 +116,7 @@ def with_setting(model, cfg: RunConfig, setting: Setting):
     guide = setting_unet(cfg, setting.guide, 0.0, model.device) if setting.autoguided else None
     return dataclasses.replace(model, unet=setting_unet(cfg, setting.snapshot, setting.ema_length, model.device),
                                ema_length=setting.ema_length, guide=setting.guide if guide is not None else "",
-                               guide_unet=guide)
+                               guide_weight=setting.guide_weight if guide is not None else 1.0, guide_unet=guide)
 
 
 def setting_weights_id(cfg: RunConfig, setting: Setting) -> str:

@@ -444,7 +444,8 @@ class Previewer:
 
         cfg = self.cfg
         model = TextToImage(cfg, ema_unet, self.text_encoder, self.autoencoder, self.scheduler_config)
-        images = sample_images(model, self.prompts, list(range(len(self.prompts))), Setting.from_config(cfg),
+        setting = Setting.from_config(cfg).replace(ema_length=0.0, guide="")  # the half-life EMA, no guide
+        images = sample_images(model, self.prompts, list(range(len(self.prompts))), setting,
                                batch_size=cfg.sample_batch_size)
         grid = image_grid([tensor_to_pil(x) for x in images], cols=min(len(self.prompts), 4),
                           cell=max(64, cfg.resolution))
