@@ -3,6 +3,8 @@
     python benchmarks/bench_levers.py --outputs-dir outputs/levers                 # every lever, 900 steps each
     python benchmarks/bench_levers.py --levers baseline,dropout-0.05 --max-steps 300 # a subset, shorter
     python benchmarks/bench_levers.py --size tiny                                    # CI smoke (seconds)
+    python benchmarks/bench_levers.py --setting-levers fixed-ema,phema-0.10,autoguide-100-w2 --seeds 3
+                                                  # post-hoc EMA / autoguidance: one model, >= 3 seeds x 240 prompts
 
 Each lever trains a run of the demo profile from scratch with one setting changed (the latent cache and the
 probe are shared, keyed by what made them), samples every demo test prompt (attribute combinations never seen
@@ -10,6 +12,14 @@ in training) at each guidance scale with the same seeds, and scores them with th
 attribute and the probe Fréchet distance. Sampling-only levers (where guidance applies) reuse the baseline's model.
 Prints a markdown table (the best guidance per lever, by the probe rule of helpers.judges) and writes all rows
 to <outputs-dir>/levers.json.
+
+`--setting-levers` measures choices of the sampling setting instead (helpers.setting.Setting overrides on the demo's
+chosen setting: the final U-Net, guidance `--guidances`, `--steps`, the config's interval): post-hoc EMA lengths and
+autoguidance by an early snapshot. They share one model, trained with snapshots every 100 steps (the early guides)
+and the post-hoc EMA profiles stored every 100 steps (the demo's default). Each is sampled with `--seeds` sets of
+per-prompt seeds on every test prompt and the table gives mean and spread (sample standard deviation over the seed
+sets) of the probe's eyes accuracy, mean accuracy over colour, shape, action, and probe Fréchet distance, so that a
+difference can be told from sampling noise. Rows go to <outputs-dir>/setting_levers.json.
 """
 from __future__ import annotations
 
@@ -33,6 +43,89 @@ LEVERS: dict[str, tuple[dict, dict]] = {
     "crop-to-content": ({"crop_to_content": True}, {}),
     "guide-every-step": ({}, {"guidance_interval": ()}),
 }
+
+
+# setting lever -> Setting overrides (post-hoc EMA lengths, autoguidance by an early snapshot)
+SETTING_LEVERS: dict[str, dict] = {
+    "fixed-ema": {},  # today: the half-life EMA of the final U-Net
+    "phema-0.05": {"ema_length": 0.05}, "phema-0.10": {"ema_length": 0.10}, "phema-0.15": {"ema_length": 0.15},
+    "phema-0.20": {"ema_length": 0.20},
+    "autoguide-100-w1.5": {"guide": "step-000100", "guide_weight": 1.5},
+    "autoguide-100-w2": {"guide": "step-000100", "guide_weight": 2.0},
+    "autoguide-300-w2": {"guide": "step-000300", "guide_weight": 2.0},
+}
+
+
+def measure_settings(levers: list[str], outputs_dir: Path, data_dir: str, max_steps: int, guidances, steps: int,
+                     n_seeds: int, size: str) -> list:
+    """Rows {lever, guidance, seed_set, setting, scores} of each setting lever on one model, `n_seeds` seed sets."""
+    from helpers.judges import judge_for_run
+    from helpers.model import load_model
+    from helpers.sample import sample_images
+    from helpers.selection import with_setting
+    from helpers.setting import FINAL, Setting
+
+    cfg, train_s = trained_run("setting-levers", outputs_dir, data_dir, max_steps, size,
+                               {"snapshot_every": 100 if size != "tiny" else 1, "phema_every": 0})
+    judged, _ = judge_for_run(cfg, 0, probe_steps=50 if size == "tiny" else 400)
+    base_model, rows = load_model(cfg), []
+    for lever in levers:
+        for g in guidances:
+            overrides = {k: (_tiny_guide(v) if k == "guide" and size == "tiny" else v)
+                         for k, v in SETTING_LEVERS[lever].items()}
+            setting = Setting.from_config(cfg, FINAL).replace(guidance=g, steps=steps, **overrides)
+            model = with_setting(base_model, cfg, setting)
+            for k in range(n_seeds):
+                t0 = time.perf_counter()
+                seeds = [s + 100_000 * k for s in judged.seeds]  # seed set 0 is the test set's own seeds
+                images = sample_images(model, judged.texts, seeds, setting, batch_size=cfg.sample_batch_size)
+                rows.append({"lever": lever, "guidance": g, "seed_set": k, "setting": setting.to_dict(),
+                             "train_s": round(train_s, 1), "sample_s": round(time.perf_counter() - t0, 1),
+                             **judged.judge.evaluate(images)})
+    return rows
+
+
+def _tiny_guide(name: str) -> str:
+    return "step-000001"  # the CI smoke trains 2 steps
+
+
+def trained_run(name: str, outputs_dir: Path, data_dir: str, max_steps: int, size: str, overrides: dict):
+    """(config, seconds) of the run `lever-<name>`: data, split, cache and training made once, reused after."""
+    from helpers.cache import build_cache, write_split
+    from helpers.data import load_records
+    from helpers.demo_data import ensure_dataset
+    from helpers.train import train
+
+    profile = "tiny" if size == "tiny" else "demo"
+    cfg = open_run(f"lever-{name}", profile, str(outputs_dir), data_dir=data_dir, max_steps=max_steps,
+                   preview_every=0, **{"snapshot_every": 0, **overrides})
+    ensure_dataset(cfg, **({"num_monsters": 8, "num_test_monsters": 2, "frames_per_action": 1}
+                           if size == "tiny" else {}))
+    t0 = time.perf_counter()
+    if not cfg.layout.unet_dir("model").exists():
+        records, _ = load_records(cfg.data_path)
+        write_split(cfg, records)
+        build_cache(cfg, records, progress=False)
+        train(cfg, progress=False)
+    return cfg, time.perf_counter() - t0
+
+
+def print_setting_table(rows: list) -> None:
+    import statistics
+
+    def ms(values, digits):
+        spread = statistics.stdev(values) if len(values) > 1 else float("nan")
+        return f"{statistics.mean(values):.{digits}f} ± {spread:.{digits}f}"
+
+    print("| lever | guidance | seed sets | eyes | mean (c, s, a) | colour | shape | action | probe FD | s per set |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for key in dict.fromkeys((r["lever"], r["guidance"]) for r in rows):
+        mine = [r for r in rows if (r["lever"], r["guidance"]) == key]
+        acc = lambda name: [r["accuracy"][name] for r in mine]  # noqa: E731
+        print(f"| {key[0]} | {key[1]:g} | {len(mine)} | {ms(acc('eyes'), 3)} | "
+              f"{ms([r['mean_accuracy'] for r in mine], 3)} | {ms(acc('color'), 3)} | {ms(acc('shape'), 3)} | "
+              f"{ms(acc('action'), 3)} | {ms([r['frechet_distance'] for r in mine], 1)} | "
+              f"{statistics.mean(r['sample_s'] for r in mine):.0f} |")
 
 
 def measure(lever: str, outputs_dir: Path, data_dir: str, max_steps: int, guidances, steps: int, size: str) -> list:
@@ -80,9 +173,21 @@ def main(argv=None):
     ap.add_argument("--guidances", default="1,2,3")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--size", choices=["demo", "tiny"], default="demo")
+    ap.add_argument("--setting-levers", default="", help=f"comma-separated, of {', '.join(SETTING_LEVERS)}")
+    ap.add_argument("--seeds", type=int, default=3, help="seed sets per setting lever")
     args = ap.parse_args(argv)
     outputs_dir = Path(args.outputs_dir).resolve()
     guidances = [float(g) for g in args.guidances.split(",")]
+    if args.setting_levers:
+        levers = args.setting_levers.split(",")
+        unknown = [x for x in levers if x not in SETTING_LEVERS]
+        if unknown:
+            ap.error(f"--setting-levers: unknown {', '.join(unknown)} (known: {', '.join(SETTING_LEVERS)})")
+        rows = measure_settings(levers, outputs_dir, args.data_dir, args.max_steps, guidances, args.steps,
+                                args.seeds, args.size)
+        (outputs_dir / "setting_levers.json").write_text(json.dumps(rows, indent=1))
+        print_setting_table(rows)
+        return rows
     rows = []
     for lever in args.levers.split(","):
         rows += measure(lever, outputs_dir, args.data_dir, args.max_steps, guidances, args.steps, args.size)

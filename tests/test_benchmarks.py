@@ -42,3 +42,20 @@ def test_bench_levers_tiny_trains_each_lever_and_prints_the_table(tmp_path):
     assert out.count("| baseline |") == 1 and "| dropout-0.05 |" in out and "| guide-every-step |" in out
     assert (tmp_path / "out" / "runs" / "lever-dropout-0.05" / "model").is_dir()
     assert not (tmp_path / "out" / "runs" / "lever-guide-every-step").exists()  # sampling-only: baseline's model
+
+
+@pytest.mark.slow
+def test_bench_levers_setting_levers_give_mean_and_spread_over_seed_sets(tmp_path):
+    import json
+
+    (tmp_path / "data").mkdir()
+    out = run("bench_levers.py", "--size", "tiny", "--outputs-dir", str(tmp_path / "out"), "--data-dir",
+              str(tmp_path / "data"), "--setting-levers", "fixed-ema,phema-0.10,autoguide-100-w2", "--seeds", "2",
+              "--max-steps", "2", "--guidances", "3", "--steps", "2")
+    for lever in ("fixed-ema", "phema-0.10", "autoguide-100-w2"):
+        assert f"| {lever} | 3 | 2 | " in out
+    assert " ± " in out
+    rows = json.loads((tmp_path / "out" / "setting_levers.json").read_text())
+    assert len(rows) == 6 and {r["seed_set"] for r in rows} == {0, 1}
+    assert {r["setting"]["ema_length"] for r in rows} == {0.0, 0.1}
+    assert {r["setting"]["guide"] for r in rows} == {"", "step-000001"}
