@@ -119,6 +119,23 @@ def with_setting(model, cfg: RunConfig, setting: Setting):
                                guide_weight=setting.guide_weight if guide is not None else 1.0, guide_unet=guide)
 
 
+def setting_unet_folder(cfg: RunConfig, setting: Setting) -> Path:
+    """A diffusers folder holding the U-Net `setting` samples with (e.g. for the hand-in's model/): the snapshot's
+    own folder, or, with an EMA length, the rebuilt U-Net written (again, atomically) to
+    <run>/phema/rebuilt/<snapshot>-sigma<ema_length>/. The guide, if any, is the snapshot folder of setting.guide."""
+    import shutil
+
+    if not setting.ema_length or cfg.pipeline:
+        return unet_folder(cfg, setting.snapshot)
+    out = cfg.layout.phema / "rebuilt" / f"{setting.snapshot}-sigma{setting.ema_length:.3f}"
+    tmp = out.with_name(f".tmp-{out.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    setting_unet(cfg, setting.snapshot, setting.ema_length).save_pretrained(tmp, safe_serialization=True)
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return out
+
+
 def setting_weights_id(cfg: RunConfig, setting: Setting) -> str:
     """What identifies every weight `setting` samples with: the snapshot's hash, plus the hashes of the stored
     post-hoc EMA profiles it is rebuilt from (ema_length) and of the guide (when autoguided)."""

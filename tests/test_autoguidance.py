@@ -175,6 +175,14 @@ def test_with_setting_loads_the_rebuilt_ema_and_the_guide(run, capsys):
     from helpers.panel import preview
 
     preview(loaded, "a monster number 1.", guidance=2.0, steps=2, scheduler="ddim", seed=0, n=1)  # its own weights
+    from diffusers import UNet2DConditionModel
+
+    from helpers.selection import setting_unet_folder
+
+    folder = setting_unet_folder(run, s)  # what a hand-in would pack as its U-Net
+    saved = dict(UNet2DConditionModel.from_pretrained(folder).named_parameters())
+    assert all(torch.equal(saved[k].detach(), v.detach()) for k, v in loaded.unet.named_parameters())
+    assert setting_unet_folder(run, s.replace(ema_length=0.0)) == run.layout.snapshots / "step-000004"
     ids = {setting_weights_id(run, x) for x in (s, s.replace(ema_length=0.0), s.replace(guide_weight=1.0))}
     assert len(ids) == 3 and any("guide:" in i for i in ids)
 
