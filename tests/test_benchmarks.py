@@ -50,9 +50,9 @@ def test_bench_levers_setting_levers_give_mean_and_spread_over_seed_sets(tmp_pat
 
     (tmp_path / "data").mkdir()
     out = run("bench_levers.py", "--size", "tiny", "--outputs-dir", str(tmp_path / "out"), "--data-dir",
-              str(tmp_path / "data"), "--setting-levers", "fixed-ema,phema-0.10,autoguide-100-w2", "--seeds", "2",
+              str(tmp_path / "data"), "--setting-levers", "fixed-ema,phema-0.10,autoguide-early-w2", "--seeds", "2",
               "--max-steps", "2", "--guidances", "3", "--steps", "2")
-    for lever in ("fixed-ema", "phema-0.10", "autoguide-100-w2"):
+    for lever in ("fixed-ema", "phema-0.10", "autoguide-early-w2"):
         assert f"| {lever} | 3 | 2 | " in out
     assert " ± " in out
     rows = json.loads((tmp_path / "out" / "setting_levers.json").read_text())
