@@ -186,9 +186,14 @@ def check_disk_at_start(cfg: RunConfig, sizes: WriteSizes, start: int, accelerat
     return line
 
 
-def bytes_at_step(cfg: RunConfig, sizes: WriteSizes, done: int, checkpoint: bool, snapshot: bool) -> int:
-    final = sizes.model if done == cfg.max_steps else 0
-    return checkpoint * sizes.checkpoint + snapshot * sizes.snapshot + final
+def stop_unless_room_now(cfg: RunConfig, sizes: WriteSizes, accelerator, done: int, checkpoint: bool,
+                         snapshot: bool, last_checkpoint: str | None) -> None:
+    """Before step `done` writes its checkpoint, snapshot (and model/): stop, writing nothing, unless they fit."""
+    need = checkpoint * sizes.checkpoint + snapshot * sizes.snapshot + (sizes.model if done == cfg.max_steps else 0)
+    stop_unless_room(cfg, accelerator, need, lambda free, need: (
+        f"Stopped at step {done}, before writing its checkpoint or snapshot: the disk holding {cfg.run_dir} has "
+        f"{gb(free)} free and they need {gb(need)} (and {gb(RESERVE_BYTES)} stays free). Nothing of step {done} "
+        f"was written; the last checkpoint is {last_checkpoint or 'none'}. " + RESUME_HINT.format(run=cfg.run_dir)))
 
 
 def stop_unless_room(cfg: RunConfig, accelerator, need: int, message) -> None:
@@ -246,7 +251,9 @@ def train(cfg: RunConfig, *, resume: bool = True, progress: bool = True, max_ste
 
     The run folder is locked for the whole session (helpers.runlock). A resume refuses settings that change
     the model's shapes and applies the others, a new lr included (helpers.resume); checkpoints that all fail
-    to load are an error, never a silent start from step 0."""
+    to load are an error, never a silent start from step 0. A `max_steps` given here replaces cfg.max_epochs
+    (helpers.config.apply_length_rule). A run whose writes do not fit on the disk is refused before step 1, and
+    one that meets a filling disk stops after a resumable checkpoint (NotEnoughDiskError, helpers.disk)."""
     cfg, resume = cfg.replace(max_steps=max_steps), as_bool(resume, "resume")
     accelerator = make_accelerator(cfg)
     with run_lock(cfg.run_dir, "training") if accelerator.is_main_process else contextlib.nullcontext():
@@ -332,10 +339,7 @@ def _train(cfg: RunConfig, accelerator, resume: bool, progress: bool, stop_at: i
             bar.set_postfix(loss=f"{logged[-1]['loss']:.4f}", lr=f"{lr:.2e}", img_s=f"{result.images_per_s:.0f}")
             pending = []
         if checkpoint or snapshot:
-            stop_unless_room(cfg, accelerator, bytes_at_step(cfg, sizes, done, checkpoint, snapshot), lambda free, need: (
-                f"Stopped at step {done}, before writing its checkpoint or snapshot: the disk holding {cfg.run_dir} "
-                f"has {gb(free)} free and they need {gb(need)}. Nothing of step {done} was written; the last "
-                f"checkpoint is {result.checkpoint or 'none'}. {RESUME_HINT.format(run=cfg.run_dir)}"))
+            stop_unless_room_now(cfg, sizes, accelerator, done, checkpoint, snapshot, result.checkpoint)
         if checkpoint:
             if not weights_finite(unet):
                 raise FloatingPointError(f"U-Net weights are not finite after step {done}: not checkpointing. The "
