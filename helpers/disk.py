@@ -47,7 +47,7 @@ class WriteSizes:
 def snapshot_count(start: int, end: int, max_steps: int, every: int) -> int:
     """Snapshots written by steps start+1..end: every `every` steps (0: none) and always at max_steps."""
     regular = end // every - start // every if every > 0 else 0
-    final = end == max_steps and (every == 0 or max_steps % every != 0)
+    final = end == max_steps > start and (every == 0 or max_steps % every != 0)
     return regular + int(final)
 
 

@@ -340,7 +340,7 @@ def test_snapshot_and_checkpoint_counts_match_the_training_loop():
     for max_steps in (1, 5, 12):
         for every in (0, 1, 3, 5, 20):
             for start in range(max_steps):
-                for end in range(start + 1, max_steps + 1):
+                for end in range(start, max_steps + 1):  # start == end: a finished run, resumed
                     loop = [d for d in range(start + 1, end + 1) if d == max_steps or (every and d % every == 0)]
                     assert snapshot_count(start, end, max_steps, every) == len(loop)
                     if every:
