@@ -10,8 +10,10 @@ Design choices, and why:
   so no global RNG state needs saving.
 - Losses stay on the device and are checked every `log_every` steps (and before any checkpoint), so
   a NaN is caught, named by step, and never checkpointed, without a GPU sync on every step.
-- Besides the resumable checkpoints (the last few), the EMA U-Net is kept every `snapshot_every` steps in
-  `snapshots/`: small, never pruned, the candidates that 05_eval's selection sweep chooses from.
+- Besides the resumable checkpoints (the last few), the EMA U-Net is kept every `snapshot_every` steps and at
+  max_steps in `snapshots/`: never pruned, the candidates that 05_eval's selection sweep chooses from.
+- Before step 1 the run's writes are estimated against the free disk, and checked again around every checkpoint
+  (helpers.disk): a run stops with a resumable checkpoint before the disk is full, never in the middle of a write.
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ import argparse
 import contextlib
 import copy
 import csv
+import errno
 import hashlib
 import shutil
 import time
@@ -30,10 +33,11 @@ from tqdm.auto import tqdm
 
 from .cache import LatentCache, load_cache, read_split
 from .checkpoint import (CheckpointsDamagedError, checkpoint_config, checkpoint_name, latest_checkpoint,
-                         save_checkpoint)
-from .config import RunConfig, as_bool, load_config, resolve_path, save_config, total_steps, warmup_steps_for
+                         list_checkpoints, save_checkpoint)
+from .config import RunConfig, as_bool, load_config, resolve_length, resolve_path, save_config, warmup_steps_for
+from .disk import RESERVE_BYTES, NotEnoughDiskError, Plan, WriteSizes, check_room, gb, room_for, snapshot_count
 from .diffusion import EMA, diffusion_loss
-from .files import atomic_save_image, atomic_write_json
+from .files import atomic_save_image, atomic_write_json, os_errors_end_in_one_line
 from .model import noise_scheduler, save_model
 from .resume import IncompatibleResumeError, check_resume, retarget_optimizer
 from .runlock import RunLockedError, run_lock
@@ -154,6 +158,77 @@ def weights_finite(unet) -> bool:
     return bool(torch.stack([p.detach().isfinite().all() for p in unet.parameters()]).all())
 
 
+# ---------------------------------------------------------------- disk room (helpers.disk)
+
+RESUME_HINT = ("Free space (or set a larger snapshot_every or a smaller keep_checkpoints), then resume: "
+               "python -m helpers.train --run {run} (or run 03_train_cfg again)")
+
+
+def any_process(accelerator, flag: bool) -> bool:
+    """True on every process when `flag` is True on any: a stop that all processes must take together."""
+    if accelerator.num_processes == 1:
+        return flag
+    return bool(accelerator.reduce(torch.tensor([float(flag)], device=accelerator.device), reduction="sum") > 0)
+
+
+def check_disk_at_start(cfg: RunConfig, sizes: WriteSizes, start: int, accelerator) -> str:
+    """The estimate of what steps start+1..max_steps write, as one line; NotEnoughDiskError if it cannot fit."""
+    problem, line = None, ""
+    if accelerator.is_main_process:
+        plan = Plan(start, cfg.max_steps, cfg.snapshot_every, cfg.checkpoint_every, cfg.keep_checkpoints,
+                    len(list_checkpoints(cfg.run_dir / "checkpoints")))
+        try:
+            line = check_room(plan, sizes, cfg.run_dir)
+        except NotEnoughDiskError as e:
+            problem = str(e)
+    if any_process(accelerator, problem is not None):
+        raise NotEnoughDiskError(problem or "not enough disk (the main process says how much)")
+    return line
+
+
+def stop_unless_room_now(cfg: RunConfig, sizes: WriteSizes, accelerator, done: int, checkpoint: bool,
+                         snapshot: bool, last_checkpoint: str | None) -> None:
+    """Before step `done` writes its checkpoint, snapshot (and model/): stop, writing nothing, unless they fit."""
+    need = checkpoint * sizes.checkpoint + snapshot * sizes.snapshot + (sizes.model if done == cfg.max_steps else 0)
+    stop_unless_room(cfg, accelerator, need, lambda free, need: (
+        f"Stopped at step {done}, before writing its checkpoint or snapshot: the disk holding {cfg.run_dir} has "
+        f"{gb(free)} free and they need {gb(need)} (and {gb(RESERVE_BYTES)} stays free). Nothing of step {done} "
+        f"was written; the last checkpoint is {last_checkpoint or 'none'}. " + RESUME_HINT.format(run=cfg.run_dir)))
+
+
+def stop_unless_room(cfg: RunConfig, accelerator, need: int, message) -> None:
+    """NotEnoughDiskError(message(free, need)) on every process unless `need` bytes fit (decided on the main one)."""
+    fits, free = room_for(cfg.run_dir, need) if accelerator.is_main_process else (True, 0)
+    if any_process(accelerator, not fits):
+        raise NotEnoughDiskError(message(free, need))
+
+
+def stop_unless_room_ahead(cfg: RunConfig, sizes: WriteSizes, accelerator, done: int, end: int,
+                           checkpoint: str | None) -> None:
+    """After the checkpoint of step `done`: stop now unless everything up to the next checkpoint fits."""
+    upto = min(end, (done // cfg.checkpoint_every + 1) * cfg.checkpoint_every)
+    need = (snapshot_count(done, upto, cfg.max_steps, cfg.snapshot_every) * sizes.snapshot + sizes.checkpoint
+            + (sizes.model if upto == cfg.max_steps else 0))
+    stop_unless_room(cfg, accelerator, need, lambda free, need: (
+        f"Stopped after step {done} with a resumable checkpoint {checkpoint}: the disk holding {cfg.run_dir} has "
+        f"{gb(free)} free, and steps {done + 1}-{upto} would write {gb(need)} (and {gb(RESERVE_BYTES)} stays free). "
+        + RESUME_HINT.format(run=cfg.run_dir)))
+
+
+@contextlib.contextmanager
+def no_partial_write(root: Path, step: int):
+    """A checkpoint or snapshot write that fails leaves no temporary folder behind; a failure on a full disk
+    (safetensors and torch.save do not raise OSError for it) becomes OSError ENOSPC naming the folder."""
+    try:
+        yield
+    except BaseException as e:
+        for tmp in root.glob(f".tmp-{checkpoint_name(step)}*"):  # ours: the run lock keeps other writers out
+            shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, Exception) and not isinstance(e, OSError) and root.exists() and not room_for(root, 0)[0]:
+            raise OSError(errno.ENOSPC, f"No space left on device ({type(e).__name__})", str(root)) from e
+        raise
+
+
 # ---------------------------------------------------------------- the loop
 
 
@@ -176,7 +251,9 @@ def train(cfg: RunConfig, *, resume: bool = True, progress: bool = True, max_ste
 
     The run folder is locked for the whole session (helpers.runlock). A resume refuses settings that change
     the model's shapes and applies the others, a new lr included (helpers.resume); checkpoints that all fail
-    to load are an error, never a silent start from step 0."""
+    to load are an error, never a silent start from step 0. A `max_steps` given here replaces cfg.max_epochs
+    (helpers.config.apply_length_rule). A run whose writes do not fit on the disk is refused before step 1, and
+    one that meets a filling disk stops after a resumable checkpoint (NotEnoughDiskError, helpers.disk)."""
     cfg, resume = cfg.replace(max_steps=max_steps), as_bool(resume, "resume")
     accelerator = make_accelerator(cfg)
     with run_lock(cfg.run_dir, "training") if accelerator.is_main_process else contextlib.nullcontext():
@@ -197,7 +274,7 @@ def _train(cfg: RunConfig, accelerator, resume: bool, progress: bool, stop_at: i
 
     cache = load_cache(cfg)
     rows, data = train_rows(cfg, cache), DeviceCache.from_cache(cache, device)
-    cfg = cfg.replace(max_steps=total_steps(cfg, len(rows), accelerator.num_processes))  # max_epochs -> steps
+    cfg, length = resolve_length(cfg, len(rows), accelerator.num_processes)  # max_epochs -> steps, not the user's rule
     unet = unet_for_cache(cfg, cache).to(device).train()
     if cfg.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
@@ -215,12 +292,14 @@ def _train(cfg: RunConfig, accelerator, resume: bool, progress: bool, stop_at: i
         start, position = load_training_state(found[1], unet, ema, optimizer, lr_schedule, accelerator)
         retarget_optimizer(optimizer, lr_schedule, cfg.lr, cfg.weight_decay)  # this config's lr, not the saved one
     end = min(cfg.max_steps, stop_at or cfg.max_steps)
+    sizes = WriteSizes.of(unet)
+    disk = check_disk_at_start(cfg, sizes, start, accelerator)
     if main:
         mirrored = " (and their mirror images)" if cfg.hflip else ""
         print((f"Resuming from checkpoint {resumed_from} (step {start}). " if found else "")
               + f"Training {len(rows)} images{mirrored} from step {start} to {end} of "
               f"{cfg.max_steps}; {images_per_step} images/step on {processes} process(es), {device}, "
-              f"mixed precision {accelerator.mixed_precision}")
+              f"mixed precision {accelerator.mixed_precision}\nLength: {length}\n{disk}")
 
     log = TrainLog(cfg, start, active=main)
     previewer = Previewer(cfg, cache, device) if main and cfg.preview_every > 0 else None
@@ -250,7 +329,7 @@ def _train(cfg: RunConfig, accelerator, resume: bool, progress: bool, stop_at: i
         pending.append((done, torch.stack(losses).mean(), lr))
 
         checkpoint = done % max(cfg.checkpoint_every, 1) == 0 or done == end
-        snapshot = cfg.snapshot_every > 0 and (done % cfg.snapshot_every == 0 or done == cfg.max_steps)
+        snapshot = done == cfg.max_steps or (cfg.snapshot_every > 0 and done % cfg.snapshot_every == 0)
         preview = previewer is not None and (done % cfg.preview_every == 0 or done == cfg.max_steps)
         if len(pending) >= cfg.log_every or checkpoint or snapshot or preview:
             busy += time.perf_counter() - t0  # the flush syncs the device, so the time is real
@@ -259,21 +338,27 @@ def _train(cfg: RunConfig, accelerator, resume: bool, progress: bool, stop_at: i
             log.write(logged, result.images_per_s, epoch=position / len(rows))
             bar.set_postfix(loss=f"{logged[-1]['loss']:.4f}", lr=f"{lr:.2e}", img_s=f"{result.images_per_s:.0f}")
             pending = []
+        if checkpoint or snapshot:
+            stop_unless_room_now(cfg, sizes, accelerator, done, checkpoint, snapshot, result.checkpoint)
         if checkpoint:
             if not weights_finite(unet):
                 raise FloatingPointError(f"U-Net weights are not finite after step {done}: not checkpointing. The "
                                          f"last good checkpoint is {result.checkpoint or 'none'}; lower lr and resume.")
             if main:
                 state = training_state(done, position, optimizer, lr_schedule, accelerator)
-                result.checkpoint = str(save_checkpoint(cfg.run_dir / "checkpoints", done, unet.state_dict(),
-                                                        ema.state_dict(), state, cfg.keep_checkpoints,
-                                                        config=given_config))
+                with no_partial_write(cfg.run_dir / "checkpoints", done):
+                    result.checkpoint = str(save_checkpoint(cfg.run_dir / "checkpoints", done, unet.state_dict(),
+                                                            ema.state_dict(), state, cfg.keep_checkpoints,
+                                                            config=given_config))
         if snapshot and main:
-            result.snapshots.append(str(save_snapshot(cfg, ema_copy(unet, ema), done)))
+            with no_partial_write(cfg.run_dir / "snapshots", done):
+                result.snapshots.append(str(save_snapshot(cfg, ema_copy(unet, ema), done)))
         if preview:
             result.previews.append(str(previewer.save(ema_copy(unet, ema), done)))
         if checkpoint or snapshot or preview:
             accelerator.wait_for_everyone()
+        if checkpoint and done < end:
+            stop_unless_room_ahead(cfg, sizes, accelerator, done, end, result.checkpoint)
         if not pending:
             t0 = time.perf_counter()
         result.last_step = done
@@ -456,12 +541,15 @@ def main(argv: list[str] | None = None) -> TrainResult:
     args = parser.parse_args(argv)
     run = Path(args.run)
     folder = run if (run / "config.json").exists() else resolve_path(args.outputs_dir) / "runs" / args.run
-    cfg = load_config(folder)
-    try:
-        result = train(cfg, resume=not args.no_resume, progress=not args.no_progress, max_steps=args.max_steps,
-                       stop_at=args.stop_at)
-    except (RunLockedError, CheckpointsDamagedError, IncompatibleResumeError) as e:  # the user's move, not a bug
-        parser.exit(1, f"helpers.train: {e}\n")
+    with os_errors_end_in_one_line("helpers.train"):  # a read-only or full disk: one line, not a traceback
+        try:
+            cfg = load_config(folder).replace(max_steps=args.max_steps)  # the user's --max-steps wins (config.py)
+        except ValueError as e:
+            parser.exit(2, f"helpers.train: {' '.join(str(e).split())}\n")
+        try:
+            result = train(cfg, resume=not args.no_resume, progress=not args.no_progress, stop_at=args.stop_at)
+        except (RunLockedError, CheckpointsDamagedError, IncompatibleResumeError, NotEnoughDiskError) as e:
+            parser.exit(1, f"helpers.train: {e}\n")  # the user's move, not a bug
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
     return result
