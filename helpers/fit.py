@@ -3,7 +3,9 @@
 - `measure_step`: a few real training steps (the run's loss, AdamW, EMA, autocast) on a batch drawn from the
   cache: peak memory and images/s. On CUDA the peak is `torch.cuda.max_memory_allocated`. On a CPU no allocator
   keeps a peak, so the figure is computed from the tensors themselves: weights, gradients, AdamW state and EMA as
-  allocated, plus the tensors autograd saves for backward in the largest micro-batch (the activations).
+  allocated, plus the tensors autograd saves for backward in the largest micro-batch (the activations, and the bf16
+  copies of the weights under autocast), all counted at once: an upper bound. The process's RSS high-water mark
+  would not do: at small batches it is set by the optimizer state, not by the step.
 - `plan_fit`: if the configured step does not fit, the smallest micro-batch split and the smallest split with
   gradient checkpointing that fit, each measured; the faster wins. Splitting keeps the images per optimizer step
   and the data stream (helpers.train.split_backward), so results and exact resume do not change.
@@ -35,6 +37,10 @@ BUDGET_MARGIN = 0.05  # share of the time budget kept free for measurement noise
 PREVIEW_PROMPTS = 8  # helpers.train.Previewer's grid
 
 
+class DoesNotFitError(RuntimeError):
+    """The configured run fits neither the device's memory in any split nor the time budget: the user's move."""
+
+
 @dataclass
 class StepCost:
     """What one training step costs on a device, measured."""
@@ -57,7 +63,9 @@ class StepCost:
 
 
 def duration(seconds: float) -> str:
-    return f"{seconds / 3600:.2f} h" if seconds >= 3600 else f"{seconds / 60:.1f} min" if seconds >= 60 else f"{seconds:.1f} s"
+    if seconds >= 3600:
+        return f"{seconds / 3600:.2f} h"
+    return f"{seconds / 60:.1f} min" if seconds >= 60 else f"{seconds:.1f} s"
 
 
 def gib(n: float) -> str:
@@ -69,11 +77,12 @@ def on_cuda(device) -> bool:
 
 
 def device_memory(device) -> tuple[int, str]:
-    """(bytes, name) of the device's memory: the GPU's total, or the machine's RAM."""
+    """(bytes, name) of the device's memory: what this process may use of the GPU's, or the machine's RAM."""
     if on_cuda(device):
         props = torch.cuda.get_device_properties(device)
-        return props.total_memory, props.name
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), f"CPU RAM ({torch.get_num_threads()} threads)"
+        fraction = torch.cuda.get_per_process_memory_fraction(device)  # set_per_process_memory_fraction's cap
+        return int(props.total_memory * fraction), props.name + (f" capped to {fraction:.0%}" if fraction < 1 else "")
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), f"CPU ({torch.get_num_threads()} threads)"
 
 
 def autocast_for(cfg: RunConfig, device):
@@ -87,8 +96,9 @@ def autocast_for(cfg: RunConfig, device):
 
 def draw_batch(cfg: RunConfig, data: DeviceCache, rows: torch.Tensor) -> tuple:
     """A batch of the configured size from the cache, from a generator of its own (the training stream is untouched)."""
-    return data.batch(data_rows(rows, cfg.seed, 0, cfg.batch_size), step_generator(cfg.seed, "fit", device=data.mean.device),
-                      cfg.caption_dropout, cfg.offset_noise, cfg.num_train_timesteps, cfg.hflip)
+    gen = step_generator(cfg.seed, "fit", device=data.mean.device)
+    return data.batch(data_rows(rows, cfg.seed, 0, cfg.batch_size), gen, cfg.caption_dropout, cfg.offset_noise,
+                      cfg.num_train_timesteps, cfg.hflip)
 
 
 def tensor_bytes(tensors) -> int:
@@ -156,7 +166,8 @@ def measure_step(cfg: RunConfig, unet, batch: tuple, micro_splits: int = 1, grad
         else:
             states = tensor_bytes(unet.parameters()) * 2 + tensor_bytes(ema.weights)  # weights + gradients + EMA
             states += tensor_bytes(v for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v))
-            peak, source = states + sum(saved), "computed: weights, gradients, AdamW, EMA + tensors saved for backward"
+            peak = states + sum(saved)  # all at once: an upper bound (activations are freed as gradients appear)
+            source = "computed upper bound: weights, gradients, AdamW, EMA + tensors saved for backward"
     finally:
         optimizer.zero_grad(set_to_none=True)
         del optimizer, ema
@@ -177,14 +188,17 @@ def plan_fit(batch_size: int, try_step, micro_splits: int = 1, gradient_checkpoi
     the faster of the smallest split without and the smallest with checkpointing that fit.
 
     `try_step(micro_splits, gradient_checkpointing)` measures one setting (a StepCost) or raises
-    torch.cuda.OutOfMemoryError; RuntimeError when nothing fits."""
+    torch.cuda.OutOfMemoryError; DoesNotFitError when nothing fits."""
     tried = []
 
     def attempt(splits, checkpointing):
         try:
             cost = try_step(splits, checkpointing)
         except torch.cuda.OutOfMemoryError:
+            cost = None
+        if cost is None:  # outside the except: its traceback no longer holds the attempt's tensors
             tried.append((splits, checkpointing, "out of memory"))
+            free_memory("cuda" if torch.cuda.is_available() else "cpu")
             return None
         tried.append((splits, checkpointing, f"{gib(cost.peak_bytes)}, {cost.images_per_s:.1f} images/s"
                       + ("" if cost.fits() else " (too close to the device's memory)")))
@@ -204,7 +218,7 @@ def plan_fit(batch_size: int, try_step, micro_splits: int = 1, gradient_checkpoi
                 break
             splits *= 2
     if not candidates:
-        raise RuntimeError(f"batch_size={batch_size} does not fit this device even in micro-batches of 1 image with "
+        raise DoesNotFitError(f"batch_size={batch_size} does not fit this device even in micro-batches of 1 image with "
                            f"gradient checkpointing: lower batch_size (raise grad_accum to keep the images per step) "
                            f"or choose a smaller unet_preset")
     return max(candidates, key=lambda c: c.images_per_s), tried
@@ -230,7 +244,8 @@ def save_seconds(cfg: RunConfig, param_bytes: int, images_per_s: float, processe
     (2 forwards per step) on the main process, a forward costing about a third of a training step."""
     forwards_per_s = 3 * images_per_s / processes
     return dict(checkpoint=4 * param_bytes / DISK_BYTES_PER_S, snapshot=param_bytes / DISK_BYTES_PER_S,
-                preview=2 * PREVIEW_PROMPTS * cfg.sample_steps / forwards_per_s, final=2 * param_bytes / DISK_BYTES_PER_S)
+                preview=2 * PREVIEW_PROMPTS * cfg.sample_steps / forwards_per_s,
+                final=2 * param_bytes / DISK_BYTES_PER_S)
 
 
 def plan_budget(cfg: RunConfig, images_per_s: float, num_train_images: int, param_bytes: int, processes: int = 1,
@@ -245,13 +260,14 @@ def plan_budget(cfg: RunConfig, images_per_s: float, num_train_images: int, para
     snapshots = max(1, configured // cfg.snapshot_every) if cfg.snapshot_every > 0 else 0
     per_step = (images_per_step / images_per_s + cost["checkpoint"] / cfg.checkpoint_every
                 + (cost["preview"] / cfg.preview_every if cfg.preview_every > 0 else 0.0))
-    once = cost["final"] + cost["checkpoint"] + snapshots * cost["snapshot"] + (cost["preview"] if cfg.preview_every else 0)
+    once = (cost["final"] + cost["checkpoint"] + snapshots * cost["snapshot"]  # the last step's saves, all snapshots
+            + (cost["preview"] if cfg.preview_every > 0 else 0.0))
     budget = cfg.time_budget_hours * 3600 * (1 - BUDGET_MARGIN)
     fitting = math.floor((budget - once) / per_step)
     if fitting < 1:
         need = (once + per_step) / 3600 / (1 - BUDGET_MARGIN)
-        raise ValueError(f"time_budget_hours={cfg.time_budget_hours} is too short for one step and the saves on this "
-                         f"device (measured {images_per_s:.3g} images/s): at least {need:.3g} hours are needed")
+        raise DoesNotFitError(f"time_budget_hours={cfg.time_budget_hours} is too short for one step and the saves on "
+                              f"this device (measured {images_per_s:.3g} images/s): at least {need:.3g} hours are needed")
     steps = min(configured, fitting)
     snapshot_every = max(1, -(-steps // snapshots)) if snapshots and steps < configured else cfg.snapshot_every
     seconds = steps * per_step + once
@@ -265,8 +281,9 @@ def describe_budget(cfg: RunConfig, plan: BudgetPlan) -> str:
     length = ("the configured run fits" if plan.steps == plan.configured_steps
               else f"shortened from the configured {plan.configured_steps:,} steps")
     return (f"time budget {cfg.time_budget_hours:g} h at the measured {plan.images_per_s:.1f} images/s: "
-            f"{plan.steps:,} steps ({length}), {plan.epochs:.2f} epochs, snapshots every {plan.snapshot_every:,} steps; "
-            f"estimated {duration(plan.seconds)} incl. {plan.overhead_s / 60:.1f} min of checkpoints/snapshots/"
+            f"{plan.steps:,} steps ({length}), {plan.epochs:.2f} epochs, snapshots every {plan.snapshot_every:,} "
+            f"steps; "
+            f"estimated {duration(plan.seconds)} incl. {duration(plan.overhead_s)} of checkpoints/snapshots/"
             f"previews, ending about {plan.end:%Y-%m-%d %H:%M %Z}. Stored in config.json; a resume keeps this plan")
 
 
@@ -350,9 +367,9 @@ def describe_tried(tried: list) -> str:
 
 def describe_cost(cost: StepCost) -> str:
     share = cost.peak_bytes / cost.device_bytes
-    return (f"one training step at batch {cost.batch_size} ({cost.setting()}): peak memory {gib(cost.peak_bytes)} of "
-            f"{gib(cost.device_bytes)} on {cost.device} ({share:.0%}; {cost.memory_source}); "
-            f"{cost.images_per_s:.1f} images/s")
+    return (f"one training step at batch {cost.batch_size} ({cost.setting()}) on {cost.device}: peak memory "
+            f"{gib(cost.peak_bytes)} of {gib(cost.device_bytes)} ({share:.0%}), {cost.images_per_s:.1f} images/s\n"
+            f"  (memory: {cost.memory_source})")
 
 
 @dataclass

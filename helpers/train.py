@@ -147,7 +147,7 @@ def make_optimizer(cfg: RunConfig, unet, device):
 
 def split_backward(loss_of, batch: tuple, micro_splits: int, backward=torch.Tensor.backward,
                    no_sync=contextlib.nullcontext) -> torch.Tensor:
-    """Forward + backward of `batch` (tensors sharing dim 0) in `micro_splits` chunks; returns its mean loss, detached.
+    """Forward + backward of `batch` (tensors sharing dim 0) in `micro_splits` chunks; returns its mean loss (detached).
 
     The batch is drawn whole before it is split, so the data stream is the same for any split. Each chunk's loss
     is weighted by its share of the batch, so the summed gradients are those of the whole batch's mean loss (up
@@ -265,8 +265,8 @@ def _train(cfg: RunConfig, accelerator, resume: bool, progress: bool, stop_at: i
             x0, context, eps, t = data.batch(batch_rows, gen, cfg.caption_dropout, cfg.offset_noise,
                                              cfg.num_train_timesteps, cfg.hflip)
             with accelerator.accumulate(ddp_unet), accelerator.autocast():
-                loss = split_backward(lambda *chunk: diffusion_loss(forward, *chunk, alphas_cumprod, cfg.prediction_type,
-                                                                    cfg.min_snr_gamma),
+                loss = split_backward(lambda *chunk: diffusion_loss(forward, *chunk, alphas_cumprod,
+                                                                    cfg.prediction_type, cfg.min_snr_gamma),
                                       (x0, context, eps, t), cfg.micro_splits, accelerator.backward,
                                       lambda: accelerator.no_sync(ddp_unet))
                 if accelerator.sync_gradients and cfg.max_grad_norm > 0:
@@ -487,10 +487,12 @@ def main(argv: list[str] | None = None) -> TrainResult:
     run = Path(args.run)
     folder = run if (run / "config.json").exists() else resolve_path(args.outputs_dir) / "runs" / args.run
     cfg = load_config(folder)
+    from .fit import DoesNotFitError  # helpers.fit builds on this module
+
     try:
         result = train(cfg, resume=not args.no_resume, progress=not args.no_progress, max_steps=args.max_steps,
                        stop_at=args.stop_at)
-    except (RunLockedError, CheckpointsDamagedError, IncompatibleResumeError) as e:  # the user's move, not a bug
+    except (RunLockedError, CheckpointsDamagedError, IncompatibleResumeError, DoesNotFitError) as e:  # the user's move
         parser.exit(1, f"helpers.train: {e}\n")
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()

@@ -5,7 +5,6 @@ import json
 import subprocess
 import sys
 from datetime import datetime, timezone
-from pathlib import Path
 
 import pytest
 import torch
@@ -110,7 +109,7 @@ def test_plan_fit_picks_the_faster_setting_that_fits_and_says_when_nothing_does(
     assert (chosen.micro_splits, chosen.gradient_checkpointing) == (2, False)  # 96 images/s against 70
     slow_split = lambda splits, ckpt: cost(splits, ckpt, 4 + 19.2 / splits / (4 if ckpt else 1), 100 / splits)
     assert fit.plan_fit(64, slow_split)[0].gradient_checkpointing  # 8 splits at 12.5 images/s lose to 100
-    with pytest.raises(RuntimeError, match="batch_size=64 does not fit .* lower batch_size"):
+    with pytest.raises(fit.DoesNotFitError, match="batch_size=64 does not fit .* lower batch_size"):
         fit.plan_fit(64, lambda s, c: (_ for _ in ()).throw(torch.cuda.OutOfMemoryError("simulated")))
 
 
@@ -130,7 +129,7 @@ def test_plan_budget_fits_steps_and_saves_into_the_hours():
     assert -(-plan.steps // plan.snapshot_every) == snapshots  # as many snapshots as the configured run
     roomy = fit.plan_budget(cfg.replace(time_budget_hours=100.0), ips, images, param_bytes, now=now)
     assert (roomy.steps, roomy.snapshot_every) == (roomy.configured_steps, cfg.snapshot_every)  # fits: unchanged
-    with pytest.raises(ValueError, match=r"time_budget_hours=0.001 is too short .* at least"):
+    with pytest.raises(fit.DoesNotFitError, match=r"time_budget_hours=0.001 is too short .* at least"):
         fit.plan_budget(cfg.replace(time_budget_hours=0.001), ips, images, param_bytes, now=now)
 
 
@@ -148,7 +147,8 @@ def test_time_budget_plans_the_run_and_a_resume_keeps_the_plan(tmp_path, course_
     monkeypatch.setattr(fit, "perf_counter", mocked_clock(1.0))  # 3 timed steps of 8 images in 1 s: 24 images/s
     cfg = make_run(tmp_path, course_dir, max_steps=60, checkpoint_every=2, snapshot_every=20,
                    time_budget_hours=0.002)
-    n, param_bytes = len(train_rows(cfg, load_cache(cfg))), fit.tensor_bytes(unet_for_cache(cfg, load_cache(cfg)).parameters())
+    cache = load_cache(cfg)
+    n, param_bytes = len(train_rows(cfg, cache)), fit.tensor_bytes(unet_for_cache(cfg, cache).parameters())
     expected = fit.plan_budget(cfg, 24.0, n, param_bytes)
     assert 2 < expected.steps < 60  # the budget shortens the run
     first = train(cfg, progress=False, stop_at=2)
