@@ -72,7 +72,7 @@ class RunConfig:
     ema_rampup: float = 0.125
     mixed_precision: str = "auto"  # auto (bf16 on CUDA) | no | bf16 | fp16
     compile: bool = False
-    gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30 % slower
+    gradient_checkpointing: bool = False
     # forward + backward each step's batch in this many chunks (gradients summed, one optimizer step): the same
     # images per step and data stream, less activation memory (helpers.train.split_backward)
     micro_splits: int = 1

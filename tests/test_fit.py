@@ -17,11 +17,13 @@ from helpers.model import noise_scheduler
 from helpers.train import DeviceCache, read_log, split_backward, train, train_rows, unet_for_cache
 from test_train import make_run, model_weights
 
-# Splitting changes only the order of float32 sums (per-chunk means, gradients accumulated chunk by chunk), and
-# the kernels' batch size: ~1e-7 relative per step. AdamW divides by sqrt(v), so after a few steps the weights
-# differ by at most a small multiple of that on the lr-sized updates (lr 1e-3 here).
+# Splitting changes only the order of float32 sums (per-chunk means, gradients accumulated chunk by chunk) and the
+# kernels' batch size: ~1e-7 relative. AdamW's update (lr 1e-3 here) divides by sqrt(v), which magnifies the relative
+# error of tiny gradients, so weights drift by a few 1e-7 over 3 steps (measured: at most 7.2e-7 for 8 splits, loss
+# 7e-8 relative): the tolerances leave ~7x room and stay 200x below one step's update. AdamW is nearly blind to a
+# constant gradient scale, so the chunks' weighting is checked on the gradients themselves (first test).
 LOSS_TOL = dict(rel=1e-5, abs=1e-6)
-WEIGHT_TOL = dict(rtol=1e-5, atol=1e-6)
+WEIGHT_TOL = dict(rtol=1e-5, atol=5e-6)
 
 
 def test_split_backward_gives_the_whole_batch_gradient(tmp_path, course_dir):
@@ -195,3 +197,16 @@ def test_bench_fit_tiny_measures_and_fits_under_a_cap():
                           capture_output=True, text=True, timeout=300, cwd=PROJECT_ROOT)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "| tiny | 8 |" in done.stdout and "auto_fit" in done.stdout
+
+
+def test_a_budget_too_short_for_one_step_stops_with_one_line(tmp_path, course_dir, monkeypatch, capsys):
+    from helpers.train import main
+
+    monkeypatch.setattr(fit, "perf_counter", mocked_clock(1.0))
+    cfg = make_run(tmp_path, course_dir, max_steps=4, time_budget_hours=1e-5)  # 0.036 s: less than one step
+    with pytest.raises(SystemExit) as stop:
+        main(["--run", str(cfg.run_dir), "--no-progress"])
+    err = capsys.readouterr().err
+    assert stop.value.code == 1 and err.count("\n") == 1
+    assert "helpers.train: time_budget_hours=1e-05 is too short" in err and "hours are needed" in err
+    assert not (cfg.run_dir / "checkpoints").exists()
