@@ -75,6 +75,15 @@ class RunConfig:
     mixed_precision: str = "auto"  # auto (bf16 on CUDA) | no | bf16 | fp16
     compile: bool = False
     gradient_checkpointing: bool = False
+    # forward + backward each step's batch in this many chunks (gradients summed, one optimizer step): the same
+    # images per step and data stream, less activation memory (helpers.train.split_backward)
+    micro_splits: int = 1
+    # on CUDA, before step 1: if the step does not fit the GPU's memory, raise micro_splits and/or turn on
+    # gradient_checkpointing, whichever measures faster (helpers.fit). Never changes anything on a CPU
+    auto_fit: bool = True
+    # > 0: before step 1 of a new run, set max_steps so that training, checkpoints and snapshots end within this
+    # many hours at the measured speed (never longer than the configured run); a resume keeps that plan
+    time_budget_hours: float = 0.0
     checkpoint_every: int = 200
     keep_checkpoints: int = 2  # resumable checkpoints (weights + optimizer); older ones are pruned
     # the EMA U-Net is kept in snapshots/ every N steps and always at max_steps (0 = only that final one): the
@@ -266,6 +275,8 @@ FIELD_CHECKS = {
     "max_steps": _at_least(1),
     "batch_size": _at_least(1),
     "grad_accum": _at_least(1),
+    "micro_splits": _at_least(1),
+    "time_budget_hours": _finite_at_least(0.0),  # 0 = no budget
     "lr": _finite_at_least(0.0, above=True),
     "lr_schedule": _one_of(lambda: LR_SCHEDULES),
     "warmup_steps": _at_least(0),

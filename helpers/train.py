@@ -149,6 +149,28 @@ def make_optimizer(cfg: RunConfig, unet, device):
     return optimizer, lr_schedule
 
 
+def split_backward(loss_of, batch: tuple, micro_splits: int, backward=torch.Tensor.backward,
+                   no_sync=contextlib.nullcontext) -> torch.Tensor:
+    """Forward + backward of `batch` (tensors sharing dim 0) in `micro_splits` chunks; returns its mean loss (detached).
+
+    The batch is drawn whole before it is split, so the data stream is the same for any split. Each chunk's loss
+    is weighted by its share of the batch, so the summed gradients are those of the whole batch's mean loss (up
+    to float rounding); under DDP, gradients are synchronised only in the last chunk's backward."""
+    chunks = list(zip(*(x.tensor_split(min(micro_splits, len(batch[0]))) for x in batch)))
+    if len(chunks) == 1:  # unsplit: exactly the step as it always was
+        loss = loss_of(*batch)
+        backward(loss)
+        return loss.detach().float()
+    total = 0.0
+    for i, chunk in enumerate(chunks):
+        share = len(chunk[0]) / len(batch[0])
+        with no_sync() if i < len(chunks) - 1 else contextlib.nullcontext():
+            loss = loss_of(*chunk)
+            backward(loss * share)
+        total = total + loss.detach().float() * share
+    return total
+
+
 def ema_copy(unet, ema: EMA):
     """A copy of the U-Net holding the EMA weights, for previews, snapshots and the saved model."""
     return ema.copy_to(copy.deepcopy(unet).eval().requires_grad_(False))
@@ -261,6 +283,8 @@ def train(cfg: RunConfig, *, resume: bool = True, progress: bool = True, max_ste
 
 
 def _train(cfg: RunConfig, accelerator, resume: bool, progress: bool, stop_at: int | None) -> TrainResult:
+    from .fit import fit_run  # helpers.fit builds on this module
+
     device, main = accelerator.device, accelerator.is_main_process
     given_config = cfg.to_json()  # stored in checkpoints as the user set it (before max_epochs -> max_steps)
     found = latest_checkpoint(cfg.run_dir / "checkpoints") if resume else None
@@ -274,6 +298,11 @@ def _train(cfg: RunConfig, accelerator, resume: bool, progress: bool, stop_at: i
 
     cache = load_cache(cfg)
     rows, data = train_rows(cfg, cache), DeviceCache.from_cache(cache, device)
+    fitted = fit_run(cfg, cache, data, rows, accelerator, checkpoint_config(found[0]) if found else None)
+    if fitted is not cfg:  # the plan is the run's config from now on: config.json, checkpoints, resumes
+        cfg, given_config = fitted, fitted.to_json()
+        if main:
+            save_config(cfg)
     cfg, length = resolve_length(cfg, len(rows), accelerator.num_processes)  # max_epochs -> steps, not the user's rule
     unet = unet_for_cache(cfg, cache).to(device).train()
     if cfg.gradient_checkpointing:
@@ -315,14 +344,15 @@ def _train(cfg: RunConfig, accelerator, resume: bool, progress: bool, stop_at: i
             x0, context, eps, t = data.batch(batch_rows, gen, cfg.caption_dropout, cfg.offset_noise,
                                              cfg.num_train_timesteps, cfg.hflip)
             with accelerator.accumulate(ddp_unet), accelerator.autocast():
-                loss = diffusion_loss(forward, x0, context, eps, t, alphas_cumprod, cfg.prediction_type,
-                                      cfg.min_snr_gamma)
-                accelerator.backward(loss)
+                loss = split_backward(lambda *chunk: diffusion_loss(forward, *chunk, alphas_cumprod,
+                                                                    cfg.prediction_type, cfg.min_snr_gamma),
+                                      (x0, context, eps, t), cfg.micro_splits, accelerator.backward,
+                                      lambda: accelerator.no_sync(ddp_unet))
                 if accelerator.sync_gradients and cfg.max_grad_norm > 0:
                     accelerator.clip_grad_norm_(ddp_unet.parameters(), cfg.max_grad_norm)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-            losses.append(loss.detach().float())
+            losses.append(loss)
         lr_schedule.step()
         ema.update(unet, images_per_step)
         done = step + 1
@@ -541,6 +571,8 @@ def main(argv: list[str] | None = None) -> TrainResult:
     args = parser.parse_args(argv)
     run = Path(args.run)
     folder = run if (run / "config.json").exists() else resolve_path(args.outputs_dir) / "runs" / args.run
+    from .fit import DoesNotFitError  # helpers.fit builds on this module
+
     with os_errors_end_in_one_line("helpers.train"):  # a read-only or full disk: one line, not a traceback
         try:
             cfg = load_config(folder).replace(max_steps=args.max_steps)  # the user's --max-steps wins (config.py)
@@ -548,7 +580,8 @@ def main(argv: list[str] | None = None) -> TrainResult:
             parser.exit(2, f"helpers.train: {' '.join(str(e).split())}\n")
         try:
             result = train(cfg, resume=not args.no_resume, progress=not args.no_progress, stop_at=args.stop_at)
-        except (RunLockedError, CheckpointsDamagedError, IncompatibleResumeError, NotEnoughDiskError) as e:
+        except (RunLockedError, CheckpointsDamagedError, IncompatibleResumeError, NotEnoughDiskError,
+                DoesNotFitError) as e:
             parser.exit(1, f"helpers.train: {e}\n")  # the user's move, not a bug
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
