@@ -198,7 +198,7 @@ def check_disk_at_start(cfg: RunConfig, sizes: WriteSizes, start: int, accelerat
     problem, line = None, ""
     if accelerator.is_main_process:
         plan = Plan(start, cfg.max_steps, cfg.snapshot_every, cfg.checkpoint_every, cfg.keep_checkpoints,
-                    len(list_checkpoints(cfg.run_dir / "checkpoints")))
+                    len(list_checkpoints(cfg.layout.checkpoints)))
         try:
             line = check_room(plan, sizes, cfg.run_dir)
         except NotEnoughDiskError as e:
@@ -287,7 +287,7 @@ def _train(cfg: RunConfig, accelerator, resume: bool, progress: bool, stop_at: i
 
     device, main = accelerator.device, accelerator.is_main_process
     given_config = cfg.to_json()  # stored in checkpoints as the user set it (before max_epochs -> max_steps)
-    found = latest_checkpoint(cfg.run_dir / "checkpoints") if resume else None
+    found = latest_checkpoint(cfg.layout.checkpoints) if resume else None
     if found:  # before anything is written: a refused resume leaves the run as it was
         check_resume(found[0], checkpoint_config(found[0]), cfg, verbose=main)
     if main:
@@ -376,12 +376,12 @@ def _train(cfg: RunConfig, accelerator, resume: bool, progress: bool, stop_at: i
                                          f"last good checkpoint is {result.checkpoint or 'none'}; lower lr and resume.")
             if main:
                 state = training_state(done, position, optimizer, lr_schedule, accelerator)
-                with no_partial_write(cfg.run_dir / "checkpoints", done):
-                    result.checkpoint = str(save_checkpoint(cfg.run_dir / "checkpoints", done, unet.state_dict(),
+                with no_partial_write(cfg.layout.checkpoints, done):
+                    result.checkpoint = str(save_checkpoint(cfg.layout.checkpoints, done, unet.state_dict(),
                                                             ema.state_dict(), state, cfg.keep_checkpoints,
                                                             config=given_config))
         if snapshot and main:
-            with no_partial_write(cfg.run_dir / "snapshots", done):
+            with no_partial_write(cfg.layout.snapshots, done):
                 result.snapshots.append(str(save_snapshot(cfg, ema_copy(unet, ema), done)))
         if preview:
             result.previews.append(str(previewer.save(ema_copy(unet, ema), done)))
@@ -440,7 +440,7 @@ def load_training_state(ckpt: dict, unet, ema: EMA, optimizer, lr_schedule, acce
 
 def save_snapshot(cfg: RunConfig, ema_unet, step: int) -> Path:
     """`snapshots/step-NNNNNN/`: the EMA U-Net as a diffusers folder (safetensors + config), written atomically."""
-    root = cfg.run_dir / "snapshots"
+    root = cfg.layout.snapshots
     final, tmp = root / checkpoint_name(step), root / f".tmp-{checkpoint_name(step)}"
     shutil.rmtree(tmp, ignore_errors=True)
     ema_unet.save_pretrained(tmp, safe_serialization=True)
@@ -453,12 +453,12 @@ def save_snapshot(cfg: RunConfig, ema_unet, step: int) -> Path:
 
 def retire_checkpoints(cfg: RunConfig) -> None:
     """resume=False: move old checkpoints aside, so they cannot be mistaken for this run's."""
-    root = cfg.run_dir / "checkpoints"
+    root = cfg.layout.checkpoints
     if root.exists():
-        old, n = cfg.run_dir / "checkpoints.old", 1
+        old, n = root.with_name("checkpoints.old"), 1
         while old.exists():  # never delete what an earlier resume=False moved aside
             n += 1
-            old = cfg.run_dir / f"checkpoints.old-{n}"
+            old = root.with_name(f"checkpoints.old-{n}")
         root.rename(old)
         print(f"resume=False: moved the previous checkpoints to {old}")
 
@@ -472,7 +472,7 @@ class TrainLog:
     FIELDS = ("step", "loss", "lr", "images_per_s", "epoch")
 
     def __init__(self, cfg: RunConfig, start: int, active: bool):
-        self.active, self.path = active, cfg.run_dir / "logs" / "train.csv"
+        self.active, self.path = active, cfg.layout.logs / "train.csv"
         if not active:
             return
         from torch.utils.tensorboard import SummaryWriter
@@ -483,7 +483,7 @@ class TrainLog:
             writer = csv.DictWriter(f, self.FIELDS)
             writer.writeheader()
             writer.writerows(kept)
-        self.tb = SummaryWriter(str(cfg.run_dir / "logs" / "tensorboard"), purge_step=start + 1 if start else None)
+        self.tb = SummaryWriter(str(cfg.layout.logs / "tensorboard"), purge_step=start + 1 if start else None)
 
     def write(self, rows: list[dict], images_per_s: float, epoch: float) -> None:
         if not self.active:
@@ -510,7 +510,7 @@ def read_log_rows(path: Path) -> list[dict]:
 
 def read_log(cfg: RunConfig) -> dict[str, list[float]]:
     """The run's whole training log as columns: {"step": [...], "loss": [...], ...}."""
-    rows = read_log_rows(cfg.run_dir / "logs" / "train.csv")
+    rows = read_log_rows(cfg.layout.logs / "train.csv")
     return {k: [float(r[k]) for r in rows] for k in TrainLog.FIELDS}
 
 
@@ -536,7 +536,7 @@ class Previewer:
                                batch_size=cfg.sample_batch_size)
         grid = image_grid([tensor_to_pil(x) for x in images], cols=min(len(self.prompts), 4),
                           cell=max(64, cfg.resolution))
-        out = cfg.run_dir / "previews" / f"{checkpoint_name(step)}.png"
+        out = cfg.layout.previews / f"{checkpoint_name(step)}.png"
         out.parent.mkdir(parents=True, exist_ok=True)
         atomic_save_image(grid, out)
         atomic_write_json(out.parent / "prompts.json", self.prompts)
