@@ -49,9 +49,11 @@ LEVERS: dict[str, tuple[dict, dict]] = {
 # first snapshot, which the setting-lever run keeps at ~1/16 of its training (the paper's default guide)
 SETTING_LEVERS: dict[str, dict] = {
     "fixed-ema": {},  # today: the half-life EMA of the final U-Net
-    "phema-0.05": {"ema_length": 0.05}, "phema-0.10": {"ema_length": 0.10}, "phema-0.15": {"ema_length": 0.15},
+    "phema-0.025": {"ema_length": 0.025}, "phema-0.05": {"ema_length": 0.05}, "phema-0.10": {"ema_length": 0.10}, "phema-0.15": {"ema_length": 0.15},
     "phema-0.20": {"ema_length": 0.20},
+    "autoguide-early-w1.25": {"guide": "early", "guide_weight": 1.25},
     "autoguide-early-w1.5": {"guide": "early", "guide_weight": 1.5},
+    "autoguide-quarter-w1.5": {"guide": "quarter", "guide_weight": 1.5},  # the snapshot at ~1/4 of training
     "autoguide-early-w2": {"guide": "early", "guide_weight": 2.0},
 }
 
@@ -68,12 +70,13 @@ def measure_settings(levers: list[str], outputs_dir: Path, data_dir: str, max_st
     # snapshots (and post-hoc EMA profiles) every 1/16 of training: the first is the early guide
     cfg, train_s = trained_run(f"settings-{max_steps}", outputs_dir, data_dir, max_steps, size,
                                {"snapshot_every": max(1, max_steps // 16), "phema_every": 0})
-    early = cfg.layout.snapshot_names()[0]
+    names = cfg.layout.snapshot_names()
+    named = {"early": names[0], "quarter": names[min(len(names) - 1, 3)]}  # snapshots every 1/16: the 4th is 1/4
     judged, _ = judge_for_run(cfg, 0, probe_steps=50 if size == "tiny" else 400)
     base_model, rows = load_model(cfg), []
     for lever in levers:
         for g in guidances:
-            overrides = {k: (early if v == "early" else v) for k, v in SETTING_LEVERS[lever].items()}
+            overrides = {k: named.get(v, v) if k == "guide" else v for k, v in SETTING_LEVERS[lever].items()}
             setting = Setting.from_config(cfg, FINAL).replace(guidance=g, steps=steps, **overrides)
             model = with_setting(base_model, cfg, setting)
             for k in range(n_seeds):
