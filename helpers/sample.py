@@ -17,7 +17,7 @@ from typing import Callable
 
 import torch
 from PIL import Image
-from tqdm.auto import tqdm
+from .progress import progress_bar
 
 from .images import tensor_to_pil
 
@@ -147,7 +147,7 @@ def sample_images(model, prompts, seeds, *, guidance: float, steps: int, schedul
     uncond = model.encode_prompts([""]).to(device)
     out = []
     starts = range(0, len(prompts), batch_size)
-    for start in tqdm(starts, desc=f"sampling ({scheduler}, {steps} steps)", disable=not progress):
+    for start in progress_bar(starts, desc=f"sampling ({scheduler}, {steps} steps)", disable=not progress):
         cond = model.encode_prompts(prompts[start:start + batch_size]).to(device)
         latents = sample_latents(model.unet, sampler, cond, uncond, seeds[start:start + batch_size],
                                  guidance=guidance, steps=steps, guidance_rescale=guidance_rescale,

@@ -19,7 +19,7 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from tqdm.auto import tqdm
+from .progress import progress_bar
 
 from .config import RunConfig
 from .files import read_json
@@ -155,7 +155,7 @@ def selection_sweep(model, cfg: RunConfig, judge, settings: list[Setting], promp
     if len(todo) < len(settings):
         print(f"Reusing {len(settings) - len(todo)} of {len(settings)} sweep cells already in {cells}")
     current, snapshot_model = None, None
-    bar = tqdm(todo, desc="selection sweep", unit="cell", disable=not progress)
+    bar = progress_bar(todo, desc="selection sweep", unit="cell", disable=not progress)
     for s in bar:
         bar.set_postfix_str(s.label())
         if s.snapshot != current:

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
-from tqdm.auto import tqdm
+from .progress import progress_bar
 
 from .config import PROJECT_ROOT, resolve_path
 from .data import Prompt
@@ -125,7 +125,7 @@ def generate_test_set(model, prompts: list[Prompt], out_dir, *, guidance: float,
     if skipped:
         print(f"Skipping {skipped} of {len(prompts)} images already in {out_dir} (written earlier with the same setting)")
     start = time.perf_counter()
-    for b in tqdm(range(0, len(todo), batch_size), desc="test set", unit="batch", disable=not todo):
+    for b in progress_bar(range(0, len(todo), batch_size), desc="test set", unit="batch", disable=not todo):
         batch = todo[b:b + batch_size]
         images = sample_images(model, [p.text for _, p in batch], [seed + i for i, _ in batch], guidance=guidance,
                                steps=steps, scheduler=scheduler, batch_size=batch_size,
@@ -210,7 +210,7 @@ def _write_zip(path: Path, sources: dict[str, Path]) -> None:
     with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
         for arc, src in sources.items():
             files = [f for f in sorted(src.rglob("*")) if f.is_file() and not _is_clutter(f)]
-            for f in tqdm(files, desc=f"zip {arc}", disable=len(files) < 200):
+            for f in progress_bar(files, desc=f"zip {arc}", disable=len(files) < 200):
                 # weights and PNGs are already compressed: storing them is as small and much faster
                 method = zipfile.ZIP_STORED if f.suffix in (".safetensors", ".png", ".bin") else zipfile.ZIP_DEFLATED
                 zf.write(f, f"{arc}/{f.relative_to(src).as_posix()}", compress_type=method)
