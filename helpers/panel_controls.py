@@ -139,7 +139,7 @@ def start_problems(**given) -> list[str]:
         if isinstance(value, (list, tuple)) and name in ("guidance", "steps"):
             ok = all(isinstance(v, wanted[name]) and not isinstance(v, bool) for v in value) and bool(value)
         if value is not None and not ok:
-            problems.append(f"make_panel({name}={value!r}): a {type(value).__name__}, expected "
+            problems.append(f"make_panel({name}={value!r}): got {type(value).__name__}, expected "
                             f"{_WANTED_WORDS.get(wanted[name], 'a string')}")
     return problems
 
