@@ -2,9 +2,11 @@
 
 JupyterLab rewrites a notebook whose kernelspec display name differs from the kernel's ("Python 3" →
 "Python 3 (ipykernel)") and its autosave then reformats the whole file (nbformat's layout: sorted keys, source as
-lines). Checked with JupyterLab 4.6.6 + ipykernel 7.4: with the metadata below and nbformat's layout a notebook
-opens clean and saves byte-identical; language_info with a Python `version` would mark it modified on any other
-Python, so only its name is kept. Outputs and execution counts are dropped (notebooks are committed bare).
+lines). Checked with JupyterLab 4.6.6 + ipykernel 7.4: when the kernel starts, JupyterLab writes the kernel's
+display name and its whole language_info, Python version included, and marks the notebook modified if either
+differs. So the script writes both as the project's kernel reports them (run it with the project's .venv Python),
+in nbformat's layout; such a notebook opens clean, and saving it changes nothing. Outputs and execution counts
+are dropped (notebooks are committed bare).
 
     python -m helpers.notebook_meta notebooks/*.ipynb          # rewrite in place
     python -m helpers.notebook_meta --check notebooks/*.ipynb  # exit 1 and name each file that differs
@@ -15,7 +17,13 @@ import sys
 from pathlib import Path
 
 KERNELSPEC = {"display_name": "Python 3 (ipykernel)", "language": "python", "name": "python3"}
-LANGUAGE_INFO = {"name": "python"}
+
+
+def language_info() -> dict:
+    """What this Python's ipykernel reports, and JupyterLab writes into the notebook, as language_info."""
+    from ipykernel.ipkernel import IPythonKernel
+
+    return dict(sorted(IPythonKernel.language_info.items()))
 
 
 def canonical(text: str) -> str:
@@ -23,11 +31,11 @@ def canonical(text: str) -> str:
     import nbformat
 
     nb = nbformat.reads(text, as_version=4)
-    nb.metadata["kernelspec"], nb.metadata["language_info"] = dict(KERNELSPEC), dict(LANGUAGE_INFO)
+    nb.metadata["kernelspec"], nb.metadata["language_info"] = dict(KERNELSPEC), language_info()
     for cell in nb.cells:
         if cell.cell_type == "code":
             cell.outputs, cell.execution_count = [], None
-    return nbformat.writes(nb)
+    return nbformat.writes(nb) + "\n"  # jupyter-server ends the file with a newline
 
 
 def main(argv=None) -> int:
