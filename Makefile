@@ -17,6 +17,10 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q $(TORCH)
 	$(BIN)/pip install -q -r requirements.txt
 	$(BIN)/pip install -q --no-deps --no-build-isolation -e .
+	@# On a CUDA torch, the course scorer's parts too: torchvision built for that torch (from the same index), open_clip
+	if $(BIN)/python -c "import torch, sys; sys.exit(0 if torch.version.cuda else 1)"; then \
+	  $(BIN)/pip install -q --no-deps "torchvision==$$($(BIN)/python -c "import torch; print('0.%d.*' % (int(torch.__version__.split('.')[1]) + 15))")" $(wordlist 2,99,$(TORCH)) && \
+	  $(BIN)/pip install -q open_clip_torch; fi
 	touch $@
 
 demo: env

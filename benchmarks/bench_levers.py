@@ -42,6 +42,7 @@ def measure(lever: str, outputs_dir: Path, data_dir: str, max_steps: int, guidan
     from helpers.judges import judge_for_run
     from helpers.model import load_model
     from helpers.sample import sample_images
+    from helpers.setting import Setting
     from helpers.train import train
 
     overrides, sampling = LEVERS[lever]
@@ -52,7 +53,7 @@ def measure(lever: str, outputs_dir: Path, data_dir: str, max_steps: int, guidan
     ensure_dataset(cfg, **({"num_monsters": 8, "num_test_monsters": 2, "frames_per_action": 1}
                            if size == "tiny" else {}))
     t0 = time.perf_counter()
-    if not (cfg.run_dir / "model" / "unet_ema").exists():
+    if not cfg.layout.unet_dir("model").exists():
         records, _ = load_records(cfg.data_path)
         write_split(cfg, records)
         build_cache(cfg, records, progress=False)
@@ -63,9 +64,8 @@ def measure(lever: str, outputs_dir: Path, data_dir: str, max_steps: int, guidan
     rows = []
     for g in guidances:
         t0 = time.perf_counter()
-        interval = sampling.get("guidance_interval", cfg.guidance_interval)
-        images = sample_images(model, judged.texts, judged.seeds, guidance=g, steps=steps, scheduler=cfg.scheduler,
-                               batch_size=cfg.sample_batch_size, guidance_interval=tuple(interval) or None)
+        setting = Setting.from_config(cfg).replace(guidance=g, steps=steps, **sampling)
+        images = sample_images(model, judged.texts, judged.seeds, setting, batch_size=cfg.sample_batch_size)
         rows.append({"lever": lever, "guidance": g, "steps": steps, "train_s": round(train_s, 1),
                      "sample_s": round(time.perf_counter() - t0, 1), **judged.judge.evaluate(images)})
     return rows

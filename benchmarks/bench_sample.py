@@ -17,6 +17,7 @@ from helpers.autoencoder import IdentityAutoencoder, VaeAutoencoder, tiny_vae
 from helpers.config import profile_config
 from helpers.model import TextToImage, noise_scheduler
 from helpers.sample import sample_images, to_output_pils
+from helpers.setting import Setting
 from helpers.text import TextEncoder, load_text_encoder, minilm_path
 from helpers.unet import build_unet, count_params
 
@@ -57,8 +58,8 @@ def run(model, prompts, scheduler: str, steps: int, batch: int, guidance: float 
     if model.device.type == "cuda":
         torch.cuda.synchronize()
     start = time.perf_counter()
-    images = sample_images(model, prompts, range(len(prompts)), guidance=guidance, steps=steps, scheduler=scheduler,
-                           batch_size=batch)
+    images = sample_images(model, prompts, range(len(prompts)), Setting(guidance=guidance, steps=steps,
+                                                                         scheduler=scheduler), batch_size=batch)
     to_output_pils(images, 256)
     return time.perf_counter() - start  # sample_images returns CPU tensors, so the GPU work is done
 

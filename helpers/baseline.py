@@ -2,10 +2,9 @@
 from __future__ import annotations
 
 
-def load_sd_baseline(cfg, device=None):
-    """`cfg.sd_model` (a Stable Diffusion v1.x pipeline id or folder) as a TextToImage, so every sampler,
-    grid and the test-set writer here work on it unchanged. Offline: WeightsUnavailableError saying what
-    to download."""
+def load_pipeline(cfg, model_id: str, device=None):
+    """`model_id` (a Stable Diffusion v1.x pipeline id or folder) as a TextToImage, so every sampler, grid and
+    the test-set writer here work on it unchanged. Offline: WeightsUnavailableError saying what to download."""
     from diffusers import StableDiffusionPipeline
 
     from .autoencoder import VaeAutoencoder
@@ -14,14 +13,14 @@ def load_sd_baseline(cfg, device=None):
     from .text import TextEncoder
 
     device = device or default_device()
-    pipe = load_pretrained(StableDiffusionPipeline.from_pretrained, cfg.sd_model, "Stable Diffusion pipeline",
+    pipe = load_pretrained(StableDiffusionPipeline.from_pretrained, model_id, "Stable Diffusion pipeline",
                            safety_checker=None, requires_safety_checker=False)
     pipe.to(device)
     max_tokens = pipe.tokenizer.model_max_length
-    text_encoder = TextEncoder(cfg.sd_model, pipe.tokenizer, pipe.text_encoder, max_tokens,
+    text_encoder = TextEncoder(model_id, pipe.tokenizer, pipe.text_encoder, max_tokens,
                                use_attention_mask=bool(getattr(pipe.text_encoder.config, "use_attention_mask", False)))
     return TextToImage(cfg, pipe.unet.eval().requires_grad_(False), text_encoder,
-                       VaeAutoencoder(cfg.sd_model, pipe.vae), dict(pipe.scheduler.config))
+                       VaeAutoencoder(model_id, pipe.vae), dict(pipe.scheduler.config))
 
 
 def compare_with_sd(cfg, model, prompts: list[str], setting, sd_guidance: float = 7.5):
@@ -33,17 +32,17 @@ def compare_with_sd(cfg, model, prompts: list[str], setting, sd_guidance: float 
     from .sample import sample_images
 
     try:
-        baseline = load_sd_baseline(cfg)
+        baseline = load_pipeline(cfg, cfg.sd_model)
     except WeightsUnavailableError as e:
         print(e)
         return None
     seeds = [cfg.seed + i for i in range(len(prompts))]
     fig, axes = plt.subplots(2, len(prompts), figsize=(2.2 * len(prompts), 4.6), squeeze=False)
-    rows = [("ours", model, setting.guidance, setting.guidance_interval or None),
-            (cfg.sd_model, baseline, sd_guidance, None)]
-    for row, (name, m, guidance, interval) in enumerate(rows):
-        images = sample_images(m, prompts, seeds, guidance=guidance, steps=setting.steps, scheduler=setting.scheduler,
-                               batch_size=len(prompts), guidance_interval=interval)
+    # the pretrained pipeline at its usual guidance, every step; the same steps and solver as ours
+    rows = [("ours", model, setting), (cfg.sd_model, baseline, setting.replace(guidance=sd_guidance,
+                                                                               guidance_interval=()))]
+    for row, (name, m, s) in enumerate(rows):
+        images = sample_images(m, prompts, seeds, s, batch_size=len(prompts))
         for ax, x in zip(axes[row], images):
             ax.imshow(((x.permute(1, 2, 0) + 1) / 2).clamp(0, 1).numpy(), interpolation="nearest")
             ax.set_xticks([]), ax.set_yticks([])

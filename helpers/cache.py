@@ -204,7 +204,7 @@ def _is_complete(out: Path) -> bool:
 
 def _write_pointer(cfg: RunConfig, out: Path) -> None:
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(cfg.run_dir / "cache.json", {"cache_dir": str(out)}, indent=2)
+    atomic_write_json(cfg.layout.cache_pointer, {"cache_dir": str(out)}, indent=2)
 
 
 # ---------------------------------------------------------------- reading
@@ -215,7 +215,7 @@ def load_cache(cfg: RunConfig, records: list[ImageRecord] | None = None) -> Late
     if records is not None:
         out = cache_path(cfg, records)
     else:
-        pointer = cfg.run_dir / "cache.json"
+        pointer = cfg.layout.cache_pointer
         if not pointer.exists():
             raise FileNotFoundError(f"{pointer}: no latent cache for run {cfg.run_name!r}; "
                                     f"run notebooks/01_data.ipynb first")
@@ -245,12 +245,12 @@ def write_split(cfg: RunConfig, records: list[ImageRecord]) -> dict:
     split = {"train": sorted({records[i].group for i in train_idx}),
              "val": sorted({records[i].group for i in val_idx})}
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(cfg.run_dir / "split.json", split)
+    atomic_write_json(cfg.layout.split, split)
     return split
 
 
 def read_split(cfg: RunConfig) -> dict:
-    path = cfg.run_dir / "split.json"
+    path = cfg.layout.split
     if not path.exists():
         raise FileNotFoundError(f"{path}: no train/validation split for run {cfg.run_name!r}; "
                                 f"run notebooks/01_data.ipynb first")

@@ -6,6 +6,7 @@ from .progress import progress_bar
 
 from .images import image_grid, pixel_cell, tensor_to_pil
 from .sample import SCHEDULERS, sample_images
+from .setting import Setting
 
 
 def _show_row(ax, images: torch.Tensor, title: str = "") -> None:
@@ -16,38 +17,39 @@ def _show_row(ax, images: torch.Tensor, title: str = "") -> None:
         ax.set_title(title, fontsize=9)
 
 
-def guidance_steps_grid(model, prompts, guidances, steps_list, seed: int = 0, scheduler: str | None = None):
-    """matplotlib Figure: rows = guidance scales, columns = step counts, each cell one strip of the prompts."""
+def guidance_steps_grid(model, prompts, guidances, steps_list, setting: Setting, seed: int = 0):
+    """matplotlib Figure: rows = guidance scales, columns = step counts (the rest of `setting` fixed), each cell
+    one strip of the prompts."""
     import matplotlib.pyplot as plt
 
-    prompts, scheduler = list(prompts), scheduler or model.cfg.scheduler
+    prompts = list(prompts)
     seeds = [seed + i for i in range(len(prompts))]
     fig, axes = plt.subplots(len(guidances), len(steps_list), squeeze=False,
                              figsize=(1.2 * len(prompts) * len(steps_list) + 1, 1.4 * len(guidances) + 0.8))
     for r, g in enumerate(progress_bar(guidances, desc="guidance × steps grid")):
         for c, s in enumerate(steps_list):
-            images = sample_images(model, prompts, seeds, guidance=g, steps=s, scheduler=scheduler)
+            images = sample_images(model, prompts, seeds, setting.replace(guidance=g, steps=s))
             _show_row(axes[r][c], images, f"{s} steps" if r == 0 else "")
         axes[r][0].set_ylabel(f"guidance {g:g}")
-    fig.suptitle(f"{scheduler}: guidance × steps (seeds {seeds[0]}…{seeds[-1]})")
+    fig.suptitle(f"{setting.scheduler}: guidance × steps (seeds {seeds[0]}…{seeds[-1]})")
     fig.tight_layout()
     return fig
 
 
-def scheduler_grid(model, prompts, schedulers=None, steps: int = 25, seed: int = 0, guidance: float | None = None):
-    """matplotlib Figure: one row per scheduler, same prompts and seeds, so only the solver differs."""
+def scheduler_grid(model, prompts, setting: Setting, schedulers=None, seed: int = 0):
+    """matplotlib Figure: one row per scheduler (the rest of `setting` fixed), same prompts and seeds, so only
+    the solver differs."""
     import matplotlib.pyplot as plt
 
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     schedulers = list(schedulers or SCHEDULERS)
-    guidance = model.cfg.guidance if guidance is None else guidance
     seeds = [seed + i for i in range(len(prompts))]
     fig, axes = plt.subplots(len(schedulers), 1, squeeze=False,
                              figsize=(1.2 * len(prompts) + 1.5, 1.3 * len(schedulers) + 0.8))
     for r, name in enumerate(progress_bar(schedulers, desc="scheduler grid")):
-        images = sample_images(model, prompts, seeds, guidance=guidance, steps=steps, scheduler=name)
+        images = sample_images(model, prompts, seeds, setting.replace(scheduler=name))
         _show_row(axes[r][0], images)
         axes[r][0].set_ylabel(name, rotation=0, ha="right", va="center", fontsize=9)
-    fig.suptitle(f"{steps} steps, guidance {guidance:g}")
+    fig.suptitle(f"{setting.steps} steps, guidance {setting.guidance:g}")
     fig.tight_layout()
     return fig

@@ -19,7 +19,7 @@ import torch
 
 from .config import RunConfig
 from .data import Prompt, load_prompts
-from .selection import prompt_subset
+from .selection import seeded_subset
 
 
 def _tie_break(row: dict) -> tuple:
@@ -107,7 +107,7 @@ def make_judge(cfg: RunConfig, count: int, *, probe=None, inception=None, clip=N
                skipped: dict | None = None) -> JudgeSet | None:
     """The judge for this run on `count` seeded test prompts (0 = all), or None if nothing can judge here."""
     prompts = load_prompts(cfg.data_path / "test.json")
-    pick = prompt_subset(len(prompts), count, cfg.seed)
+    pick = seeded_subset(len(prompts), count, cfg.seed)
     chosen, seeds = [prompts[i] for i in pick], [cfg.seed + i for i in pick]
     note = (f"{len(pick)} of {len(prompts)} test prompts" + (f" (a fixed subset drawn with seed {cfg.seed})"
                                                             if len(pick) < len(prompts) else ""))
@@ -182,7 +182,7 @@ def reference_stats(cfg: RunConfig, inception, stats_dir=None) -> tuple[tuple | 
         return None, f"no {stats_dir / 'test_mu.npy'} and no validation images to compute a reference from ({e})"
     print(f"FID reference: no {stats_dir / 'test_mu.npy'}, so the validation split's real images in {real_dir} "
           f"(put the course's test_mu.npy / test_sigma.npy there for leaderboard-comparable FID)")
-    return score.reference_stats_from_folder(real_dir, cfg.run_dir / "selection" / "val_stats", inception), ""
+    return score.reference_stats_from_folder(real_dir, cfg.layout.selection / "val_stats", inception), ""
 
 
 def validation_images(cfg: RunConfig) -> Path:
@@ -192,7 +192,7 @@ def validation_images(cfg: RunConfig) -> Path:
     from .images import crop_to_content, load_rgb, square_resize
     from .metrics import validation_set
 
-    out = cfg.run_dir / "selection" / "val_real"
+    out = cfg.layout.selection / "val_real"
     val = validation_set(cfg)
     for key, path in zip(val.keys, val.paths):
         target = out / f"{key}.png"
@@ -211,6 +211,13 @@ def same_judge(cfg: RunConfig, judge, count: int) -> JudgeSet:
                       skipped=judge.skipped)
 
 
+def on_sweep_prompts(cfg: RunConfig, judge, images: torch.Tensor, count: int) -> dict:
+    """The judge's scores of `images` (one per test prompt, in test.json's order) on the sweep's prompt subset:
+    the chosen setting's sweep row, measured again on the images as handed in."""
+    pick = seeded_subset(len(images), count, cfg.seed)
+    return same_judge(cfg, judge, count).judge.evaluate(images[pick])
+
+
 def validation_scores(cfg: RunConfig, model, setting, judge, *, batch_size: int) -> dict:
     """CLIP-I, CLIP-T (and FID against the validation images) of the chosen setting on the held-out validation
     monsters: the only place CLIP-I can be measured locally (it needs the real image of each prompt)."""
@@ -224,9 +231,7 @@ def validation_scores(cfg: RunConfig, model, setting, judge, *, batch_size: int)
     from .score import score_images
 
     val, real_dir = validation_set(cfg), validation_images(cfg)
-    images = sample_images(model, val.prompts, val.seeds, guidance=setting.guidance, steps=setting.steps,
-                           scheduler=setting.scheduler, batch_size=batch_size,
-                           guidance_interval=setting.guidance_interval or None, progress=True)
+    images = sample_images(model, val.prompts, val.seeds, setting, batch_size=batch_size, progress=True)
     real = [Image.open(real_dir / f"{key}.png").convert("RGB") for key in val.keys]
     return {**score_images(to_output_pils(images, cfg.output_size), val.prompts, real_images=real,
                            reference_stats=judge.reference_stats, inception=judge.inception, clip=judge.clip),
@@ -244,7 +249,9 @@ def probe_verdict_grid(judged: JudgeSet, images: torch.Tensor, n: int = 8):
     judge = judged.judge
     n = min(n, len(images))
     pick = [round(i * (len(images) - 1) / max(n - 1, 1)) for i in range(n)]
-    fake = torch.nn.functional.interpolate(images[pick], size=judge.real.shape[-2:], mode="bilinear", antialias=True)
+    fake = images[pick]
+    if fake.shape[-2:] != judge.real.shape[-2:]:  # area = the box average, exact for whole factors
+        fake = torch.nn.functional.interpolate(fake, size=judge.real.shape[-2:], mode="area")
     read = judge.probe.predict(fake)
     grid = image_grid([tensor_to_pil(x) for x in judge.real[pick]] + [tensor_to_pil(x) for x in fake], cols=n, cell=96)
     fig, ax = plt.subplots(figsize=(1.5 * n, 3.6))

@@ -36,16 +36,10 @@ class EvalSet:
         return len(self.keys)
 
 
-def _cap(n: int, max_images: int, seed: int) -> list[int]:
-    """Indices of at most `max_images` of n items (0 = all), spread by a seeded draw, in order."""
-    if not max_images or max_images >= n:
-        return list(range(n))
-    return sorted(random.Random(seed).sample(range(n), max_images))
-
-
 def validation_set(cfg, max_images: int | None = None, seed: int | None = None) -> EvalSet:
     """One prompt per validation key (a seeded pick among its captions) and its real first frame."""
     from .cache import read_split
+    from .selection import seeded_subset
 
     seed = cfg.seed if seed is None else seed
     val_groups = set(read_split(cfg)["val"])
@@ -57,10 +51,10 @@ def validation_set(cfg, max_images: int | None = None, seed: int | None = None) 
             if r.key not in first or frame < first[r.key][0]:
                 first[r.key] = (frame, r)
     if not first:
-        raise ValueError(f"{cfg.run_dir / 'split.json'}: no validation images in {cfg.data_path} "
+        raise ValueError(f"{cfg.layout.split}: no validation images in {cfg.data_path} "
                          f"(val groups: {sorted(val_groups)[:5]}…)")
     keys = sorted(first)
-    keys = [keys[i] for i in _cap(len(keys), cfg.eval_max_images if max_images is None else max_images, seed)]
+    keys = [keys[i] for i in seeded_subset(len(keys), cfg.eval_max_images if max_images is None else max_images, seed)]
     rng = random.Random(seed)
     prompts = [rng.choice(first[k][1].captions) for k in keys]
     real = torch.stack([load_image_tensor(first[k][1].path, cfg.resolution, cfg.crop_to_content) for k in
@@ -93,7 +87,9 @@ def _merge(old: dict, new: dict) -> dict:
 
 def write_metrics(run_dir, metrics: dict) -> Path:
     """Merge `metrics` into `<run_dir>/metrics.json` (nested dicts merge, other values replace); atomic."""
-    path = Path(run_dir) / "metrics.json"
+    from .layout import RunLayout
+
+    path = RunLayout(run_dir).metrics
     old = read_json(path) if path.exists() else {}
     return atomic_write_json(path, json_safe(_merge(old, metrics)), indent=2)
 

@@ -14,7 +14,6 @@ import torch
 from .autoencoder import load_autoencoder
 from .config import RunConfig
 from .text import TextEncoder, load_text_encoder
-from .unet import build_unet
 
 
 def default_device() -> torch.device:
@@ -32,12 +31,6 @@ def latent_size(cfg: RunConfig, autoencoder) -> int:
     return cfg.resolution // autoencoder.downsample
 
 
-def new_unet(cfg: RunConfig, text_encoder: TextEncoder, autoencoder):
-    """A freshly initialised U-Net whose channels follow the autoencoder and context the text encoder."""
-    return build_unet(cfg.unet_preset, autoencoder.latent_channels, text_encoder.hidden_size,
-                      latent_size(cfg, autoencoder), seed=cfg.seed)
-
-
 def noise_scheduler(cfg: RunConfig):
     """The training-time noise schedule; samplers are built from its config (helpers.sample)."""
     from diffusers import DDPMScheduler
@@ -46,13 +39,9 @@ def noise_scheduler(cfg: RunConfig):
                          prediction_type=cfg.prediction_type, clip_sample=False)
 
 
-def model_dir(cfg: RunConfig) -> Path:
-    return cfg.run_dir / "model"
-
-
 def save_model(cfg: RunConfig, unet, ema_unet, scheduler) -> Path:
     """Write U-Net, EMA U-Net and scheduler config as diffusers folders (safetensors)."""
-    out = model_dir(cfg)
+    out = cfg.layout.model
     if out.exists():
         print(f"Overwriting the trained model in {out} with the weights of this run's final step")
     unet.save_pretrained(out / "unet", safe_serialization=True)
@@ -91,12 +80,12 @@ def load_model(cfg: RunConfig, use_ema: bool | None = None, device=None, unet_di
     from diffusers import DDPMScheduler, UNet2DConditionModel
 
     use_ema = cfg.use_ema if use_ema is None else use_ema
-    folder = Path(unet_dir) if unet_dir else model_dir(cfg) / ("unet_ema" if use_ema else "unet")
+    folder = Path(unet_dir) if unet_dir else cfg.layout.model / ("unet_ema" if use_ema else "unet")
     if not folder.exists():
         raise FileNotFoundError(f"No trained U-Net at {folder}: run notebooks/03_train_cfg.ipynb for run "
                                 f"{cfg.run_name!r} first")
     device = device or default_device()
     text_encoder, autoencoder = load_frozen_parts(cfg, device)
     unet = UNet2DConditionModel.from_pretrained(folder).to(device).eval().requires_grad_(False)
-    scheduler_config = dict(DDPMScheduler.load_config(model_dir(cfg) / "scheduler"))
+    scheduler_config = dict(DDPMScheduler.load_config(cfg.layout.model / "scheduler"))
     return TextToImage(cfg, unet, text_encoder, autoencoder, scheduler_config)

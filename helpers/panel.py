@@ -17,10 +17,10 @@ import time
 import traceback
 
 from .images import image_grid, pixel_cell, tensor_to_pil
-from .panel_controls import (AMBER, GREY, RED, BadSetting, as_text, guided_note, guided_steps, read_rows,
-                             start_problems, token_note)
-from .sample import SCHEDULERS, make_scheduler, noise_level, sample_images
-from .selection import FINAL, Setting, chosen_setting, snapshot_names, with_snapshot
+from .panel_controls import AMBER, GREY, RED, BadSetting, as_text, guided_note, read_rows, start_problems, token_note
+from .sample import SCHEDULERS, guided_steps, make_scheduler, noise_level, sample_images
+from .selection import chosen_setting, with_snapshot
+from .setting import FINAL, Setting
 
 COMPARE_GUIDANCE = (1.0, 2.0, 3.0, 5.0)
 HISTORY_ROWS = 8  # earlier rows kept in the history strip, newest first
@@ -35,9 +35,7 @@ class Cancelled(Exception):
 
 def sample_row(model, prompt: str, seeds: list[int], setting: Setting, on_step=None):
     """[n, 3, H, W] images of one prompt at `seeds` with `setting` (the model holds its snapshot), one batch."""
-    return sample_images(model, [prompt] * len(seeds), seeds, guidance=setting.guidance, steps=setting.steps,
-                         scheduler=setting.scheduler, batch_size=len(seeds),
-                         guidance_interval=setting.guidance_interval or None, on_step=on_step)
+    return sample_images(model, [prompt] * len(seeds), seeds, setting, batch_size=len(seeds), on_step=on_step)
 
 
 def row_html(images, caption: str, cell: int = ROW_CELL) -> str:
@@ -102,11 +100,9 @@ class Panel(_widgets().VBox):
 
     def _snapshot_options(self) -> list[tuple[str, str]]:
         chosen, source = self.chosen
-        names = snapshot_names(self.cfg)
-        if (self.cfg.run_dir / "model" / "unet_ema").exists() or FINAL in self.models:
-            names.append(FINAL)
+        names = self.cfg.layout.candidates()
         names += [name for name in self.models if name not in names]
-        mark = " ← 05's choice" if "selection" in source else " ← the run config's"
+        mark = " ← the selection's choice" if "selection" in source else " ← the run config's"
         return [(name + (" (final EMA U-Net)" if name == FINAL else "") + (mark if name == chosen.snapshot else ""),
                  name) for name in names]
 

@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import html
 import itertools
-import math
 import numbers
 import re
 
-from .sample import SCHEDULERS, guided_at, make_scheduler, noise_level
-from .selection import Setting
+from .sample import guided_steps
+from .setting import Setting
 
 SEED_LIMIT = 2**63  # seeds are signed 64-bit integers downstream (torch generators, numpy)
 MAX_ROWS = 24  # one click samples at most this many rows: a typo like "1, 2, 3, 45, 6, …" × 3 snapshots is not a job
@@ -37,22 +36,6 @@ def parse_numbers(name: str, text, kind=float) -> tuple[list, list[str]]:
             what = "a whole number" if kind is int else "a number"
             problems.append(f"{name}={part!r} is not {what}")
     return values, problems
-
-
-def setting_problems(s: Setting) -> list[str]:
-    """Every value of `s` the sampler cannot use (no range beyond what sampling itself needs)."""
-    problems = []
-    if s.steps < 1:
-        problems.append(f"steps={s.steps}: needs at least 1")
-    if not (math.isfinite(s.guidance) and s.guidance >= 0):
-        problems.append(f"guidance={s.guidance:g}: needs a finite number ≥ 0")
-    if s.scheduler not in SCHEDULERS:
-        problems.append(f"scheduler={s.scheduler!r} is not one of {', '.join(SCHEDULERS)}")
-    if s.guidance_interval:
-        lo, hi = s.guidance_interval
-        if not (math.isfinite(lo) and math.isfinite(hi) and 0 <= lo < hi):
-            problems.append(f"guide from σ={lo:g} to σ={hi:g}: needs 0 ≤ from < to")
-    return problems
 
 
 def parse_seed(text, n: int) -> tuple[int | None, list[str]]:
@@ -88,21 +71,13 @@ def read_rows(values: dict, n: int) -> tuple[list[Setting], list[int]]:
             interval = (float(values["sigma_lo"]), float(values["sigma_hi"]))
     rows = [Setting(snap, g, s, values["scheduler"], interval)
             for snap, s, g in itertools.product(values["snapshots"], steps, guidances)]
-    problems += list(dict.fromkeys(p for row in rows for p in setting_problems(row)))
+    problems += list(dict.fromkeys(p for row in rows for p in row.problems()))
     if len(rows) > MAX_ROWS:
         problems.append(f"{len(rows)} rows ({len(values['snapshots'])} snapshots × {len(steps)} steps × "
                         f"{len(guidances)} guidance values): at most {MAX_ROWS} per click")
     if problems:
         raise BadSetting("; ".join(problems))
     return rows, list(range(seed, seed + n))
-
-
-def guided_steps(scheduler_config: dict, s: Setting) -> tuple[int, int]:
-    """(k, n): how many of the n denoising steps of `s` use classifier-free guidance."""
-    sampler = make_scheduler(s.scheduler, scheduler_config)
-    sampler.set_timesteps(s.steps)
-    sigmas = [noise_level(sampler, t) for t in sampler.timesteps]
-    return sum(guided_at(x, s.guidance, s.guidance_interval or None) for x in sigmas), len(sigmas)
 
 
 def guided_note(scheduler_config: dict, rows: list[Setting]) -> str:

@@ -31,7 +31,7 @@ def run_pipeline(run_name: str, profile: str, outputs_dir: str = "outputs", para
 
     per_notebook, config_only = route_parameters(parameters or {}, notebooks)
     cfg = open_run(run_name, profile, outputs_dir, **config_only)  # creates the run folder (and checks the profile)
-    out_dir = cfg.run_dir / "notebooks"
+    out_dir = cfg.layout.notebooks
     out_dir.mkdir(parents=True, exist_ok=True)
     timings = {}
     for name in notebooks:
@@ -81,9 +81,36 @@ def route_parameters(parameters: dict, notebooks: list[str]) -> tuple[dict[str, 
     parameters = {k: as_bool(v, k) if any(declared[n].get(k) in ("True", "False") for n in notebooks if k in declared[n])
                   else v for k, v in parameters.items()}
     RunConfig().replace(**{k: v for k, v in parameters.items() if k in fields})  # every value checked, nothing saved
+    for key, value in parameters.items():  # the notebooks' own parameters, as the notebooks will check them
+        if key in NOTEBOOK_CHECKS and value is not None:
+            NOTEBOOK_CHECKS[key](value)
     per_notebook = {n: {k: v for k, v in parameters.items() if k in declared[n]} for n in notebooks}
     config_only = {k: v for k, v in parameters.items() if k in fields and not any(k in d for d in declared.values())}
     return per_notebook, config_only
+
+
+def _axis(field: str, name: str):
+    from .selection import axis_values
+
+    return lambda value: axis_values(field, value, name)
+
+
+def _count(name: str, minimum: int):
+    from .config import as_count
+
+    return lambda value: as_count(value, name, minimum)
+
+
+# Checks of notebook parameters that are not config fields (those are checked by RunConfig): the same functions
+# the notebooks call, so `-p` is refused before anything runs. Snapshot names are checked in 04, once they exist.
+NOTEBOOK_CHECKS = {
+    "guidances": _axis("guidance", "guidances"), "steps_list": _axis("steps", "steps_list"),
+    "intervals": _axis("guidance_interval", "intervals"), "snapshots": _axis("snapshot", "snapshots"),
+    "grid_guidances": _axis("guidance", "grid_guidances"), "grid_steps": _axis("steps", "grid_steps"),
+    "sweep_prompts": _count("sweep_prompts", 0), "probe_steps": _count("probe_steps", 1),
+    "grid_prompts": _count("grid_prompts", 1), "torch_threads": _count("torch_threads", 1),
+    "steps": lambda v: _axis("steps", "steps")([v]), "snapshot": lambda v: _axis("snapshot", "snapshot")([v]),
+}
 
 
 def kernel_config():

@@ -20,6 +20,7 @@ from PIL import Image
 from .progress import progress_bar
 
 from .images import tensor_to_pil
+from .setting import Setting
 
 # name -> (diffusers class, kwargs on top of the training schedule's config)
 SCHEDULERS: dict[str, tuple[str, dict]] = {
@@ -67,22 +68,31 @@ def noise_level(sampler, t) -> float:
     return ((1 - alpha_bar) / alpha_bar) ** 0.5
 
 
-def guided_at(sigma: float, guidance: float, interval) -> bool:
-    """Whether a step at noise level `sigma` uses classifier-free guidance: interval = (lo, hi] or None (always)."""
-    if guidance == 1.0:
+def guided_at(sigma: float, setting: Setting) -> bool:
+    """Whether a step at noise level `sigma` uses classifier-free guidance under `setting`."""
+    if setting.guidance == 1.0:
         return False
-    return interval is None or len(interval) == 0 or interval[0] < sigma <= interval[1]
+    interval = setting.guidance_interval
+    return not interval or interval[0] < sigma <= interval[1]
+
+
+def guided_steps(train_scheduler_config: dict, setting: Setting) -> tuple[int, int]:
+    """(k, n): how many of the setting's n sampling steps are guided (the others cost one U-Net call, not two)."""
+    sampler = make_scheduler(setting.scheduler, train_scheduler_config)
+    sampler.set_timesteps(setting.steps)
+    guided = sum(guided_at(noise_level(sampler, t), setting) for t in sampler.timesteps)
+    return guided, len(sampler.timesteps)
 
 
 @torch.no_grad()
-def sample_latents(unet, sampler, cond, uncond, seeds, *, guidance: float, steps: int,
-                   guidance_rescale: float = 0.0, guidance_interval=None, latent_shape,
+def sample_latents(unet, sampler, cond, uncond, seeds, setting: Setting, *, latent_shape,
                    on_step: Callable[[int, int], None] | None = None) -> torch.Tensor:
-    """Denoise one latent per seed. cond [B, L, D]; uncond [1, L, D] is the "" embedding.
+    """Denoise one latent per seed with `sampler` (made for setting.scheduler). cond [B, L, D]; uncond [1, L, D]
+    is the "" embedding.
 
     At each step: eps = eps_uncond + guidance * (eps_cond - eps_uncond) if the step's noise level lies in
-    `guidance_interval` (sigma_lo, sigma_hi] (None: every step), else eps = eps_cond alone.
-    `on_step(done, total)` is called after each step (e.g. to move a progress bar).
+    setting.guidance_interval (sigma_lo, sigma_hi] (or at every step), else eps = eps_cond alone.
+    `on_step(done, total)` is called after each step (e.g. to move a progress bar; raising there stops).
     """
     from diffusers.guiders.guider_utils import rescale_noise_cfg
 
@@ -95,23 +105,23 @@ def sample_latents(unet, sampler, cond, uncond, seeds, *, guidance: float, steps
     # Ancestral/stochastic steps draw fresh noise; one CPU generator per image keeps image i batch-independent.
     # They continue the seed's stream after the initial noise, exactly as diffusers' pipeline does.
     generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
-    sampler.set_timesteps(steps, device=device)  # before the noise: init_noise_sigma depends on the steps
+    sampler.set_timesteps(setting.steps, device=device)  # before the noise: init_noise_sigma depends on the steps
     if hasattr(sampler, "set_begin_index"):
         # Count steps by position, not by looking t up: Karras sigmas on the cosine schedule (sigma_max ~2e4)
         # round to repeated timesteps, and the lookup would then skip a step and run off the end.
         sampler.set_begin_index(0)
     latents = torch.cat([_draw(g, latent_shape) for g in generators]).to(device) * sampler.init_noise_sigma
     for i, t in enumerate(sampler.timesteps):
-        guided = guided_at(noise_level(sampler, t), guidance, guidance_interval)
+        guided = guided_at(noise_level(sampler, t), setting)
         model_in = sampler.scale_model_input(torch.cat([latents] * 2) if guided else latents, t)
         with _autocast(device):
             eps = unet(model_in.to(p.dtype), t, encoder_hidden_states=both if guided else cond,
                        return_dict=False)[0].float()
         if guided:
             eps_uncond, eps_cond = eps.chunk(2)
-            eps = eps_uncond + guidance * (eps_cond - eps_uncond)
-            if guidance_rescale > 0:
-                eps = rescale_noise_cfg(eps, eps_cond, guidance_rescale=guidance_rescale)
+            eps = eps_uncond + setting.guidance * (eps_cond - eps_uncond)
+            if setting.guidance_rescale > 0:
+                eps = rescale_noise_cfg(eps, eps_cond, guidance_rescale=setting.guidance_rescale)
         kwargs = {"generator": generators} if _takes_generator(sampler) else {}
         latents = sampler.step(eps, t, latents, return_dict=False, **kwargs)[0]
         if on_step is not None:
@@ -132,27 +142,26 @@ def _takes_generator(sampler) -> bool:
 
 
 @torch.no_grad()
-def sample_images(model, prompts, seeds, *, guidance: float, steps: int, scheduler: str = "dpm++2m-karras",
-                  batch_size: int = 64, guidance_rescale: float = 0.0, guidance_interval=None,
-                  progress: bool = False, on_step: Callable[[int, int], None] | None = None) -> torch.Tensor:
+def sample_images(model, prompts, seeds, setting: Setting, *, batch_size: int = 64, progress: bool = False,
+                  on_step: Callable[[int, int], None] | None = None) -> torch.Tensor:
     """[B, 3, H, W] images in [-1, 1] (on the CPU) for `prompts`, one seed each, decoded by the autoencoder.
 
+    `model` must already hold the U-Net of setting.snapshot (helpers.selection.with_snapshot).
     `on_step(done, total)` is called after each denoising step of each batch of `batch_size` prompts.
     """
     prompts, seeds = list(prompts), [int(s) for s in seeds]
     if len(prompts) != len(seeds):
         raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
-    sampler = make_scheduler(scheduler, model.scheduler_config)
+    setting.checked()
+    sampler = make_scheduler(setting.scheduler, model.scheduler_config)
     device = model.device
     uncond = model.encode_prompts([""]).to(device)
     out = []
     starts = range(0, len(prompts), batch_size)
-    for start in progress_bar(starts, desc=f"sampling ({scheduler}, {steps} steps)", disable=not progress):
+    for start in progress_bar(starts, desc=f"sampling ({setting.scheduler}, {setting.steps} steps)", disable=not progress):
         cond = model.encode_prompts(prompts[start:start + batch_size]).to(device)
-        latents = sample_latents(model.unet, sampler, cond, uncond, seeds[start:start + batch_size],
-                                 guidance=guidance, steps=steps, guidance_rescale=guidance_rescale,
-                                 guidance_interval=guidance_interval, latent_shape=model.latent_shape,
-                                 on_step=on_step)
+        latents = sample_latents(model.unet, sampler, cond, uncond, seeds[start:start + batch_size], setting,
+                                 latent_shape=model.latent_shape, on_step=on_step)
         with _autocast(device):
             out.append(model.autoencoder.decode(latents).float().cpu())
     return torch.cat(out) if out else torch.zeros(0, 3, *model.latent_shape[1:])

@@ -34,6 +34,7 @@ from .data import load_prompts, read_json
 from .files import atomic_write, atomic_write_json
 from .hub import WeightsUnavailableError, load_pretrained
 from .images import BadImageError
+from .results import results_problems
 
 INCEPTION_FILE = "inception_v3_google-0cc3c7bd.pth"
 INCEPTION_URL = f"https://download.pytorch.org/models/{INCEPTION_FILE}"
@@ -428,29 +429,6 @@ def score_images(images: list, prompts: list[str], *, reference_stats=None, real
     return out
 
 
-def results_folder_problems(results_dir, prompts, size: int | None = 256) -> list[str]:
-    """What makes the course's scorer refuse a results folder: PNG count or names that differ from test.json,
-    or (when `size` is set) an image that is not size×size. Empty list: it will be scored."""
-    results_dir = Path(results_dir)
-    if not results_dir.is_dir():
-        return [f"{results_dir}: results folder not found"]
-    expected = {p.image_name for p in prompts}
-    present = {f.name for f in results_dir.iterdir() if f.is_file() and f.suffix.lower() == ".png"}
-    problems = [] if len(present) == len(expected) else [f"{len(present)} PNGs, test.json has {len(expected)}"]
-    problems += [f"missing: {n}" for n in sorted(expected - present)]
-    problems += [f"unexpected PNG: {n}" for n in sorted(present - expected)]
-    for name in sorted(expected & present) if size else []:
-        try:
-            with Image.open(results_dir / name) as im:
-                dims = im.size
-        except (UnidentifiedImageError, OSError) as e:
-            problems.append(f"{name}: cannot be read ({_first_line(e)})")
-            continue
-        if dims != (size, size):
-            problems.append(f"{name}: {dims[0]}×{dims[1]}, expected {size}×{size}")
-    return problems
-
-
 def _fid_reference(reference_stats_dir, real_dir, model, device) -> tuple[tuple, Path]:
     """((mu, sigma), folder): the course's statistics when given, else those of `real_dir` (computed once)."""
     if reference_stats_dir is not None:
@@ -474,7 +452,7 @@ def score_results(results_dir, test_json, *, reference_stats_dir=None, real_dir=
     `<real_dir>/<image_name>`.
     """
     prompts = load_prompts(test_json)
-    problems = results_folder_problems(results_dir, prompts, size)
+    problems = results_problems(results_dir, prompts, size, require_manifest=False)
     real = None if real_dir is None else [Path(real_dir) / p.image_name for p in prompts]
     problems += [f"real image missing: {p}" for p in real or [] if not p.is_file()]
     if problems:

@@ -1,92 +1,65 @@
-"""What to submit: every EMA snapshot × guidance × sampling steps, scored on the test prompts, and the winner.
+"""What to submit: candidate settings scored on the test prompts, and the winner.
 
-A `Setting` is everything that decides the test-set images besides the prompts: which snapshot of the
-U-Net, guidance, steps, scheduler and guidance interval. `selection_sweep` samples a fixed, seeded subset
-of the test prompts at every setting (same seeds everywhere, so only the setting differs) and scores it with
-a judge (helpers.judges: the course's scorer for hw6, the probe for the demo). Each finished cell is
-appended to `<run>/selection/cells.jsonl` at once, so an interrupted sweep resumes where it stopped, and a
-cell is only reused while its snapshot's weights, prompts and judge are the same. `choose` applies the
-judge's stated rule; the table and the choice go to metrics.json, and 04_sample / 05_eval write the test set
-of exactly that choice (helpers.submission.write_test_set).
+A `helpers.setting.Setting` is everything that decides the test-set images besides the prompts. The
+selection sweep (04_sample) samples a fixed, seeded subset of the test prompts at every candidate setting
+(same seeds everywhere, so only the setting differs) and scores it with a judge (helpers.judges: the
+course's scorer for hw6, the probe for the demo). Each finished cell is appended to
+`<run>/selection/cells.jsonl` at once, so an interrupted sweep resumes where it stopped, and a cell is
+only reused while its snapshot's weights, prompts and judge are the same. `choose` applies the judge's
+stated rule; 04_sample writes the choice to metrics.json and the test set of exactly that choice
+(helpers.submission.write_test_set).
 """
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import hashlib
 import itertools
 import json
 import random
-from dataclasses import dataclass
 from pathlib import Path
 
 from .progress import progress_bar
 
 from .config import RunConfig
 from .files import read_json
+from .layout import WEIGHTS_FILE
 from .sample import sample_images
-
-FINAL = "model"  # the setting's snapshot name for <run>/model/unet_ema, the EMA U-Net at max_steps
-
-
-@dataclass(frozen=True)
-class Setting:
-    snapshot: str  # a folder name under <run>/snapshots/ ("step-000900"), or FINAL
-    guidance: float
-    steps: int
-    scheduler: str
-    guidance_interval: tuple = ()  # (sigma_lo, sigma_hi), () = guide every step
-
-    def label(self) -> str:
-        interval = f", guided in σ∈({self.guidance_interval[0]:g}, {self.guidance_interval[1]:g}]" \
-            if self.guidance_interval else ""
-        return f"{self.snapshot}, guidance {self.guidance:g}, {self.steps} {self.scheduler} steps{interval}"
-
-    def to_dict(self) -> dict:
-        return {**dataclasses.asdict(self), "guidance_interval": list(self.guidance_interval)}
-
-    def replace(self, **overrides) -> "Setting":
-        """A copy with `overrides` applied; None values keep the current one (notebook parameters)."""
-        overrides = {k: v for k, v in overrides.items() if v is not None}
-        if "guidance_interval" in overrides:
-            overrides["guidance_interval"] = tuple(overrides["guidance_interval"])
-        return dataclasses.replace(self, **overrides)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "Setting":
-        return cls(str(d["snapshot"]), float(d["guidance"]), int(d["steps"]), str(d["scheduler"]),
-                   tuple(float(x) for x in d.get("guidance_interval") or ()))
+from .setting import FINAL, Setting
 
 
 # ---------------------------------------------------------------- snapshots and their weights
 
 
-def snapshot_names(cfg: RunConfig) -> list[str]:
-    """The run's EMA snapshots, oldest first."""
-    root = cfg.run_dir / "snapshots"
-    return sorted(p.name for p in root.glob("step-*") if (p / "diffusion_pytorch_model.safetensors").exists())
-
-
 def unet_folder(cfg: RunConfig, snapshot: str) -> Path:
-    folder = cfg.run_dir / "model" / "unet_ema" if snapshot == FINAL else cfg.run_dir / "snapshots" / snapshot
-    if not (folder / "diffusion_pytorch_model.safetensors").exists():
-        raise FileNotFoundError(f"{folder}: no U-Net weights for snapshot {snapshot!r} of run {cfg.run_name!r} "
-                                f"(snapshots: {', '.join(snapshot_names(cfg)) or 'none'}); train it first (03_train_cfg)")
+    """The U-Net folder of `snapshot`; FileNotFoundError naming the run's snapshots (and a close match)."""
+    folder = cfg.layout.unet_dir(snapshot)
+    if not (folder / WEIGHTS_FILE).exists():
+        known = cfg.layout.candidates()
+        close = difflib.get_close_matches(snapshot, known, 1, cutoff=0.5)
+        raise FileNotFoundError(f"snapshot {snapshot!r}: no U-Net weights in {folder} (run {cfg.run_name!r} has "
+                                f"{', '.join(known) or 'none yet: train it first with 03_train_cfg'})"
+                                + (f"; did you mean {close[0]!r}?" if close else ""))
     return folder
 
 
 def weights_sha256(folder: Path) -> str:
     """16 hex digits of the U-Net's safetensors: what makes 'the same snapshot' after retraining checkable."""
+    return file_sha256(folder / WEIGHTS_FILE)[:16]
+
+
+def file_sha256(path: Path) -> str:
     h = hashlib.sha256()
-    with open(folder / "diffusion_pytorch_model.safetensors", "rb") as f:
+    with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 24), b""):
             h.update(block)
-    return h.hexdigest()[:16]
+    return h.hexdigest()
 
 
 def weights_id(cfg: RunConfig, snapshot: str) -> str:
-    """What identifies the weights a snapshot samples with: its hash, or the pretrained id for sd-baseline."""
-    if cfg.profile == "sd-baseline":  # one pretrained pipeline, no snapshots of ours
-        return f"pretrained:{cfg.sd_model}"
+    """What identifies the weights a snapshot samples with: its hash, or the pretrained pipeline's id."""
+    if cfg.pipeline:  # the run samples a pretrained pipeline: no snapshots of its own
+        return f"pretrained:{cfg.pipeline}"
     return weights_sha256(unet_folder(cfg, snapshot))
 
 
@@ -94,47 +67,99 @@ def with_snapshot(model, cfg: RunConfig, snapshot: str):
     """`model` (a TextToImage) with the U-Net of `snapshot`; the frozen parts are shared, not reloaded."""
     from diffusers import UNet2DConditionModel
 
-    if cfg.profile == "sd-baseline":
+    if cfg.pipeline:
         return model
     unet = UNet2DConditionModel.from_pretrained(unet_folder(cfg, snapshot)).to(model.device)
     return dataclasses.replace(model, unet=unet.eval().requires_grad_(False))
 
 
 def load_for_setting(cfg: RunConfig, setting: Setting):
-    """(model that samples `setting`, its weights id). The sd-baseline profile's model is the pretrained pipeline."""
-    if cfg.profile == "sd-baseline":
-        from .baseline import load_sd_baseline
+    """(model that samples `setting`, its weights id): the run's trained U-Net, or its pretrained pipeline."""
+    if cfg.pipeline:
+        from .baseline import load_pipeline
 
-        return load_sd_baseline(cfg), weights_id(cfg, setting.snapshot)
+        return load_pipeline(cfg, cfg.pipeline), weights_id(cfg, setting.snapshot)
     from .model import load_model
 
     return load_model(cfg, unet_dir=unet_folder(cfg, setting.snapshot)), weights_id(cfg, setting.snapshot)
 
 
-# ---------------------------------------------------------------- which setting
+# ---------------------------------------------------------------- which settings
 
 
-def default_setting(cfg: RunConfig) -> Setting:
-    """The config's sampling settings on the final EMA U-Net: what is used before any selection."""
-    return Setting(FINAL, float(cfg.guidance), int(cfg.sample_steps), cfg.scheduler, tuple(cfg.guidance_interval))
+def read_metrics_selection(cfg: RunConfig) -> dict:
+    """metrics.json's "selection" (the sweep's table and choice), {} before any; ValueError naming a bad file."""
+    path = cfg.layout.metrics
+    metrics = read_json(path) if path.exists() else {}
+    selection = metrics.get("selection", {}) if isinstance(metrics, dict) else None
+    if not isinstance(selection, dict):
+        raise ValueError(f"{path}: expected an object with a 'selection' object, not {type(selection).__name__}")
+    return selection
 
 
 def chosen_setting(cfg: RunConfig) -> tuple[Setting, str]:
-    """(setting, where it comes from): 05_eval's choice in metrics.json if there is one, else the config's."""
-    path = cfg.run_dir / "metrics.json"
-    choice = read_json(path).get("selection", {}).get("choice") if path.exists() else None
+    """(setting, where it comes from): the selection's choice in metrics.json if there is one, else the config's."""
+    choice = read_metrics_selection(cfg).get("choice")
     if choice:
-        return Setting.from_dict(choice["setting"]), f"the selection sweep's choice in {path}"
-    return default_setting(cfg), "the run config (no selection in metrics.json yet: run 05_eval to choose)"
+        where = f"{cfg.layout.metrics}: selection.choice.setting"
+        setting = Setting.from_dict(choice.get("setting") if isinstance(choice, dict) else choice, where=where)
+        return setting, f"the selection sweep's choice in {cfg.layout.metrics}"
+    return Setting.from_config(cfg), "the run config (no selection in metrics.json yet)"
 
 
-def sweep_settings(snapshots, guidances, steps_list, scheduler: str, intervals=((),)) -> list[Setting]:
-    return [Setting(s, float(g), int(n), scheduler, tuple(i))
-            for s, g, n, i in itertools.product(snapshots, guidances, steps_list, intervals)]
+def sweep_settings(base: Setting, **axes) -> list[Setting]:
+    """Every combination of the `axes` (field name -> list of values) on top of `base`, snapshot-major (so
+    each snapshot is loaded once), in the order given."""
+    names = sorted(axes, key=lambda n: n != "snapshot")
+    return [base.replace(**dict(zip(names, values))) for values in itertools.product(*(axes[n] for n in names))]
 
 
-def prompt_subset(n: int, count: int, seed: int) -> list[int]:
-    """A fixed, seeded choice of `count` of n prompt indices (all if count is 0 or ≥ n), in order."""
+def sweep_axes(cfg: RunConfig, *, snapshots=None, guidances=None, steps_list=None, intervals=None) -> dict:
+    """The sweep's axes from notebook parameters (None: the run config's), every value checked: ValueError with
+    one line naming each bad parameter (and a close match for snapshot names). An empty list is an error."""
+    default_snapshots = spread(cfg.layout.snapshot_names(), cfg.sweep_snapshots) or cfg.layout.candidates()[-1:]
+    given = {"snapshot": (snapshots, "snapshots", default_snapshots or [FINAL]),
+             "guidance": (guidances, "guidances", cfg.guidance_sweep),
+             "steps": (steps_list, "steps_list", cfg.sweep_steps),
+             "guidance_interval": (intervals, "intervals", cfg.sweep_intervals)}
+    axes, problems = {}, []
+    for field, (values, name, default) in given.items():
+        try:
+            axes[field] = axis_values(field, default if values is None else values, name, cfg)
+        except ValueError as e:
+            problems.append(str(e))
+    if problems:
+        raise ValueError("Bad sweep parameter(s): " + "; ".join(problems))
+    return axes
+
+
+def axis_values(field: str, values, name: str, cfg: RunConfig | None = None) -> list:
+    """`values` of one Setting field (a notebook parameter `name`) checked as the sampler needs them: ValueError
+    naming the parameter and every bad value. Snapshot names are checked against the run's when `cfg` is given."""
+    if isinstance(values, str) or not isinstance(values, (list, tuple)) or not values:
+        raise ValueError(f"{name}={values!r} should be a non-empty list, e.g. {name}={_example(field)}")
+    if field == "guidance_interval":
+        values = [tuple(v) if isinstance(v, (list, tuple)) else v for v in values]
+    problems = [p for v in values for p in Setting().replace(**{field: v}).problems()]
+    if field == "snapshot" and cfg is not None and not cfg.pipeline and not problems:
+        known = cfg.layout.candidates()
+        for v in values:
+            if v not in known:
+                close = difflib.get_close_matches(str(v), known, 1, cutoff=0.5)
+                problems.append(f"{v!r} is not a snapshot of run {cfg.run_name!r} ({', '.join(known) or 'none'})"
+                                + (f"; did you mean {close[0]!r}?" if close else ""))
+    if problems:
+        raise ValueError(f"{name}: " + "; ".join(problems))
+    return list(values)
+
+
+def _example(field: str) -> str:
+    return {"snapshot": "['step-000900']", "guidance": "[1, 2, 3]", "steps": "[10, 20]",
+            "guidance_interval": "[[], [0.3, 5.0]]"}[field]
+
+
+def seeded_subset(n: int, count: int, seed: int) -> list[int]:
+    """A fixed, seeded choice of `count` of n indices (all if count is 0 or >= n), in order."""
     if not count or count >= n:
         return list(range(n))
     return sorted(random.Random(seed).sample(range(n), count))
@@ -145,12 +170,12 @@ def prompt_subset(n: int, count: int, seed: int) -> list[int]:
 
 def selection_sweep(model, cfg: RunConfig, judge, settings: list[Setting], prompts: list[str], seeds: list[int], *,
                     batch_size: int, progress: bool = True) -> list[dict]:
-    """One row {"setting", "weights", **judge.evaluate(images)} per setting, reusing finished cells on disk."""
-    cells = cfg.run_dir / "selection" / "cells.jsonl"
+    """One row {"setting", "weights", "context", **judge.evaluate(images)} per setting, reusing finished cells."""
+    cells = cfg.layout.cells
     context = {"prompts": hashlib.sha256(json.dumps([prompts, seeds]).encode()).hexdigest()[:16],
                "judge": judge.key}
-    done = {_cell_key(r["setting"], r["weights"], r["context"]): r for r in _read_cells(cells)}
-    hashes = {s: weights_id(cfg, s) for s in sorted({s.snapshot for s in settings})}
+    done = {_cell_key(r["setting"], r["weights"], r["context"]): r for r in read_cells(cells) if _scored(r, judge, cells)}
+    hashes = {s: weights_id(cfg, s) for s in dict.fromkeys(s.snapshot for s in settings)}
     todo = [s for s in settings if _cell_key(s.to_dict(), hashes[s.snapshot], context) not in done]
     if len(todo) < len(settings):
         print(f"Reusing {len(settings) - len(todo)} of {len(settings)} sweep cells already in {cells}")
@@ -160,11 +185,9 @@ def selection_sweep(model, cfg: RunConfig, judge, settings: list[Setting], promp
         bar.set_postfix_str(s.label())
         if s.snapshot != current:
             current, snapshot_model = s.snapshot, with_snapshot(model, cfg, s.snapshot)
-        images = sample_images(snapshot_model, prompts, seeds, guidance=s.guidance, steps=s.steps,
-                               scheduler=s.scheduler, batch_size=batch_size,
-                               guidance_interval=s.guidance_interval or None)
+        images = sample_images(snapshot_model, prompts, seeds, s, batch_size=batch_size)
         row = {"setting": s.to_dict(), "weights": hashes[s.snapshot], "context": context, **judge.evaluate(images)}
-        _append_cell(cells, row)
+        append_cell(cells, row)
         done[_cell_key(row["setting"], row["weights"], context)] = row
     return [done[_cell_key(s.to_dict(), hashes[s.snapshot], context)] for s in settings]
 
@@ -176,28 +199,69 @@ def choose(rows: list[dict], judge) -> dict:
     return min(rows, key=judge.rank)
 
 
+def _scored(row: dict, judge, path: Path) -> bool:
+    """Whether a recorded cell holds what the judge ranks by (a hand-edited one may not)."""
+    try:
+        judge.rank(row)
+        return True
+    except (KeyError, TypeError, ValueError) as e:
+        if row["context"].get("judge") == judge.key:
+            print(f"{path}: the cell of {row['setting']} lacks the judge's scores ({type(e).__name__}: {e}); "
+                  "it is sampled again")
+        return False
+
+
 def _cell_key(setting: dict, weights: str, context: dict) -> str:
     return json.dumps([setting, weights, context], sort_keys=True)
 
 
-def _read_cells(path: Path) -> list[dict]:
+CELL_FIELDS = ("setting", "weights", "context")
+
+
+def read_cells(path: Path) -> list[dict]:
+    """The sweep's finished cells. A line that is cut (an interrupted write) or damaged by hand is reported
+    with its number and left out, so its setting is sampled again; it is never a traceback."""
     if not path.exists():
         return []
     rows = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for n, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
         try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            print(f"{path}, line {n}: an unfinished cell (interrupted while writing); it is sampled again")
+            row = json.loads(line)
+            problem = None if isinstance(row, dict) else f"a {type(row).__name__}, not a cell object"
+        except json.JSONDecodeError as e:
+            row, problem = None, f"not JSON ({e.msg}; an interrupted write?)"
+        if problem is None:
+            missing = [k for k in CELL_FIELDS if k not in row]
+            problem = f"no {', '.join(missing)}" if missing else _setting_problem(row["setting"])
+        if problem:
+            print(f"{path}, line {n}: {problem}; that cell is sampled again")
+            continue
+        rows.append(row)
     return rows
 
 
-def _append_cell(path: Path, row: dict) -> None:
+def _setting_problem(setting) -> str | None:
+    try:
+        Setting.from_dict(setting)
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+def append_cell(path: Path, row: dict) -> None:
+    """Add one finished cell; a cut last line (no newline at the end) is closed first, so the new cell stays whole."""
     from .metrics import json_safe
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a", encoding="utf-8") as f:
-        f.write(json.dumps(json_safe(row), ensure_ascii=False) + "\n")
+    with path.open("ab+") as f:
+        f.seek(0, 2)
+        if f.tell() > 0:
+            f.seek(-1, 2)
+            if f.read(1) != b"\n":
+                f.write(b"\n")
+        f.write((json.dumps(json_safe(row), ensure_ascii=False) + "\n").encode("utf-8"))
         f.flush()
 
 
@@ -205,10 +269,14 @@ def _append_cell(path: Path, row: dict) -> None:
 
 
 def sweep_table(rows: list[dict], columns: list[str], choice: dict | None = None) -> str:
-    """A plain-text table: one line per setting, the judge's `columns` (dotted keys), the choice marked."""
-    header = ["", "snapshot", "guidance", "steps"] + columns
+    """A plain-text table: one line per setting (snapshot, guidance, steps and every other setting field that
+    varies), the judge's `columns` (dotted keys), the choice marked with *."""
+    varying = [k for k in rows[0]["setting"] if k not in ("snapshot", "guidance", "steps")
+               and len({json.dumps(r["setting"][k]) for r in rows}) > 1] if rows else []
+    header = ["", "snapshot", "guidance", "steps"] + varying + columns
     body = [["*" if r is choice else "", r["setting"]["snapshot"], f"{r['setting']['guidance']:g}",
-             str(r["setting"]["steps"])] + [_fmt(lookup(r, c)) for c in columns] for r in rows]
+             str(r["setting"]["steps"])] + [_fmt(r["setting"][k]) for k in varying]
+            + [_fmt(lookup(r, c)) for c in columns] for r in rows]
     widths = [max(len(x) for x in col) for col in zip(header, *body)]
     line = lambda cells: "  ".join(c.rjust(w) for c, w in zip(cells, widths))  # noqa: E731
     return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in body])
@@ -248,6 +316,8 @@ def lookup(row: dict, key: str):
 
 
 def _fmt(v) -> str:
+    if isinstance(v, list):
+        return "every step" if not v else f"({v[0]:g}, {v[1]:g}]"
     return f"{v:.3f}" if isinstance(v, float) else str(v)
 
 

@@ -1,33 +1,30 @@
-"""The course deliverable: one 256×256 RGB PNG per `test.json` entry, checked, and packed as a zip.
+"""The course deliverable: one 256×256 RGB PNG per `test.json` entry, written once for the chosen setting, and
+the zip that hands it in.
 
-`results/manifest.json` records what made the images: the snapshot (name and weights hash), guidance,
-steps, scheduler, guidance interval, seed, image size, the prompts file and the project commit.
-`write_test_set` compares it with the setting it is asked for: the same setting resumes (images already
-on disk are skipped and counted), another one moves the old folder aside to `results.previous/`, saying
-so, and starts over, so one folder never mixes images of different models or settings. Every batch is
-written as soon as it is decoded, each PNG to a temporary name first, so an interrupted run never leaves
-a half-written file that would later be mistaken for a finished one.
+`write_test_set` compares the folder's manifest (helpers.results) with the setting it is asked for: the same
+setting resumes (images already on disk are kept and counted), another one moves the images the project wrote
+(and their manifest) to `results.history/<n>/`, saying where and how much disk they use, and starts over, so
+one folder never mixes images of different models or settings and no earlier set is ever deleted. Every batch
+is written as soon as it is decoded, each PNG to a temporary name first; the manifest records every PNG's
+SHA-256 once the set is complete. `pack_submission` zips exactly the bytes it verified against that manifest.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import os
-import shutil
 import subprocess
 import time
 import zipfile
 from collections import Counter
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
 from .progress import progress_bar
 
 from .config import PROJECT_ROOT, resolve_path
 from .data import Prompt
-from .files import atomic_save_image, atomic_write, atomic_write_json, read_json
+from .files import atomic_save_image, atomic_write, atomic_write_json
+from .layout import RunLayout
+from .results import MANIFEST, check_results, manifest_differences, read_manifest, results_manifest, sha256_bytes
 from .sample import sample_images, to_output_pils
 
 
@@ -42,63 +39,52 @@ def check_prompt_names(prompts: list[Prompt]) -> None:
         raise ValueError(f"{len(problems)} problem(s) with the prompts:\n  " + "\n  ".join(problems))
 
 
-MANIFEST = "manifest.json"
-
-
-def results_manifest(setting, weights: str, prompts: list[Prompt], *, seed: int, size: int) -> dict:
-    """What decides the images of a results folder (a helpers.selection.Setting plus seed, size, prompts)."""
-    names = hashlib.sha256(json.dumps([[p.image_name, p.text] for p in prompts]).encode()).hexdigest()[:16]
-    return {**setting.to_dict(), "weights_sha256": weights, "seed": seed, "size": size, "prompts": len(prompts),
-            "prompts_sha256": names}
-
-
-def manifest_differences(have: dict | None, want: dict) -> list[str]:
-    """Human-readable differences between two manifests ('complete' and 'commit' do not count)."""
-    if have is None:
-        return ["no manifest.json (images of unknown origin)"]
-    return [f"{k}: {have.get(k)!r} -> {v!r}" for k, v in want.items() if have.get(k) != v]
-
-
-def read_manifest(results_dir) -> dict | None:
-    path = Path(results_dir) / MANIFEST
-    return read_json(path) if path.exists() else None
-
-
 def write_test_set(model, prompts: list[Prompt], results_dir, setting, weights: str, *, seed: int, size: int,
                    batch_size: int) -> dict:
-    """The test set of exactly `setting` in `results_dir`: resumed if the folder holds that setting already,
-    else the old folder is moved to results.previous/ (saying why) and the set is written anew."""
+    """The test set of exactly `setting` in `results_dir`, with a manifest of every image's hash: resumed if the
+    folder holds that setting already; else what the project wrote there is moved to results.history/<n>/."""
     results_dir = Path(results_dir)
+    if results_dir.exists() and not results_dir.is_dir():
+        raise NotADirectoryError(f"{results_dir}: is a file, not a results folder; move it away and run again")
     want = results_manifest(setting, weights, prompts, seed=seed, size=size)
     have = read_manifest(results_dir)
-    pngs = list(results_dir.glob("*.png")) if results_dir.is_dir() else []
+    ours = [p.image_name for p in prompts if (results_dir / p.image_name).exists()]
     changed = manifest_differences(have, want)
-    if pngs and changed:
-        previous = results_dir.with_name(results_dir.name + ".previous")
-        replaced = previous.exists()
-        if replaced:
-            shutil.rmtree(previous)
-        os.replace(results_dir, previous)
-        print(f"Regenerating the test set: {results_dir} held {len(pngs)} images of another setting "
-              f"({'; '.join(changed)}). Moved them to {previous}" + (" (replacing the set kept there before)."
-                                                                     if replaced else "."))
+    if (ours or have) and changed:
+        kept = keep_aside(results_dir, ours + ([MANIFEST] if have is not None else []))
+        print(f"Regenerating the test set: {results_dir} held {len(ours)} images of another setting "
+              f"({'; '.join(changed)}). Moved them to {kept} ({_megabytes(kept)}; earlier sets stay in "
+              f"{kept.parent}, nothing is deleted).")
+    elif have is not None:
+        recorded = have.get("images") or {}
+        altered = [n for n, d in recorded.items() if n in ours and sha256_bytes((results_dir / n).read_bytes()) != d]
+        if altered:
+            kept = keep_aside(results_dir, altered)
+            print(f"{len(altered)} image(s) differ from what manifest.json recorded (e.g. {altered[0]}): moved them "
+                  f"to {kept} and writing them again")
     atomic_write_json(results_dir / MANIFEST, {**want, "complete": False, "commit": project_commit()})
     print(f"Test set: {setting.label()}, seed {seed}, {size}px, {len(prompts)} prompts -> {results_dir}")
-    stats = generate_test_set(model, prompts, results_dir, guidance=setting.guidance, steps=setting.steps,
-                              scheduler=setting.scheduler, batch_size=batch_size, seed=seed, size=size,
-                              guidance_interval=setting.guidance_interval or None)
-    atomic_write_json(results_dir / MANIFEST, {**want, "complete": True, "commit": project_commit()})
+    stats = generate_test_set(model, prompts, results_dir, setting, batch_size=batch_size, seed=seed, size=size)
+    images = {p.image_name: sha256_bytes((results_dir / p.image_name).read_bytes()) for p in prompts}
+    atomic_write_json(results_dir / MANIFEST, {**want, "complete": True, "commit": project_commit(), "images": images})
     return stats
 
 
-def check_manifest(results_dir, want: dict) -> None:
-    """Refuse a results folder that is incomplete or was made with another setting than `want`."""
-    have = read_manifest(results_dir)
-    changed = manifest_differences(have, want)
-    if changed or not have.get("complete"):
-        reasons = changed or ["the test set was not finished (complete: false)"]
-        raise ValueError(f"{Path(results_dir) / MANIFEST} does not match the chosen setting: {'; '.join(reasons)}. "
-                         "Run 04_sample (or write_test_set) with the chosen setting first.")
+def keep_aside(results_dir: Path, names: list[str]) -> Path:
+    """Move `names` (files the project wrote) from `results_dir` to a new results.history/<n>/; other files stay."""
+    history = results_dir.with_name(results_dir.name + ".history")
+    if history.exists() and not history.is_dir():
+        raise NotADirectoryError(f"{history}: is a file; the earlier test set cannot be kept there: move it away")
+    n = 1 + max((int(p.name) for p in history.glob("*") if p.name.isdigit()), default=0)
+    target = history / str(n)
+    target.mkdir(parents=True)
+    for name in names:
+        os.replace(results_dir / name, target / name)
+    return target
+
+
+def _megabytes(folder: Path) -> str:
+    return f"{sum(f.stat().st_size for f in folder.iterdir()) / 1e6:.1f} MB"
 
 
 def project_commit() -> str:
@@ -113,9 +99,8 @@ def project_commit() -> str:
         return "unknown"
 
 
-def generate_test_set(model, prompts: list[Prompt], out_dir, *, guidance: float, steps: int, scheduler: str,
-                      batch_size: int, seed: int = 0, size: int = 256, guidance_rescale: float = 0.0,
-                      guidance_interval=None) -> dict:
+def generate_test_set(model, prompts: list[Prompt], out_dir, setting, *, batch_size: int, seed: int = 0,
+                      size: int = 256) -> dict:
     """Write `<out_dir>/<image_name>` for every prompt not yet there. Prompt i gets seed `seed + i`."""
     check_prompt_names(prompts)
     out_dir = Path(out_dir)
@@ -127,13 +112,12 @@ def generate_test_set(model, prompts: list[Prompt], out_dir, *, guidance: float,
     start = time.perf_counter()
     for b in progress_bar(range(0, len(todo), batch_size), desc="test set", unit="batch", disable=not todo):
         batch = todo[b:b + batch_size]
-        images = sample_images(model, [p.text for _, p in batch], [seed + i for i, _ in batch], guidance=guidance,
-                               steps=steps, scheduler=scheduler, batch_size=batch_size,
-                               guidance_rescale=guidance_rescale, guidance_interval=guidance_interval)
+        images = sample_images(model, [p.text for _, p in batch], [seed + i for i, _ in batch], setting,
+                               batch_size=batch_size)
         bad = [p.image_name for (_, p), x in zip(batch, images) if not torch.isfinite(x).all()]
         if bad:
             raise FloatingPointError(f"Sampling produced NaN/inf for {len(bad)} image(s), e.g. {bad[:3]}; nothing "
-                                     "of this batch was written (a diverged checkpoint, or try use_ema/guidance)")
+                                     "of this batch was written (a diverged snapshot: choose another one)")
         for (_, p), im in zip(batch, to_output_pils(images, size)):
             atomic_save_image(im, out_dir / p.image_name)
     seconds = time.perf_counter() - start
@@ -141,77 +125,39 @@ def generate_test_set(model, prompts: list[Prompt], out_dir, *, guidance: float,
                 images_per_s=round(len(todo) / seconds, 2) if todo and seconds > 0 else None)
 
 
-def validate_results(results_dir, prompts: list[Prompt], size: int = 256) -> list[str]:
-    """Every problem with a results folder (empty list = ready to hand in)."""
-    results_dir = Path(results_dir)
-    if not results_dir.is_dir():
-        return [f"{results_dir}: results folder not found"]
-    expected = {p.image_name for p in prompts}
-    present = {f.name for f in results_dir.iterdir() if f.is_file() and f.name != MANIFEST}
-    problems = [f"missing: {n}" for n in sorted(expected - present)]
-    problems += [f"unexpected file: {n}" for n in sorted(present - expected)]
-    for name in sorted(expected & present):
-        problems += [f"{name}: {msg}" for msg in _image_problems(results_dir / name, size)]
-    return problems
-
-
-def _image_problems(path: Path, size: int) -> list[str]:
-    try:
-        with Image.open(path) as im:
-            im.load()
-            fmt, mode, dims = im.format, im.mode, im.size
-            arr = np.asarray(im.convert("RGB"))
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        return [f"cannot be decoded ({e})"]
-    problems = []
-    if fmt != "PNG":
-        problems.append(f"is {fmt}, not PNG")
-    if dims != (size, size):
-        problems.append(f"size {dims[0]}×{dims[1]}, expected {size}×{size}")
-    if mode != "RGB":
-        problems.append(f"mode {mode}, expected RGB")
-    # NaN samples become all-black in tensor_to_pil; a diverged or empty sample is (near) one colour.
-    if int(arr.max()) - int(arr.min()) <= 2:
-        problems.append(f"blank: every pixel is about {tuple(int(v) for v in arr.reshape(-1, 3)[0])} "
-                        "(a NaN or collapsed sample)")
-    return problems
-
-
-def check_results(results_dir, prompts: list[Prompt], size: int = 256) -> int:
-    """Raise ValueError listing every problem; return the number of valid images otherwise."""
-    problems = validate_results(results_dir, prompts, size)
-    if problems:
-        shown = problems[:50] + ([f"… and {len(problems) - 50} more"] if len(problems) > 50 else [])
-        raise ValueError(f"{results_dir}: {len(problems)} problem(s):\n  " + "\n  ".join(shown))
-    return len(prompts)
-
-
-def pack_submission(run_dir, out_zip, unet_dir, results_dir=None, expected_manifest: dict | None = None,
-                    code_dirs=("helpers", "notebooks"), overwrite: bool = False) -> Path:
+def pack_submission(run_dir, out_zip, unet_dir, prompts: list[Prompt], *, size: int, want: dict | None = None,
+                    results_dir=None, code_dirs=("helpers", "notebooks"), overwrite: bool = False) -> Path:
     """Zip the course layout: `code/<each code dir>`, `model/` (the chosen U-Net as unet_ema/, the scheduler
-    config), `results/` (the PNGs and their manifest, checked against `expected_manifest` first)."""
-    run_dir, out_zip = Path(run_dir), Path(out_zip)
-    results_dir = Path(results_dir) if results_dir else run_dir / "results"
-    if expected_manifest is not None:
-        check_manifest(results_dir, expected_manifest)
+    config), `results/` (the PNGs and their manifest). The results folder must pass `results_problems` (against
+    `want`, the chosen setting's manifest, when given), and the PNG bytes zipped are the very bytes whose
+    hashes were checked against the manifest."""
+    layout, out_zip = RunLayout(run_dir), Path(out_zip)
+    results_dir = Path(results_dir) if results_dir else layout.results
     if out_zip.exists() and not overwrite:
-        raise FileExistsError(f"{out_zip} already exists; to replace it run 04_sample with overwrite_zip=True "
+        raise FileExistsError(f"{out_zip} already exists; to replace it run 05_eval with overwrite_zip=True "
                               "(from Python: pack_submission(..., overwrite=True))")
-    sources = {"model/unet_ema": Path(unet_dir), "model/scheduler": run_dir / "model" / "scheduler",
-               "results": results_dir}
+    check_results(results_dir, prompts, size, want=want)
+    sources = {"model/unet_ema": Path(unet_dir), "model/scheduler": layout.model / "scheduler"}
     sources.update({f"code/{Path(d).name}": resolve_path(d) for d in code_dirs})
     missing = [f"{arc}/ <- {src}" for arc, src in sources.items() if not src.is_dir()]
     if missing:
         raise FileNotFoundError("Cannot pack the submission, folder(s) not found:\n  " + "\n  ".join(missing))
-    return atomic_write(out_zip, lambda tmp: _write_zip(tmp, sources))
+    recorded = read_manifest(results_dir)["images"]
+    return atomic_write(out_zip, lambda tmp: _write_zip(tmp, sources, results_dir, recorded))
 
 
-def _write_zip(path: Path, sources: dict[str, Path]) -> None:
+def _write_zip(path: Path, sources: dict[str, Path], results_dir: Path, recorded: dict[str, str]) -> None:
     with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
+        for name, digest in progress_bar(sorted(recorded.items()), desc="zip results", disable=len(recorded) < 200):
+            data = (results_dir / name).read_bytes()
+            if sha256_bytes(data) != digest:  # changed since it was checked a moment ago
+                raise ValueError(f"{results_dir / name}: changed while packing; nothing was written")
+            zf.writestr(f"results/{name}", data, compress_type=zipfile.ZIP_STORED)  # PNGs are compressed already
+        zf.write(results_dir / MANIFEST, f"results/{MANIFEST}")
         for arc, src in sources.items():
             files = [f for f in sorted(src.rglob("*")) if f.is_file() and not _is_clutter(f)]
             for f in progress_bar(files, desc=f"zip {arc}", disable=len(files) < 200):
-                # weights and PNGs are already compressed: storing them is as small and much faster
+                # weights are already compressed: storing them is as small and much faster
                 method = zipfile.ZIP_STORED if f.suffix in (".safetensors", ".png", ".bin") else zipfile.ZIP_DEFLATED
                 zf.write(f, f"{arc}/{f.relative_to(src).as_posix()}", compress_type=method)
 
@@ -220,12 +166,17 @@ def _is_clutter(f: Path) -> bool:
     return any(part in ("__pycache__", ".ipynb_checkpoints") for part in f.parts) or f.suffix in (".pyc", ".tmp")
 
 
-def read_results(results_dir, prompts: list[Prompt]) -> torch.Tensor:
-    """The PNGs of `prompts` as they will be handed in, [N, 3, S, S] in [-1, 1] (for judging them)."""
-    from .images import pil_to_tensor
-
-    images = []
-    for p in prompts:
-        with Image.open(Path(results_dir) / p.image_name) as im:
-            images.append(pil_to_tensor(im.convert("RGB")))
-    return torch.stack(images)
+def zipped_results_match(zip_path, results_dir) -> int:
+    """How many result PNGs `zip_path` holds, each checked byte for byte against `results_dir`; ValueError naming
+    the first that differs or is missing on either side."""
+    results_dir = Path(results_dir)
+    with zipfile.ZipFile(zip_path) as zf:
+        zipped = {Path(n).name: zf.read(n) for n in zf.namelist() if n.startswith("results/") and n.endswith(".png")}
+    on_disk = {f.name for f in results_dir.glob("*.png")}
+    if set(zipped) != on_disk:
+        odd = sorted(set(zipped) ^ on_disk)[:3]
+        raise ValueError(f"{zip_path}: its results/ and {results_dir} hold different PNGs (e.g. {', '.join(odd)})")
+    for name, data in zipped.items():
+        if data != (results_dir / name).read_bytes():
+            raise ValueError(f"{zip_path}: results/{name} differs from {results_dir / name}")
+    return len(zipped)

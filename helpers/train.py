@@ -413,12 +413,12 @@ class Previewer:
         from .images import image_grid, tensor_to_pil
         from .model import TextToImage
         from .sample import sample_images
+        from .setting import Setting
 
         cfg = self.cfg
         model = TextToImage(cfg, ema_unet, self.text_encoder, self.autoencoder, self.scheduler_config)
-        images = sample_images(model, self.prompts, list(range(len(self.prompts))), guidance=cfg.guidance,
-                               steps=cfg.sample_steps, scheduler=cfg.scheduler, batch_size=cfg.sample_batch_size,
-                               guidance_rescale=cfg.guidance_rescale, guidance_interval=cfg.guidance_interval)
+        images = sample_images(model, self.prompts, list(range(len(self.prompts))), Setting.from_config(cfg),
+                               batch_size=cfg.sample_batch_size)
         grid = image_grid([tensor_to_pil(x) for x in images], cols=min(len(self.prompts), 4),
                           cell=max(64, cfg.resolution))
         out = cfg.run_dir / "previews" / f"{checkpoint_name(step)}.png"

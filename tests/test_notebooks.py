@@ -12,7 +12,7 @@ def test_all_notebooks_run_headless_and_write_their_outputs(tmp_path, capfd):
     data = tmp_path / "data"
     data.mkdir()  # the demo generator writes only into the profile's data_dir or an empty folder
     run_dir = run_pipeline("nb", "tiny", str(tmp_path), parameters=dict(
-        data_dir=str(data), demo_monsters=8, demo_test_monsters=2, demo_frames=1))
+        data_dir=str(data), demo_monsters=8, demo_test_monsters=2, demo_frames=1, make_zip=True))
     # the kernels' sockets are encrypted, so ipykernel has no plain-TCP warning to print
     assert "without encryption" not in capfd.readouterr().err
     for name in NOTEBOOKS:  # executed copies, with outputs, in the run folder
@@ -33,7 +33,8 @@ def test_all_notebooks_run_headless_and_write_their_outputs(tmp_path, capfd):
     # 03: EMA snapshots to choose from
     snapshots = sorted(p.name for p in (run_dir / "snapshots").glob("step-*"))
     assert snapshots == ["step-000002", "step-000004"]
-    # 05: a selection over snapshots x guidance x steps, its choice, and the test set of exactly that choice
+    # 04: a selection over snapshots x guidance x steps, its choice, and the test set of exactly that choice,
+    # sampled once (no earlier set was moved aside); 05 scored those files and zipped those very bytes
     metrics = json.loads((run_dir / "metrics.json").read_text())
     table, choice = metrics["selection"]["table"], metrics["selection"]["choice"]
     cells = {(r["setting"]["snapshot"], r["setting"]["guidance"], r["setting"]["steps"]) for r in table}
@@ -42,6 +43,13 @@ def test_all_notebooks_run_headless_and_write_their_outputs(tmp_path, capfd):
     assert max(r["mean_accuracy"] for r in table) == choice["mean_accuracy"]
     manifest = json.loads((run_dir / "results" / "manifest.json").read_text())
     assert manifest["complete"] and {k: manifest[k] for k in choice["setting"]} == choice["setting"]
+    assert not (run_dir / "results.history").exists()
+    from helpers.submission import zipped_results_match
+
+    assert zipped_results_match(run_dir / "submission.zip", run_dir / "results") == len(manifest["images"])
+    # the chosen setting's sweep row, measured again on the handed-in PNGs read back: equal up to uint8 rounding
+    again = metrics["chosen"]["on_sweep_prompts"]
+    assert again["handed_in"]["mean_accuracy"] == pytest.approx(again["sweep"]["mean_accuracy"], abs=0.02)
     assert metrics["chosen"]["setting"] == choice["setting"] and 0.0 <= metrics["chosen"]["mean_accuracy"] <= 1.0
     # one PNG per test prompt, at the configured output size
     prompts = json.loads((tmp_path / "data" / "test.json").read_text())

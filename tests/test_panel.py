@@ -17,8 +17,8 @@ from helpers.autoencoder import load_autoencoder
 from helpers.config import profile_config
 from helpers.model import TextToImage, noise_scheduler
 from helpers.panel import make_panel, sample_row
-from helpers.panel_controls import guided_steps
-from helpers.selection import Setting
+from helpers.sample import guided_steps
+from helpers.setting import Setting
 from helpers.text import load_text_encoder
 from helpers.unet import build_unet
 
@@ -55,10 +55,10 @@ class Recorder:
     def __init__(self):
         self.calls = []
 
-    def __call__(self, model, prompts, seeds, **kwargs):
-        self.calls.append(dict(prompts=list(prompts), seeds=list(seeds), **kwargs))
-        for step in range(kwargs["steps"]):
-            kwargs["on_step"](step + 1, kwargs["steps"])
+    def __call__(self, model, prompts, seeds, setting, **kwargs):
+        self.calls.append(dict(prompts=list(prompts), seeds=list(seeds), **dataclasses.asdict(setting)))
+        for step in range(setting.steps):
+            kwargs["on_step"](step + 1, setting.steps)
         return torch.zeros(len(prompts), 3, 16, 16)
 
 
@@ -116,13 +116,13 @@ def test_sprites_are_shown_as_pixels(model, recorder):
 
 
 @pytest.mark.parametrize("box, typed, message", [
-    ("steps", "0", "steps=0: needs at least 1"),
-    ("guidance", "-3", "guidance=-3: needs a finite number ≥ 0"),
+    ("steps", "0", "steps=0 should be a whole number >= 1"),
+    ("guidance", "-3", "guidance=-3.0 should be a finite number >= 0"),
     ("guidance", "2, x", "guidance='x' is not a number"),
     ("steps", "2.5", "steps='2.5' is not a whole number"),
     ("seed", "-1", "seed=-1 is outside"),
     ("seed", "99999999999999999999", "seed=99999999999999999999 is outside 0…"),
-    ("sigma_hi", "0.1", "guide from σ=0.3 to σ=0.1: needs 0 ≤ from < to"),
+    ("sigma_hi", "0.1", "guidance_interval=[0.3, 0.1] should be [] (every step) or [sigma_lo, sigma_hi]"),
     ("guidance", ", ".join(["2"] * 30), "30 rows"),
 ])
 def test_bad_typed_values_are_reported_not_clamped_and_the_last_rows_dim(model, recorder, box, typed, message):
@@ -171,7 +171,7 @@ def test_guided_steps_and_the_sigma_boxes(model, recorder):
     assert p.c["everywhere"].value and p.c["sigma_lo"].disabled and p.c["sigma_hi"].disabled
     assert "guided at 4 of 4 steps" in p.guided.value
     click(p)
-    assert recorder.calls[-1]["guidance_interval"] is None
+    assert recorder.calls[-1]["guidance_interval"] == ()
     p.c["everywhere"].value = False
     assert not p.c["sigma_lo"].disabled
     p.c["sigma_lo"].value, p.c["sigma_hi"].value = "0.5", "4"
@@ -184,11 +184,11 @@ def test_guided_steps_and_the_sigma_boxes(model, recorder):
 def test_cancel_stops_between_steps_and_the_panel_stays_usable(model, monkeypatch):
     steps_done = []
 
-    def slow(model, prompts, seeds, **kwargs):
-        for step in range(kwargs["steps"]):
+    def slow(model, prompts, seeds, setting, **kwargs):
+        for step in range(setting.steps):
             time.sleep(0.02)
             steps_done.append(step)
-            kwargs["on_step"](step + 1, kwargs["steps"])
+            kwargs["on_step"](step + 1, setting.steps)
         return torch.zeros(len(prompts), 3, 16, 16)
 
     monkeypatch.setattr(helpers.panel, "sample_images", slow)
@@ -225,7 +225,7 @@ def test_the_snapshot_picker(model, recorder, tmp_path):
     run_model = dataclasses.replace(model, cfg=cfg)
     p = make_panel(run_model, setting=chosen.replace(snapshot="step-000004"), snapshot="step-300")
     assert [name for _, name in p.c["snapshot"].options] == ["step-000002", "step-000004"]
-    assert dict(p.c["snapshot"].options)["step-000002 ← 05's choice"] == "step-000002"
+    assert dict(p.c["snapshot"].options)["step-000002 ← the selection's choice"] == "step-000002"
     assert error_text(p).startswith("snapshot 'step-300' is not in run 'tiny' (it has step-000002, step-000004)")
     assert p.c["snapshot"].value == "step-000004"  # what the given model holds
     p.c["guidance"].value = "7"

@@ -273,7 +273,7 @@ def test_case6_each_notebook_gets_only_its_parameters_and_bools_are_bools(tmp_pa
                                                   data_dir=str(tmp_path / "d")))
     for name in NOTEBOOKS:  # papermill warns "Passed unknown parameter" for anything else
         assert set(calls[name]) <= set(notebook_parameters(name)), name
-    assert calls["03_train_cfg"]["resume"] is False and calls["04_sample"]["make_zip"] is True
+    assert calls["03_train_cfg"]["resume"] is False and calls["05_eval"]["make_zip"] is True
     assert "data_dir" in calls["01_data"] and "data_dir" not in calls["03_train_cfg"]
     assert load_config(tmp_path / "runs" / "r").warmup_steps == 2  # no notebook declares it: saved up front
 
@@ -428,8 +428,9 @@ def zip_exists(tmp, course):
     from helpers.submission import pack_submission
 
     _write(tmp / "run" / "submission.zip", "old")
-    return (lambda: pack_submission(tmp / "run", tmp / "run" / "submission.zip", tmp / "run" / "model" / "unet_ema"),
-            r"submission.zip already exists; to replace it run 04_sample with overwrite_zip=True")
+    return (lambda: pack_submission(tmp / "run", tmp / "run" / "submission.zip", tmp / "run" / "model" / "unet_ema",
+                                    [], size=256),
+            r"submission.zip already exists; to replace it run 05_eval with overwrite_zip=True")
 
 
 def _records(data_dir, manifest=""):
@@ -503,3 +504,23 @@ def test_case7_notebook_01_previews_past_a_truncated_png_and_stops_before_plots_
     error = run_01("empty", empty)
     assert error is not None and error.ename == "EmptyDatasetError" and "no usable training images" in error.evalue
     assert "load_records" in error.source  # the loading cell, before any plot
+
+
+@pytest.mark.parametrize("param, message", [
+    ("guidances=[-1]", "guidances: guidance=-1.0 should be a finite number >= 0"),
+    ("steps_list=[0]", "steps_list: steps=0 should be a whole number >= 1"),
+    ("intervals=[0.3,5]", "intervals: guidance_interval=0.3 should be"),
+    ("snapshots=step-000900", "snapshots='step-000900' should be a non-empty list"),
+    ("guidances=abc", "guidances='abc' should be a non-empty list"),
+    ("guidances=[]", "guidances=[] should be a non-empty list"),
+    ("sweep_prompts=-3", "sweep_prompts=-3 must be at least 0"),
+    ("probe_steps=0", "probe_steps=0 should be a whole number >= 1"),
+    ("steps=0", "steps: steps=0 should be a whole number >= 1"),
+])
+def test_notebook_parameter_values_are_checked_before_anything_runs(tmp_path, capsys, param, message):
+    from helpers.runs import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["--profile", "tiny", "--run-name", "x", "--outputs-dir", str(tmp_path), "-p", param])
+    assert e.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()  # refused before the run folder was made

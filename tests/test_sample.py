@@ -7,9 +7,11 @@ import torch
 from helpers.autoencoder import load_autoencoder
 from helpers.config import profile_config
 from helpers.model import TextToImage, noise_scheduler
-from helpers.baseline import load_sd_baseline
+from helpers.baseline import load_pipeline
 from helpers.grids import guidance_steps_grid, scheduler_grid
-from helpers.sample import SCHEDULERS, make_scheduler, noise_level, sample_images, sample_latents, to_output_pils
+from helpers.sample import (SCHEDULERS, guided_steps, make_scheduler, noise_level, sample_images, sample_latents,
+                            to_output_pils)
+from helpers.setting import Setting
 from helpers.text import load_text_encoder
 from helpers.unet import build_unet
 
@@ -50,13 +52,13 @@ def test_every_scheduler_is_built_from_the_training_schedule(model):
 @pytest.mark.parametrize("scheduler", ["dpm++2m-karras", "euler-a", "ddpm"])
 def test_same_seed_same_image_whatever_the_batch(model, scheduler):
     seeds = [7, 8, 9]
-    together = sample_images(model, PROMPTS, seeds, guidance=3.0, steps=4, scheduler=scheduler, batch_size=3)
-    alone = sample_images(model, PROMPTS, seeds, guidance=3.0, steps=4, scheduler=scheduler, batch_size=1)
+    together = sample_images(model, PROMPTS, seeds, Setting(guidance=3.0, steps=4, scheduler=scheduler), batch_size=3)
+    alone = sample_images(model, PROMPTS, seeds, Setting(guidance=3.0, steps=4, scheduler=scheduler), batch_size=1)
     assert together.shape == (3, 3, 16, 16)
     # float noise of batched matmuls only (v-prediction with Euler a amplifies it to ~1e-4): far below
     # one 8-bit level (7.8e-3), far above it for another seed
     assert torch.allclose(together, alone, atol=2e-4)
-    other_seed = sample_images(model, PROMPTS[:1], [10], guidance=3.0, steps=4, scheduler=scheduler)
+    other_seed = sample_images(model, PROMPTS[:1], [10], Setting(guidance=3.0, steps=4, scheduler=scheduler))
     assert (other_seed[0] - together[0]).abs().max() > 1e-2
 
 
@@ -64,8 +66,8 @@ def test_guidance_one_skips_the_unconditional_half_and_guidance_changes_the_imag
     batches = []
     hook = model.unet.register_forward_pre_hook(lambda m, args: batches.append(args[0].shape[0]))
     try:
-        plain = sample_images(model, PROMPTS[:2], [0, 1], guidance=1.0, steps=3, scheduler="ddim")
-        guided = sample_images(model, PROMPTS[:2], [0, 1], guidance=5.0, steps=3, scheduler="ddim")
+        plain = sample_images(model, PROMPTS[:2], [0, 1], Setting(guidance=1.0, steps=3, scheduler="ddim"))
+        guided = sample_images(model, PROMPTS[:2], [0, 1], Setting(guidance=5.0, steps=3, scheduler="ddim"))
     finally:
         hook.remove()
     assert batches == [2] * 3 + [4] * 3  # one forward per step; CFG doubles the batch instead of a second call
@@ -73,9 +75,9 @@ def test_guidance_one_skips_the_unconditional_half_and_guidance_changes_the_imag
 
 
 def test_guidance_rescale_changes_the_result_and_stays_finite(model):
-    args = dict(guidance=7.0, steps=3, scheduler="euler")
-    plain = sample_images(model, PROMPTS[:1], [3], **args)
-    rescaled = sample_images(model, PROMPTS[:1], [3], guidance_rescale=0.7, **args)
+    plain = Setting(guidance=7.0, steps=3, scheduler="euler")
+    rescaled = sample_images(model, PROMPTS[:1], [3], plain.replace(guidance_rescale=0.7))
+    plain = sample_images(model, PROMPTS[:1], [3], plain)
     assert torch.isfinite(rescaled).all() and (plain - rescaled).abs().max() > 1e-4
 
 
@@ -92,9 +94,9 @@ def test_output_pils_are_rgb_at_the_output_size_with_crisp_pixels():
 def test_grids_are_figures_with_one_panel_per_setting(model):
     import matplotlib.pyplot as plt
 
-    fig = guidance_steps_grid(model, PROMPTS[:2], [1.0, 4.0], [2, 3], seed=0)
+    fig = guidance_steps_grid(model, PROMPTS[:2], [1.0, 4.0], [2, 3], Setting(scheduler="ddim"), seed=0)
     assert len(fig.axes) == 4
-    fig2 = scheduler_grid(model, PROMPTS[:2], ["ddim", "euler-a", "dpm++2m-karras"], steps=2, seed=0)
+    fig2 = scheduler_grid(model, PROMPTS[:2], Setting(steps=2), ["ddim", "euler-a", "dpm++2m-karras"], seed=0)
     assert [ax.get_ylabel() for ax in fig2.axes] == ["ddim", "euler-a", "dpm++2m-karras"]
     plt.close("all")
 
@@ -119,9 +121,12 @@ def test_guidance_interval_guides_only_inside_it(model):
     cond, uncond = model.encode_prompts(PROMPTS[:2]), model.encode_prompts([""])
     counting = CountingUNet(model.unet)
     run = lambda interval, g=3.0: sample_latents(counting, make_scheduler("ddim", model.scheduler_config), cond,
-                                                 uncond, [1, 2], guidance=g, steps=6, guidance_interval=interval,
+                                                 uncond, [1, 2], Setting(guidance=g, steps=6, scheduler="ddim",
+                                                                         guidance_interval=interval),
                                                  latent_shape=model.latent_shape)
-    everywhere = run(None)
+    everywhere = run(())
+    assert guided_steps(model.scheduler_config, Setting(guidance=3.0, steps=6, scheduler="ddim",
+                                                        guidance_interval=middle)) == (2, 6)
     assert counting.batches == [4] * 6  # uncond + cond in one forward at every step
     counting.batches.clear()
     partial = run(middle)
@@ -129,7 +134,7 @@ def test_guidance_interval_guides_only_inside_it(model):
     counting.batches.clear()
     nowhere = run((1e9, 2e9))
     assert counting.batches == [2] * 6
-    assert torch.allclose(nowhere, run(None, g=1.0), atol=1e-6)  # no guided step = the plain conditional model
+    assert torch.allclose(nowhere, run((), g=1.0), atol=1e-6)  # no guided step = the plain conditional model
     assert not torch.allclose(partial, everywhere, atol=1e-3) and not torch.allclose(partial, nowhere, atol=1e-3)
 
 
@@ -146,7 +151,7 @@ def test_exported_pipeline_gives_our_image_for_the_same_seed(vae_model, tmp_path
     for seed, prompt in [(3, PROMPTS[0]), (11, PROMPTS[1])]:
         theirs = pipe(prompt, num_inference_steps=5, guidance_scale=3.0, height=16, width=16, output_type="pt",
                       generator=torch.Generator().manual_seed(seed)).images[0]
-        ours = sample_images(vae_model, [prompt], [seed], guidance=3.0, steps=5, scheduler=scheduler)[0]
+        ours = sample_images(vae_model, [prompt], [seed], Setting(guidance=3.0, steps=5, scheduler=scheduler))[0]
         assert torch.allclose((ours + 1) / 2, theirs, atol=1e-4), (ours / 2 + 0.5 - theirs).abs().max()
 
 
@@ -162,4 +167,4 @@ def test_sd_baseline_offline_says_what_to_download(tmp_path):
 
     cfg = profile_config("sd-baseline", outputs_dir=str(tmp_path), sd_model="CompVis/stable-diffusion-v1-4")
     with pytest.raises(WeightsUnavailableError, match="CompVis/stable-diffusion-v1-4.*huggingface-cli download"):
-        load_sd_baseline(cfg, device="cpu")
+        load_pipeline(cfg, cfg.pipeline, device="cpu")

@@ -13,7 +13,8 @@ from PIL import Image
 from helpers.score import (OPENAI_MEAN, OPENAI_STD, STATS_SOURCE, ClipScorer, ScorerUnavailable, clip_i,
                            clip_preprocess, clip_t, feature_statistics, fid_preprocess, frechet_distance,
                            inception_features, load_clip_scorer, load_inception, load_reference_stats, main,
-                           reference_stats_from_folder, results_folder_problems, score_images, score_results)
+                           reference_stats_from_folder, score_images, score_results)
+from helpers.results import results_problems
 from conftest import sprite
 
 
@@ -301,15 +302,17 @@ def results(tmp_path, course_dir):
 
 def test_results_folder_problems_name_missing_extra_and_wrong_size_pngs(results):
     folder, test_json, prompts = results
-    assert results_folder_problems(folder, prompts) == []
+    assert results_problems(folder, prompts, require_manifest=False) == []
     (folder / "0_main.png").unlink()
     sprite(folder / "99_main.png", seed=0, size=256, mode="RGB")
     sprite(folder / "1_main.png", seed=0, size=128, mode="RGB")
     (folder / "notes.txt").write_text("not a PNG: the course counts PNGs only")
-    problems = results_folder_problems(folder, prompts)
-    assert problems == ["missing: 0_main.png", "unexpected PNG: 99_main.png", "1_main.png: 128×128, expected 256×256"]
-    assert results_folder_problems(folder, prompts, size=None) == problems[:2]
-    with pytest.raises(ValueError, match="3 problem") as e:
+    problems = results_problems(folder, prompts, require_manifest=False)
+    assert problems == [f"{len(prompts)} PNGs, test.json names {len(prompts)} images", "missing: 0_main.png",
+                        "unexpected file: 99_main.png (not in test.json; move it out of the folder)",
+                        "1_main.png: size 128×128, expected 256×256"]
+    assert results_problems(folder, prompts, size=None, require_manifest=False) == problems[:3]
+    with pytest.raises(ValueError, match="4 problem") as e:
         score_results(folder, test_json)
     assert "missing: 0_main.png" in str(e.value) and "99_main.png" in str(e.value)
 

@@ -8,8 +8,9 @@ from safetensors.torch import load_file, save_file
 import helpers.selection as selection
 from helpers.judges import CourseJudge, ProbeJudge
 from helpers.model import load_model
-from helpers.selection import (FINAL, Setting, choose, chosen_setting, default_setting, prompt_subset, selection_sweep,
-                               snapshot_names, spread, sweep_settings, sweep_table)
+from helpers.selection import (choose, chosen_setting, seeded_subset, selection_sweep, spread, sweep_axes,
+                               sweep_settings, sweep_table)
+from helpers.setting import FINAL, Setting
 from test_train import make_run
 from helpers.train import train
 
@@ -41,8 +42,9 @@ def test_sweep_samples_each_setting_once_and_resumes_from_its_cells(run, monkeyp
     calls = []
     real_sample = selection.sample_images
     monkeypatch.setattr(selection, "sample_images", lambda *a, **k: calls.append(k) or real_sample(*a, **k))
-    assert snapshot_names(run) == ["step-000002", "step-000004"]
-    settings = sweep_settings(snapshot_names(run), [1.0, 4.0], [2], "ddim")
+    assert run.layout.snapshot_names() == ["step-000002", "step-000004"]
+    settings = sweep_settings(Setting(scheduler="ddim"), snapshot=run.layout.snapshot_names(), guidance=[1.0, 4.0],
+                              steps=[2])
     prompts, seeds = ["a monster number 1.", "a monster number 2. The monster is attacking."], [5, 6]
     rows = selection_sweep(model, run, MeanJudge(), settings, prompts, seeds, batch_size=2, progress=False)
     assert [Setting.from_dict(r["setting"]) for r in rows] == settings and len(calls) == 4
@@ -50,14 +52,17 @@ def test_sweep_samples_each_setting_once_and_resumes_from_its_cells(run, monkeyp
     assert len({r["brightness"] for r in rows}) == 4  # guidance and snapshot both change the images
     again = selection_sweep(model, run, MeanJudge(), settings, prompts, seeds, batch_size=2, progress=False)
     assert again == rows and len(calls) == 4 and "Reusing 4 of 4 sweep cells" in capsys.readouterr().out
-    # more training rewrote a snapshot: only its cells are sampled again; a half-written cell line is skipped
+    # more training rewrote a snapshot: only its cells are sampled again; a half-written cell line is skipped,
+    # and the cells appended after it stay whole (the cut line is closed first)
     weights = run.run_dir / "snapshots" / "step-000004" / "diffusion_pytorch_model.safetensors"
     save_file({k: v * 1.01 for k, v in load_file(str(weights)).items()}, str(weights))
-    with (run.run_dir / "selection" / "cells.jsonl").open("a") as f:
+    with run.layout.cells.open("a") as f:
         f.write('{"setting": {"snap')
     newer = selection_sweep(model, run, MeanJudge(), settings, prompts, seeds, batch_size=2, progress=False)
     assert len(calls) == 6 and newer[:2] == rows[:2] and newer[2]["weights"] != rows[2]["weights"]
-    assert "an unfinished cell" in capsys.readouterr().out
+    assert "line 5: not JSON" in capsys.readouterr().out
+    assert selection_sweep(model, run, MeanJudge(), settings, prompts, seeds, batch_size=2, progress=False) == newer
+    assert len(calls) == 6  # both cells written after the cut line were read back
     table = sweep_table(newer, MeanJudge.columns, choose(newer, MeanJudge()))
     assert table.count("*") == 1 and "step-000004" in table
 
@@ -98,21 +103,71 @@ def test_course_judge_scores_images_as_the_pngs_they_would_be(monkeypatch):
     assert seen["sizes"] == {(64, 64)} and seen["prompts"] == ["a", "b"] and seen["reference_stats"] == ("mu", "sigma")
 
 
-def test_spread_keeps_the_last_and_prompt_subset_is_seeded():
+def test_spread_keeps_the_last_and_seeded_subset_is_seeded():
     names = [f"step-{i:06d}" for i in range(1, 11)]
     assert spread(names, 3) == ["step-000001", "step-000005", "step-000010"]
     assert spread(names, 1) == ["step-000010"] and spread(names, 0) == names and spread(names[:2], 3) == names[:2]
-    assert prompt_subset(10, 4, 0) == prompt_subset(10, 4, 0) != prompt_subset(10, 4, 1)
-    assert prompt_subset(10, 0, 0) == list(range(10)) and len(prompt_subset(10, 4, 0)) == 4
+    assert seeded_subset(10, 4, 0) == seeded_subset(10, 4, 0) != seeded_subset(10, 4, 1)
+    assert seeded_subset(10, 0, 0) == list(range(10)) and len(seeded_subset(10, 4, 0)) == 4
+
+
+def test_hand_damaged_sweep_records_are_reported_by_line_and_sampled_again(run, capsys):
+    model, judge = load_model(run), MeanJudge()
+    settings = sweep_settings(Setting(scheduler="ddim", steps=2), snapshot=["step-000002"], guidance=[2.0, 5.0])
+    prompts, seeds = ["a monster number 3."], [1]
+    rows = selection_sweep(model, run, judge, settings, prompts, seeds, batch_size=1, progress=False)
+    recorded = [json.loads(x) for x in run.layout.cells.read_text().splitlines() if x.endswith("}")]
+    kept = [r for r in recorded if r["setting"]["guidance"] not in (2.0, 5.0)]
+    no_weights = {k: v for k, v in rows[0].items() if k != "weights"}
+    no_score = {k: v for k, v in rows[1].items() if k != "brightness"}
+    run.layout.cells.write_text("\n".join(map(json.dumps, kept + [42, no_weights, no_score])) + "\n")
+    again = selection_sweep(model, run, judge, settings, prompts, seeds, batch_size=1, progress=False)
+    said = capsys.readouterr().out
+    n = len(kept)
+    assert f"line {n + 1}: a int, not a cell object" in said and f"line {n + 2}: no weights" in said
+    assert "lacks the judge's scores (KeyError" in said and "Traceback" not in said
+    assert [r["brightness"] for r in again] == pytest.approx([r["brightness"] for r in rows], abs=1e-6)
+
+
+@pytest.mark.parametrize("given, message", [
+    (dict(guidances=[-1]), "guidances: guidance=-1.0 should be a finite number >= 0"),
+    (dict(steps_list=[0]), "steps_list: steps=0 should be a whole number >= 1"),
+    (dict(intervals=[0.3, 5]), "intervals: guidance_interval=0.3 should be []"),
+    (dict(intervals=[[5, 0.3]]), "intervals: guidance_interval=[5.0, 0.3] should be []"),
+    (dict(snapshots="step-000002"), "snapshots='step-000002' should be a non-empty list"),
+    (dict(guidances="abc"), "guidances='abc' should be a non-empty list"),
+    (dict(guidances=[]), "guidances=[] should be a non-empty list"),
+    (dict(snapshots=["step-00002"]), "'step-00002' is not a snapshot of run 't' .step-000002, step-000004, model.; did you mean 'step-000002'"),
+])
+def test_every_sweep_parameter_is_checked_where_it_enters(run, given, message):
+    with pytest.raises(ValueError, match=message.replace("[", "\\[").replace("]", "\\]")):
+        sweep_axes(run, **given)
+
+
+def test_sweep_axes_default_to_the_config_and_legal_values_pass(run):
+    axes = sweep_axes(run)
+    assert axes == {"snapshot": ["step-000002", "step-000004"], "guidance": run.guidance_sweep,
+                    "steps": run.sweep_steps, "guidance_interval": [tuple(i) for i in run.sweep_intervals]}
+    axes = sweep_axes(run, guidances=[0.5, 15], steps_list=[150], intervals=[[], [0.3, 5]], snapshots=[FINAL])
+    assert axes["guidance"] == [0.5, 15] and axes["guidance_interval"] == [(), (0.3, 5)]
 
 
 def test_chosen_setting_is_the_selection_in_metrics_json_else_the_config(run):
     setting, source = chosen_setting(run)
-    assert setting == default_setting(run) and setting.snapshot == FINAL and "run config" in source
+    assert setting == Setting.from_config(run) and setting.snapshot == FINAL and "run config" in source
+    assert setting.guidance_rescale == run.guidance_rescale  # every config sampling field reaches the setting
     picked = Setting("step-000002", 1.0, 2, "ddim", (0.5, 9.0))
     (run.run_dir / "metrics.json").write_text(json.dumps({"selection": {"choice": {"setting": picked.to_dict()}}}))
     try:
         assert chosen_setting(run) == (picked, f"the selection sweep's choice in {run.run_dir / 'metrics.json'}")
+        (run.run_dir / "metrics.json").write_text(json.dumps({"selection": {"choice": {"setting": {"guidance": 2}}}}))
+        assert chosen_setting(run)[0] == Setting(guidance=2.0)
+        (run.run_dir / "metrics.json").write_text(json.dumps({"selection": {"choice": {"setting": {"guidnce": 2}}}}))
+        with pytest.raises(ValueError, match="selection.choice.setting: unknown field 'guidnce'.*'guidance'"):
+            chosen_setting(run)
+        (run.run_dir / "metrics.json").write_text("[]")
+        with pytest.raises(ValueError, match="metrics.json: expected an object"):
+            chosen_setting(run)
     finally:
         (run.run_dir / "metrics.json").unlink()
     assert picked.replace(guidance=None, steps=5) == Setting("step-000002", 1.0, 5, "ddim", (0.5, 9.0))
@@ -131,7 +186,7 @@ def test_course_judge_path_end_to_end_with_stand_in_networks(run, monkeypatch):
     assert skipped == {} and isinstance(judged.judge, CourseJudge) and len(judged.prompts) == 3
     assert sorted(p.name for p in (run.run_dir / "selection" / "val_real").glob("*.png"))  # the real reference
     assert (run.run_dir / "selection" / "val_stats" / "test_mu.npy").exists()
-    settings = sweep_settings(["step-000004"], [1.0, 3.0], [2], "ddim")
+    settings = sweep_settings(Setting(scheduler="ddim", steps=2), snapshot=["step-000004"], guidance=[1.0, 3.0])
     rows = selection_sweep(load_model(run), run, judged.judge, settings, judged.texts, judged.seeds, batch_size=3,
                            progress=False)
     assert all(r["fid"] >= 0 and -1 <= r["clip_t"] <= 1 for r in rows)
@@ -139,25 +194,31 @@ def test_course_judge_path_end_to_end_with_stand_in_networks(run, monkeypatch):
 
 
 @pytest.mark.slow
-def test_05_eval_offline_on_course_data_reports_every_skipped_metric(run, tmp_path):
+def test_04_and_05_offline_on_course_data_report_every_skipped_metric(run, tmp_path):
+    """No CLIP, no Inception: 04 says why there is no sweep and writes the config's test set; 05 verifies it."""
     import papermill
 
     from helpers.config import PROJECT_ROOT
 
-    out = tmp_path / "05.ipynb"
-    papermill.execute_notebook(str(PROJECT_ROOT / "notebooks" / "05_eval.ipynb"), str(out), progress_bar=False,
-                               parameters=dict(run_name=run.run_name, outputs_dir=str(run.run_dir.parents[1])),
-                               cwd=str(PROJECT_ROOT / "notebooks"), kernel_name="python3")
-    text = "".join("".join(o.get("text", "")) for c in json.loads(out.read_text())["cells"] for o in c.get("outputs", []))
-    assert "fid: SKIPPED:" in text and "clip_t: SKIPPED:" in text and "no sweep" in text
-    assert "Traceback" not in text
+    texts = {}
+    for name in ("04_sample", "05_eval"):
+        out = tmp_path / f"{name}.ipynb"
+        papermill.execute_notebook(str(PROJECT_ROOT / "notebooks" / f"{name}.ipynb"), str(out), progress_bar=False,
+                                   parameters=dict(run_name=run.run_name, outputs_dir=str(run.run_dir.parents[1])),
+                                   cwd=str(PROJECT_ROOT / "notebooks"), kernel_name="python3")
+        texts[name] = "".join("".join(o.get("text", "")) for c in json.loads(out.read_text())["cells"]
+                              for o in c.get("outputs", []))
+    assert "fid: SKIPPED:" in texts["04_sample"] and "clip_t: SKIPPED:" in texts["04_sample"]
+    assert "no sweep" in texts["04_sample"] and "from the run config" in texts["04_sample"]
+    assert "every SHA-256 as manifest.json recorded" in texts["05_eval"] and "clip_t: SKIPPED:" in texts["05_eval"]
+    assert "Traceback" not in texts["04_sample"] + texts["05_eval"]
 
 
-def test_the_sd_baseline_is_one_pretrained_model_without_snapshots(tmp_path):
+def test_a_pretrained_pipeline_run_is_one_model_without_snapshots(tmp_path):
     from helpers.config import profile_config
     from helpers.selection import weights_id, with_snapshot
 
-    cfg = profile_config("sd-baseline", outputs_dir=str(tmp_path), sd_model="some/sd-model")
+    cfg = profile_config("sd-baseline", outputs_dir=str(tmp_path), pipeline="some/sd-model")
     pipeline = object()
-    assert snapshot_names(cfg) == [] and with_snapshot(pipeline, cfg, FINAL) is pipeline
-    assert weights_id(cfg, FINAL) == "pretrained:some/sd-model"
+    assert cfg.layout.snapshot_names() == [] and with_snapshot(pipeline, cfg, FINAL) is pipeline
+    assert weights_id(cfg, FINAL) == "pretrained:some/sd-model" and sweep_axes(cfg)["snapshot"] == [FINAL]

@@ -12,13 +12,14 @@ from helpers.autoencoder import load_autoencoder
 from helpers.config import profile_config
 from helpers.data import Prompt, load_prompts
 from helpers.model import TextToImage, noise_scheduler
-from helpers.selection import Setting
-from helpers.submission import (check_manifest, check_results, generate_test_set, pack_submission, read_manifest,
-                                results_manifest, validate_results, write_test_set)
+from helpers.results import check_results, read_manifest, results_manifest, results_problems
+from helpers.setting import Setting
+from helpers.submission import generate_test_set, pack_submission, write_test_set, zipped_results_match
 from helpers.text import load_text_encoder
 from helpers.unet import build_unet
 
-ARGS = dict(guidance=3.0, steps=2, scheduler="ddim", batch_size=2)
+SETTING = Setting("model", 3.0, 2, "ddim")
+ARGS = dict(batch_size=2)
 
 
 @pytest.fixture(scope="module")
@@ -36,12 +37,12 @@ def prompts():
 
 def test_generate_writes_every_image_then_skips_them_and_regenerates_the_same(model, prompts, tmp_path, capsys):
     out = tmp_path / "results"
-    stats = generate_test_set(model, prompts, out, **ARGS)
+    stats = generate_test_set(model, prompts, out, SETTING, **ARGS)
     assert stats["written"] == 5 and stats["skipped"] == 0
-    assert check_results(out, prompts) == 5
+    assert check_results(out, prompts, require_manifest=False) == 5
     first = np.asarray(Image.open(out / "3_main.png")).astype(int)
     (out / "3_main.png").unlink()
-    stats = generate_test_set(model, prompts, out, **ARGS)
+    stats = generate_test_set(model, prompts, out, SETTING, **ARGS)
     assert stats["written"] == 1 and stats["skipped"] == 4
     assert "Skipping 4 of 5 images already in" in capsys.readouterr().out
     # seed = seed + index, whatever the batch: identical up to float rounding (batched matmuls round differently
@@ -57,25 +58,30 @@ def test_validator_lists_every_problem(prompts, tmp_path):
     out = tmp_path / "results"
     out.mkdir()
     rng = np.random.default_rng(0)
-    good = lambda: Image.fromarray(rng.integers(0, 255, (256, 256, 3), dtype=np.uint8))
+    good = lambda: Image.fromarray(rng.integers(0, 255, (256, 256, 3), dtype=np.uint8))  # noqa: E731
     good().save(out / "0_main.png")
     good().resize((128, 128)).save(out / "1_main.png")
     good().convert("L").save(out / "2_main.png")
     Image.new("RGB", (256, 256), (0, 0, 0)).save(out / "3_main.png")  # what a NaN sample turns into
     good().save(out / "extra.png")
-    problems = validate_results(out, prompts)
-    assert problems == ["missing: 4_main.png", "unexpected file: extra.png", "1_main.png: size 128×128, expected 256×256",
-                        "2_main.png: mode L, expected RGB",
+    problems = results_problems(out, prompts)
+    assert problems == [f"{out / 'manifest.json'}: missing (images of unknown origin)",
+                        "5 files, test.json names 5 images", "missing: 4_main.png",
+                        "unexpected file: extra.png (not in test.json; move it out of the folder)",
+                        "1_main.png: size 128×128, expected 256×256", "2_main.png: mode L, expected RGB",
                         "3_main.png: blank: every pixel is about (0, 0, 0) (a NaN or collapsed sample)"]
-    with pytest.raises(ValueError, match="5 problem\\(s\\)(.|\n)*missing: 4_main.png(.|\n)*blank"):
+    with pytest.raises(ValueError, match="7 problem\\(s\\): .*manifest.json: missing.*; 5 files.*; missing: 4_main.png "
+                                         "\\(and 4 more\\)\n(.|\n)*blank"):
         check_results(out, prompts)
-    assert validate_results(tmp_path / "nowhere", prompts) == [f"{tmp_path / 'nowhere'}: results folder not found"]
+    assert results_problems(tmp_path / "nowhere", prompts) == [f"{tmp_path / 'nowhere'}: results folder not found"]
+    (tmp_path / "afile").write_text("x")
+    assert results_problems(tmp_path / "afile", prompts) == [f"{tmp_path / 'afile'}: is a file, not a results folder"]
 
 
 def test_nan_samples_are_refused_before_anything_is_written(model, prompts, tmp_path, monkeypatch):
-    monkeypatch.setattr(submission, "sample_images", lambda m, p, s, **kw: torch.full((len(p), 3, 16, 16), float("nan")))
+    monkeypatch.setattr(submission, "sample_images", lambda m, p, s, st, **kw: torch.full((len(p), 3, 16, 16), float("nan")))
     with pytest.raises(FloatingPointError, match="NaN/inf for 2 image"):
-        generate_test_set(model, prompts, tmp_path / "results", **ARGS)
+        generate_test_set(model, prompts, tmp_path / "results", SETTING, **ARGS)
     assert not list((tmp_path / "results").iterdir())
 
 
@@ -83,69 +89,37 @@ def test_hand_made_bad_prompts_are_refused_before_sampling(model, tmp_path, monk
     monkeypatch.setattr(submission, "sample_images", lambda *a, **k: pytest.fail("sampled despite bad names"))
     bad = [Prompt("a", "x.png", "t"), Prompt("b", "x.png", "t"), Prompt("c", "../y.png", "t"), Prompt("d", "z.jpg", "t")]
     with pytest.raises(ValueError, match="3 problem(.|\n)*'\\.\\./y\\.png'(.|\n)*'z\\.jpg'(.|\n)*'x\\.png' is used 2 times"):
-        generate_test_set(model, bad, tmp_path / "results", **ARGS)
+        generate_test_set(model, bad, tmp_path / "results", SETTING, **ARGS)
 
 
-def make_packable_run(tmp_path):
-    run = tmp_path / "run"
-    (run / "snapshots" / "step-000004").mkdir(parents=True)
-    (run / "snapshots" / "step-000004" / "config.json").write_text("{}")
-    (run / "model" / "scheduler").mkdir(parents=True)
-    (run / "model" / "scheduler" / "scheduler_config.json").write_text("{}")
-    (run / "results").mkdir()
-    Image.new("RGB", (256, 256)).save(run / "results" / "0_main.png")
-    return run
+KW = dict(seed=0, size=32, batch_size=2)
 
 
-def test_pack_submission_has_the_course_layout_and_refuses_to_overwrite(tmp_path):
-    run = make_packable_run(tmp_path)
-    unet = run / "snapshots" / "step-000004"
-    code = tmp_path / "helpers_copy"
-    (code / "__pycache__").mkdir(parents=True)
-    (code / "a.py").write_text("x = 1\n")
-    (code / "__pycache__" / "a.cpython-311.pyc").write_bytes(b"junk")
-    zip_path = pack_submission(run, tmp_path / "submission.zip", unet, code_dirs=(str(code),))
-    with zipfile.ZipFile(zip_path) as zf:
-        assert sorted(zf.namelist()) == ["code/helpers_copy/a.py", "model/scheduler/scheduler_config.json",
-                                         "model/unet_ema/config.json", "results/0_main.png"]
-    with pytest.raises(FileExistsError, match=r"submission.zip already exists.*overwrite_zip=True.*overwrite=True"):
-        pack_submission(run, zip_path, unet, code_dirs=(str(code),))
-    assert pack_submission(run, zip_path, unet, code_dirs=(str(code),), overwrite=True) == zip_path
-    with pytest.raises(FileNotFoundError, match="results/ <- .*nothing"):
-        pack_submission(run, tmp_path / "other.zip", unet, code_dirs=(str(code),), results_dir=tmp_path / "nothing")
-
-
-def test_pack_submission_default_code_dirs_are_the_project_helpers_and_notebooks(tmp_path):
-    run = make_packable_run(tmp_path)
-    with zipfile.ZipFile(pack_submission(run, tmp_path / "s.zip", run / "snapshots" / "step-000004")) as zf:
-        names = zf.namelist()
-    assert "code/helpers/submission.py" in names and any(n.startswith("code/notebooks/") for n in names)
-
-
-SETTING = Setting("model", 3.0, 2, "ddim")
-
-
-def test_write_test_set_resumes_the_same_setting_and_regenerates_another(model, prompts, tmp_path, capsys):
+def test_write_test_set_resumes_the_same_setting_and_keeps_every_other_one(model, prompts, tmp_path, capsys):
     out = tmp_path / "results"
-    kw = dict(seed=0, size=32, batch_size=2)
-    write_test_set(model, prompts, out, SETTING, "w1", **kw)
+    write_test_set(model, prompts, out, SETTING, "w1", **KW)
     manifest = read_manifest(out)
     assert manifest["complete"] and manifest["guidance"] == 3.0 and manifest["weights_sha256"] == "w1"
+    assert sorted(manifest["images"]) == [p.image_name for p in prompts]
     (out / "4_main.png").unlink()  # an interrupted run: the same setting resumes
-    assert write_test_set(model, prompts, out, SETTING, "w1", **kw)["written"] == 1
-    assert not (tmp_path / "results.previous").exists()
-    first = np.asarray(Image.open(out / "0_main.png")).astype(int)
-    other = Setting("model", 1.0, 2, "ddim")  # 05 chose another guidance: everything is regenerated
-    assert write_test_set(model, prompts, out, other, "w1", **kw)["written"] == 5
-    said = capsys.readouterr().out
-    assert "Regenerating the test set" in said and "guidance: 3.0 -> 1.0" in said and "Moved them to" in said
-    assert np.abs(np.asarray(Image.open(out / "0_main.png")).astype(int) - first).max() > 0
-    assert read_manifest(tmp_path / "results.previous")["guidance"] == 3.0  # the old set is kept, aside
-    write_test_set(model, prompts, out, other, "w2", **kw)  # more training: new weights, new images
-    assert read_manifest(out)["weights_sha256"] == "w2" and read_manifest(tmp_path / "results.previous")["weights_sha256"] == "w1"
-    check_manifest(out, results_manifest(other, "w2", prompts, seed=0, size=32))
-    with pytest.raises(ValueError, match="does not match the chosen setting: guidance: 1.0 -> 3.0"):
-        check_manifest(out, results_manifest(SETTING, "w2", prompts, seed=0, size=32))
+    assert write_test_set(model, prompts, out, SETTING, "w1", **KW)["written"] == 1
+    assert not (tmp_path / "results.history").exists()
+    (out / "notes.txt").write_text("my notes")  # the user's own file: never moved or deleted
+    first = (out / "0_main.png").read_bytes()
+    settings = [Setting("model", g, 2, "ddim") for g in (1.0, 2.0, 4.0)]
+    for n, s in enumerate(settings, 1):  # three more settings: every earlier set stays on disk, numbered
+        assert write_test_set(model, prompts, out, s, "w1", **KW)["written"] == 5
+        assert "guidance: " in capsys.readouterr().out
+        assert read_manifest(tmp_path / "results.history" / str(n))["guidance"] == ([3.0] + [1.0, 2.0])[n - 1]
+    assert (tmp_path / "results.history" / "1" / "0_main.png").read_bytes() == first
+    assert sorted(p.name for p in (tmp_path / "results.history").iterdir()) == ["1", "2", "3"]
+    assert all(len(list((tmp_path / "results.history" / k).glob("*.png"))) == 5 for k in "123")
+    assert (out / "notes.txt").read_text() == "my notes"
+    assert "unexpected file: notes.txt" in " ".join(results_problems(out, prompts, 32))
+    (out / "notes.txt").unlink()
+    assert check_results(out, prompts, 32, want=results_manifest(settings[-1], "w1", prompts, seed=0, size=32)) == 5
+    with pytest.raises(ValueError, match="manifest.json: guidance: 4.0 -> 3.0"):
+        check_results(out, prompts, 32, want=results_manifest(SETTING, "w1", prompts, seed=0, size=32))
 
 
 def test_results_without_a_manifest_are_never_mixed_with_new_ones(model, prompts, tmp_path, capsys):
@@ -154,7 +128,127 @@ def test_results_without_a_manifest_are_never_mixed_with_new_ones(model, prompts
     Image.new("RGB", (32, 32), (9, 9, 9)).save(out / "0_main.png")  # images of unknown origin
     write_test_set(model, prompts, out, SETTING, "w1", seed=0, size=32, batch_size=5)
     assert "no manifest.json (images of unknown origin)" in capsys.readouterr().out
-    assert np.asarray(Image.open(out / "0_main.png")).std() > 0 and (tmp_path / "results.previous" / "0_main.png").exists()
+    assert np.asarray(Image.open(out / "0_main.png")).std() > 0
+    assert (tmp_path / "results.history" / "1" / "0_main.png").exists()
+
+
+def test_a_swapped_image_is_found_and_written_again_not_blessed(model, prompts, tmp_path, capsys):
+    out = tmp_path / "results"
+    write_test_set(model, prompts, out, SETTING, "w1", **KW)
+    good = (out / "1_main.png").read_bytes()
+    (out / "1_main.png").write_bytes((out / "2_main.png").read_bytes())
+    with pytest.raises(ValueError, match="1_main.png: differs from the image manifest.json recorded"):
+        check_results(out, prompts, 32)
+    assert write_test_set(model, prompts, out, SETTING, "w1", **KW)["written"] == 1
+    assert "1 image(s) differ from what manifest.json recorded (e.g. 1_main.png)" in capsys.readouterr().out
+    assert (out / "1_main.png").read_bytes() == good and check_results(out, prompts, 32) == 5
+    assert (tmp_path / "results.history" / "1" / "1_main.png").read_bytes() == (out / "2_main.png").read_bytes()
+
+
+@pytest.mark.parametrize("where", ["results", "results.history"])
+def test_a_file_where_a_results_folder_belongs_is_one_clear_error(model, prompts, tmp_path, where):
+    out = tmp_path / "results"
+    if where == "results.history":
+        write_test_set(model, prompts, out, SETTING, "w1", **KW)
+    (tmp_path / where).write_text("not a folder") if where != "results" else out.write_text("not a folder")
+    with pytest.raises(NotADirectoryError, match=f"{where}: is a file"):
+        write_test_set(model, prompts, out, Setting("model", 1.0, 2, "ddim"), "w1", **KW)
+
+
+def test_a_manifest_that_is_not_an_object_is_named(prompts, tmp_path):
+    out = tmp_path / "results"
+    out.mkdir()
+    (out / "manifest.json").write_text("[]")
+    assert results_problems(out, prompts) == [f"{out / 'manifest.json'}: expected a JSON object describing the "
+                                              "results, got a list"]
+
+
+def make_packable_run(tmp_path, model, prompts):
+    run = tmp_path / "run"
+    (run / "snapshots" / "step-000004").mkdir(parents=True)
+    (run / "snapshots" / "step-000004" / "config.json").write_text("{}")
+    (run / "model" / "scheduler").mkdir(parents=True)
+    (run / "model" / "scheduler" / "scheduler_config.json").write_text("{}")
+    write_test_set(model, prompts, run / "results", SETTING, "w1", **KW)
+    return run
+
+
+def test_pack_submission_has_the_course_layout_the_very_bytes_and_refuses_to_overwrite(model, prompts, tmp_path):
+    run = make_packable_run(tmp_path, model, prompts)
+    unet = run / "snapshots" / "step-000004"
+    code = tmp_path / "helpers_copy"
+    (code / "__pycache__").mkdir(parents=True)
+    (code / "a.py").write_text("x = 1\n")
+    (code / "__pycache__" / "a.cpython-311.pyc").write_bytes(b"junk")
+    want = results_manifest(SETTING, "w1", prompts, seed=0, size=32)
+    pack = lambda zip_path, **kw: pack_submission(run, zip_path, unet, prompts, size=32, want=want,  # noqa: E731
+                                                  code_dirs=(str(code),), **kw)
+    zip_path = pack(tmp_path / "submission.zip")
+    with zipfile.ZipFile(zip_path) as zf:
+        assert sorted(zf.namelist()) == sorted(["code/helpers_copy/a.py", "model/scheduler/scheduler_config.json",
+                                                "model/unet_ema/config.json", "results/manifest.json"]
+                                               + [f"results/{p.image_name}" for p in prompts])
+    assert zipped_results_match(zip_path, run / "results") == 5
+    with pytest.raises(FileExistsError, match=r"submission.zip already exists.*overwrite_zip=True.*overwrite=True"):
+        pack(zip_path)
+    assert pack(zip_path, overwrite=True) == zip_path
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("swap", "1_main.png: differs from the image manifest.json recorded"),
+    ("stray", "unexpected file: 9_main.png"),
+    ("remove", "missing: 3_main.png"),
+    ("small", "2_main.png: size 16×16, expected 32×32"),
+    ("text", "unexpected file: readme.txt"),
+])
+def test_validation_scoring_and_packing_refuse_a_damaged_folder_naming_the_file(model, prompts, tmp_path, damage,
+                                                                                message):
+    from helpers.score import score_results
+
+    run = make_packable_run(tmp_path, model, prompts)
+    results = run / "results"
+    if damage == "swap":
+        (results / "1_main.png").write_bytes((results / "0_main.png").read_bytes())
+    elif damage == "stray":
+        (results / "9_main.png").write_bytes((results / "0_main.png").read_bytes())
+    elif damage == "remove":
+        (results / "3_main.png").unlink()
+    elif damage == "small":
+        Image.open(results / "2_main.png").resize((16, 16)).save(results / "2_main.png")
+    else:
+        (results / "readme.txt").write_text("")
+    with pytest.raises(ValueError, match=message):
+        check_results(results, prompts, 32)
+    with pytest.raises(ValueError, match=message):
+        pack_submission(run, tmp_path / "s.zip", run / "snapshots" / "step-000004", prompts, size=32)
+    assert not (tmp_path / "s.zip").exists()
+    test_json = tmp_path / "test.json"
+    test_json.write_text(json.dumps({p.key: {"image_name": p.image_name, "given_description": p.text,
+                                             "action_description": "", "text_prompt": p.text} for p in prompts}))
+    if damage != "text":  # the course's program counts PNGs only; the hand-in holds nothing else
+        with pytest.raises(ValueError, match=message):
+            score_results(results, test_json, size=32)
+
+
+def test_a_truncated_png_is_refused_by_the_scorer_even_without_metrics(model, prompts, tmp_path):
+    from helpers.score import score_results
+
+    run = make_packable_run(tmp_path, model, prompts)
+    data = (run / "results" / "0_main.png").read_bytes()
+    (run / "results" / "0_main.png").write_bytes(data[: len(data) // 2])
+    test_json = tmp_path / "test.json"
+    test_json.write_text(json.dumps({p.key: {"image_name": p.image_name, "given_description": p.text,
+                                             "action_description": "", "text_prompt": p.text} for p in prompts}))
+    with pytest.raises(ValueError, match="0_main.png: cannot be decoded"):
+        score_results(run / "results", test_json, size=32)
+
+
+def test_pack_submission_default_code_dirs_are_the_project_helpers_and_notebooks(model, prompts, tmp_path):
+    run = make_packable_run(tmp_path, model, prompts)
+    with zipfile.ZipFile(pack_submission(run, tmp_path / "s.zip", run / "snapshots" / "step-000004", prompts,
+                                         size=32)) as zf:
+        names = zf.namelist()
+    assert "code/helpers/submission.py" in names and any(n.startswith("code/notebooks/") for n in names)
 
 
 # ---------------------------------------------------------------- bad test.json: refused before any sampling
@@ -196,3 +290,18 @@ def test_test_json_with_a_path_outside_the_results_folder(tmp_path, name):
 def test_a_good_test_json_keeps_its_order(tmp_path):
     prompts = load_prompts(write_test_json(tmp_path, {"1_main": entry("1_main.png", "b"), "0_main": entry("0_main.png", "a")}))
     assert [(p.image_name, p.text) for p in prompts] == [("1_main.png", "b"), ("0_main.png", "a")]
+
+
+def test_reading_the_pngs_back_undoes_the_enlargement_up_to_uint8_rounding(model, prompts, tmp_path):
+    """The handed-in 32 px PNGs of 16 px samples, read back to 16 px: the same images up to half a uint8 level,
+    where a bilinear (antialiased) shrink blurs each pixel with its neighbours."""
+    from helpers.results import read_results
+    from helpers.sample import sample_images
+
+    write_test_set(model, prompts, tmp_path / "results", SETTING, "w1", **KW)
+    samples = sample_images(model, [p.text for p in prompts], range(len(prompts)), SETTING).clamp(-1, 1)
+    back = read_results(tmp_path / "results", prompts, 16)
+    assert back.shape == samples.shape and (back - samples).abs().max() <= 1 / 255 + 1e-4
+    blurred = torch.nn.functional.interpolate(read_results(tmp_path / "results", prompts), size=16, mode="bilinear",
+                                              antialias=True)
+    assert (blurred - samples).abs().max() > 0.05  # what reading them back used to do

@@ -1,0 +1,60 @@
+"""Where everything of a run lives: the one place that names the files and folders under `outputs/runs/<run>/`.
+
+    config.json  split.json  cache.json  data_report.json  run.lock      01_data, 03_train_cfg
+    checkpoints/step-N/  checkpoints.old[-N]/                            resumable training state
+    snapshots/step-N/    model/{unet,unet_ema,scheduler}/                EMA U-Nets to choose from; the final model
+    previews/  logs/train.csv  logs/tensorboard/                         what training looked like
+    selection/cells.jsonl  selection/…                                   04_sample's sweep, one line per setting
+    results/ (+ manifest.json)  results.history/<n>/                     the test set of the choice; earlier sets
+    metrics.json  score.json  submission.zip  notebooks/  *.png          choice and scores; the hand-in; plots
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from .setting import FINAL
+
+WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"  # what diffusers' save_pretrained writes for a U-Net
+
+
+@dataclass(frozen=True)
+class RunLayout:
+    root: Path
+
+    def __post_init__(self):
+        object.__setattr__(self, "root", Path(self.root))
+
+    config = property(lambda self: self.root / "config.json")
+    split = property(lambda self: self.root / "split.json")
+    cache_pointer = property(lambda self: self.root / "cache.json")
+    data_report = property(lambda self: self.root / "data_report.json")
+    checkpoints = property(lambda self: self.root / "checkpoints")
+    snapshots = property(lambda self: self.root / "snapshots")
+    model = property(lambda self: self.root / "model")
+    previews = property(lambda self: self.root / "previews")
+    logs = property(lambda self: self.root / "logs")
+    notebooks = property(lambda self: self.root / "notebooks")
+    selection = property(lambda self: self.root / "selection")
+    cells = property(lambda self: self.root / "selection" / "cells.jsonl")
+    metrics = property(lambda self: self.root / "metrics.json")
+    results = property(lambda self: self.root / "results")
+    results_history = property(lambda self: self.root / "results.history")
+    score = property(lambda self: self.root / "score.json")
+    submission = property(lambda self: self.root / "submission.zip")
+
+    def plot(self, name: str) -> Path:
+        """A figure a notebook saves, e.g. plot("selection_sweep") -> <run>/selection_sweep.png."""
+        return self.root / f"{name}.png"
+
+    def unet_dir(self, snapshot: str) -> Path:
+        """The diffusers folder of a snapshot's EMA U-Net (FINAL: model/unet_ema)."""
+        return self.model / "unet_ema" if snapshot == FINAL else self.snapshots / snapshot
+
+    def snapshot_names(self) -> list[str]:
+        """The run's finished EMA snapshots, oldest first (a half-written one has no weights file yet)."""
+        return sorted(p.name for p in self.snapshots.glob("step-*") if (p / WEIGHTS_FILE).exists())
+
+    def candidates(self) -> list[str]:
+        """Every snapshot a setting can name: the snapshots, then FINAL if the run finished."""
+        return self.snapshot_names() + ([FINAL] if (self.unet_dir(FINAL) / WEIGHTS_FILE).exists() else [])
