@@ -260,7 +260,7 @@ class Panel(_widgets().VBox):
                 model = self._model_for(s.snapshot)
                 images = sample_row(model, prompt, seeds, s, on_step=self._ticker(done))
                 self.current.append((images, caption(s, seeds, guided_steps(model.scheduler_config, s))))
-                self.rows.value = "".join(row_html(*row) for row in self.current)
+                self.rows.value = '<div class="monster-rows">' + "".join(row_html(*r) for r in self.current) + "</div>"
             unconditional = "" if prompt.strip() else " (empty prompt: unconditional samples)"
             self.status.value = f"{len(rows)} row(s) in {time.perf_counter() - began:.1f} s{unconditional}"
         except Cancelled:
@@ -301,7 +301,7 @@ class Panel(_widgets().VBox):
 
     def _show_history(self):
         if self.history:
-            self.history_box.value = (f'<details open><summary style="color:{GREY}">earlier rows, newest first'
+            self.history_box.value = (f'<details class="monster-history" open><summary style="color:{GREY}">earlier rows, newest first'
                                       '</summary>' + "".join(row_html(images, text, HISTORY_CELL)
                                                              for images, text in self.history) + "</details>")
 

@@ -31,7 +31,8 @@ if not Path(CHROMIUM).exists():
                 allow_module_level=True)
 from playwright.sync_api import expect, sync_playwright  # noqa: E402 - a requirement; only the browser may be absent
 
-TIMEOUT_MS = 120_000
+TIMEOUT_MS = 180_000  # two shared cores can be slow to start a kernel and load torch
+expect.set_options(timeout=TIMEOUT_MS)  # expect() has its own timeout (5 s), not the page's
 
 
 @pytest.fixture(scope="module")
@@ -70,9 +71,13 @@ def lab_url(workdir):
         port = s.getsockname()[1]
     token = secrets.token_hex(16)
     settings = workdir.parent / "settings"
+    shutil.rmtree(settings, ignore_errors=True)
     (settings / "@jupyterlab" / "apputils-extension").mkdir(parents=True)
     (settings / "@jupyterlab" / "apputils-extension" / "notification.jupyterlab-settings").write_text(
         '{"fetchNews": "false"}')  # no "get notified about news?" toast over the screenshots
+    (settings / "@jupyterlab" / "notebook-extension").mkdir(parents=True)
+    (settings / "@jupyterlab" / "notebook-extension" / "tracker.jupyterlab-settings").write_text(
+        '{"windowingMode": "none"}')  # every cell in the page, not only those scrolled into view
     env = {**os.environ, "JUPYTER_CONFIG_DIR": str(workdir.parent / "jcfg"),
            "JUPYTER_RUNTIME_DIR": str(workdir.parent / "jrt"),
            "PYTHONPATH": os.pathsep.join([str(PROJECT_ROOT), os.environ.get("PYTHONPATH", "")])}
@@ -147,15 +152,17 @@ def box(page, label: str):
         .locator("input")
 
 
-def test_the_committed_notebook_opens_unmodified(browser, lab_url):
-    page = open_notebook(browser, lab_url, "04_committed.ipynb")
-    time.sleep(2)  # the kernel's info arrives after "idle"; a metadata change would mark the tab now
-    assert page.locator(".jp-mod-dirty").count() == 0, "JupyterLab marked the committed notebook modified"
-    page.close()
-
-
 def test_the_panel_compares_settings_reports_bad_values_and_cancels(browser, lab_url, shots):
     page = open_notebook(browser, lab_url, "04_panel.ipynb")
+    try:
+        check_panel(page, shots)
+    finally:
+        page.screenshot(path=shots / "last.png")  # what the browser showed when the test ended
+        page.close()
+        shut_down_kernels(lab_url)
+
+
+def check_panel(page, shots):
     run_all(page)
     generate = page.get_by_role("button", name="Generate", exact=True)
     expect(generate).to_be_visible()
@@ -168,17 +175,19 @@ def test_the_panel_compares_settings_reports_bad_values_and_cancels(browser, lab
     expect(page.get_by_text("tokens: the text encoder keeps 16")).to_be_visible()
 
     page.get_by_role("button", name="Compare guidance 1, 2, 3, 5").click()
-    captions = page.locator(".monster-caption")
+    captions = page.locator(".monster-rows .monster-caption")  # the last click's rows, not the history strip
     expect(captions).to_have_count(4)
     texts = captions.all_inner_texts()
     assert [re.search(r"guidance (\S+?),", t).group(1) for t in texts] == ["1", "2", "3", "5"]
-    assert all(t.startswith("model, ") and t.endswith("seeds 0…3") for t in texts)
-    assert page.locator(".monster-row img").first.evaluate("img => img.naturalWidth") == 4 * 96
+    snapshot = texts[0].split(",")[0]  # the one 04 loaded, named in every caption
+    assert snapshot in ("step-000002", "step-000004", "model")
+    assert all(t.startswith(snapshot + ", ") and t.endswith("seeds 0…3") for t in texts)
+    assert page.locator(".monster-rows img").first.evaluate("img => img.naturalWidth") == 4 * 96
     panel.screenshot(path=shots / "2-compare.png")
 
     box(page, "steps").fill("0")
     generate.click()
-    expect(page.get_by_text("Cannot sample: steps=0: needs at least 1")).to_be_visible()
+    expect(page.get_by_text("Cannot sample: steps=0 should be a whole number >= 1")).to_be_visible()
     expect(generate).to_be_enabled()
     panel.screenshot(path=shots / "3-bad-value.png")
 
@@ -190,7 +199,7 @@ def test_the_panel_compares_settings_reports_bad_values_and_cancels(browser, lab
     expect(page.get_by_text("Cannot sample")).to_have_count(0)
     expect(captions).to_have_count(1)
     assert captions.first.inner_text().startswith("step-000002, guidance 2, 2 ")
-    expect(page.locator(".monster-row")).to_have_count(5)  # + the four earlier rows in the history strip
+    expect(page.locator(".monster-history .monster-caption")).to_have_count(4)  # the compare rows, kept below
 
     for stop in ("Cancel", "Kernel → Interrupt"):
         box(page, "steps").fill("5000")
@@ -204,4 +213,22 @@ def test_the_panel_compares_settings_reports_bad_values_and_cancels(browser, lab
         expect(page.get_by_text(re.compile(r"^cancelled after \d+ steps"))).to_be_visible(timeout=30_000)
         expect(generate).to_be_enabled()
     panel.screenshot(path=shots / "4-cancelled.png")
+
+
+def test_the_committed_notebook_opens_unmodified(browser, lab_url):
+    page = open_notebook(browser, lab_url, "04_committed.ipynb")
+    time.sleep(2)  # the kernel's info arrives after "idle"; a metadata change would mark the tab now
+    assert page.locator(".jp-mod-dirty").count() == 0, "JupyterLab marked the committed notebook modified"
     page.close()
+    shut_down_kernels(lab_url)
+
+
+def shut_down_kernels(lab_url):
+    """End every kernel the server runs (a closed page leaves its kernel running)."""
+    url, token = lab_url
+    headers = {"Authorization": f"token {token}"}
+    with urllib.request.urlopen(urllib.request.Request(f"{url}/api/sessions", headers=headers)) as r:
+        sessions = json.load(r)
+    for session in sessions:
+        urllib.request.urlopen(urllib.request.Request(f"{url}/api/sessions/{session['id']}", method="DELETE",
+                                                      headers=headers))
