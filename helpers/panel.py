@@ -192,7 +192,7 @@ class Panel(_widgets().VBox):
         self.c["sigma_lo"].disabled = self.c["sigma_hi"].disabled = every
         self.tokens.value = token_note(self.model.text_encoder, self.c["prompt"].value)[0]
         chosen, source = self.chosen
-        self.source.value = (f'<span style="color:{GREY}">chosen setting ({html.escape(source)}): '
+        self.source.value = (f'<span style="color:{GREY}">chosen setting, from {html.escape(source)}: '
                              f'{html.escape(chosen.label())}</span>')
         try:
             rows, _ = read_rows(self.values(), self.n)
