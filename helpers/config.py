@@ -52,13 +52,15 @@ class RunConfig:
 
     # training
     max_steps: int = 900  # demo: ~7 min on 2 CPU cores (docs/design.md#measured-figures); measured in the README
-    max_epochs: int = 0  # 0 = train max_steps; >0 = this many passes over the training images (total_steps)
+    # >0 = this many passes over the training images (total_steps), instead of max_steps; 0 = train max_steps.
+    # Setting max_steps (notebook, -p, train(max_steps=), --max-steps) sets this to 0: the value you set wins
+    max_epochs: int = 0
     batch_size: int = 64
     grad_accum: int = 1
     lr: float = 1e-3
     lr_schedule: str = "cosine"  # any name diffusers' get_scheduler knows
     warmup_steps: int = 50
-    warmup_fraction: float = 0.0  # 0 = use warmup_steps; >0 = this share of the training steps (warmup_steps_for)
+    warmup_fraction: float = 0.0  # >0 = this share of the steps instead of warmup_steps (which sets it to 0); 0 = off
     weight_decay: float = 0.01
     max_grad_norm: float = 1.0
     # v: on the cosine schedule alpha_bar(T) ~ 2e-9, so an epsilon model's first sampling step divides its
@@ -73,9 +75,20 @@ class RunConfig:
     mixed_precision: str = "auto"  # auto (bf16 on CUDA) | no | bf16 | fp16
     compile: bool = False
     gradient_checkpointing: bool = False
+    # forward + backward each step's batch in this many chunks (gradients summed, one optimizer step): the same
+    # images per step and data stream, less activation memory (helpers.train.split_backward)
+    micro_splits: int = 1
+    # on CUDA, before step 1: if the step does not fit the GPU's memory, raise micro_splits and/or turn on
+    # gradient_checkpointing, whichever measures faster (helpers.fit). Never changes anything on a CPU
+    auto_fit: bool = True
+    # > 0: before step 1 of a new run, set max_steps so that training, checkpoints and snapshots end within this
+    # many hours at the measured speed (never longer than the configured run); a resume keeps that plan
+    time_budget_hours: float = 0.0
     checkpoint_every: int = 200
     keep_checkpoints: int = 2  # resumable checkpoints (weights + optimizer); older ones are pruned
-    snapshot_every: int = 300  # EMA U-Net kept every N steps (and at the end) in snapshots/: the selection's candidates
+    # the EMA U-Net is kept in snapshots/ every N steps and always at max_steps (0 = only that final one): the
+    # selection's candidates, never pruned; helpers.disk counts them before a run starts
+    snapshot_every: int = 300
     log_every: int = 10
     preview_every: int = 200
     num_train_timesteps: int = 1000
@@ -150,10 +163,14 @@ class RunConfig:
         return self
 
     def replace(self, **overrides) -> "RunConfig":
-        """A copy with `overrides` applied; None values mean 'keep' (papermill's unset parameters)."""
+        """A copy with `overrides` applied; None values mean 'keep' (papermill's unset parameters).
+
+        The values given here are the user's: for the pairs of LENGTH_PAIRS the one set here wins (see
+        apply_length_rule). Profiles and internal resolution use `dataclasses.replace`, not this."""
         overrides = {k: v for k, v in overrides.items() if v is not None}
         check_fields(overrides)
         overrides = {k: as_bool(v, k) if isinstance(getattr(self, k), bool) else v for k, v in overrides.items()}
+        overrides = apply_length_rule(self, overrides)
         return dataclasses.replace(self, **overrides).validate()
 
     def to_json(self) -> str:
@@ -258,6 +275,8 @@ FIELD_CHECKS = {
     "max_steps": _at_least(1),
     "batch_size": _at_least(1),
     "grad_accum": _at_least(1),
+    "micro_splits": _at_least(1),
+    "time_budget_hours": _finite_at_least(0.0),  # 0 = no budget
     "lr": _finite_at_least(0.0, above=True),
     "lr_schedule": _one_of(lambda: LR_SCHEDULES),
     "warmup_steps": _at_least(0),
@@ -353,7 +372,7 @@ PROFILES: dict[str, dict] = {
         caption_dropout=0.05, lr=2e-4, lr_schedule="cosine", warmup_fraction=0.05, batch_size=64,
         max_epochs=60, max_grad_norm=1.0,
         ema_halflife_images=22_150,  # 0.998 per step at 64 images: ln 0.5 / ln 0.998 = 346 steps
-        # fallbacks when max_epochs / warmup_fraction are set to 0
+        # used when you set max_steps / warmup_steps (which turns max_epochs / warmup_fraction off)
         max_steps=40_000, warmup_steps=2_000,
         checkpoint_every=2000, preview_every=1000, log_every=50,
         snapshot_every=4000,  # each EMA snapshot of hw6-recipe is 1.2 GB (fp32) and snapshots are never pruned
@@ -380,10 +399,42 @@ PROFILES: dict[str, dict] = {
 
 
 def profile_config(profile: str, **overrides) -> RunConfig:
+    """The profile's config with the user's `overrides` on top (which win over the profile's, LENGTH_PAIRS too)."""
     if profile not in PROFILES:
         raise ValueError(f"Unknown profile {profile!r}; choose one of {sorted(PROFILES)}")
-    base = RunConfig(profile=profile, run_name=profile).replace(**PROFILES[profile])
+    # the profile sets both fields of a pair (hw6: max_epochs and its fallback max_steps): not the user's rule
+    base = dataclasses.replace(RunConfig(profile=profile, run_name=profile), **PROFILES[profile]).validate()
     return base.replace(**overrides)
+
+
+# (a count, the share that replaces it while > 0): two ways to say one length. The share wins when both are in
+# a config; so a count the user sets turns the share off, and setting both at once is an error.
+LENGTH_PAIRS = (("max_steps", "max_epochs"), ("warmup_steps", "warmup_fraction"))
+
+
+def apply_length_rule(cfg: RunConfig, overrides: dict) -> dict:
+    """`overrides` with the share of a pair set to 0 where the user set its count: the value set wins.
+
+    Both fields of a pair set (the share non-zero) is a ValueError naming both."""
+    overrides = dict(overrides)
+    for count, share in LENGTH_PAIRS:
+        if count not in overrides:
+            continue
+        if share in overrides and _is_number(overrides[share]) and overrides[share] != 0:
+            raise ValueError(f"{count}={overrides[count]!r} and {share}={overrides[share]!r} both set the "
+                             f"{_LENGTH_WORDS[count]}: set only one ({share}=0 makes {count} count)")
+        if share not in overrides and getattr(cfg, share) > 0:
+            overrides[share] = type(getattr(cfg, share))(0)
+            print(f"{count}={overrides[count]!r} is set, so it replaces {share}={getattr(cfg, share)!r} "
+                  f"({share} -> 0): the value you set wins")
+    return overrides
+
+
+_LENGTH_WORDS = {"max_steps": "training length", "warmup_steps": "learning-rate warm-up"}
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 def total_steps(cfg: RunConfig, num_train_images: int, num_processes: int = 1) -> int:
@@ -408,6 +459,33 @@ def warmup_steps_for(cfg: RunConfig, steps: int) -> int:
     if not 0.0 <= cfg.warmup_fraction < 1.0:
         raise ValueError(f"warmup_fraction={cfg.warmup_fraction!r} must be in [0, 1) (0 = use warmup_steps)")
     return round(cfg.warmup_fraction * steps) if cfg.warmup_fraction > 0 else cfg.warmup_steps
+
+
+def resolve_length(cfg: RunConfig, num_train_images: int, num_processes: int = 1) -> tuple[RunConfig, str]:
+    """(cfg with max_steps and warmup_steps as step counts, max_epochs and warmup_fraction 0; one line saying
+    how many steps and where they came from). Not the user's rule: the config stays as the user set it elsewhere."""
+    steps = total_steps(cfg, num_train_images, num_processes)
+    if cfg.max_epochs > 0:
+        per_step = cfg.batch_size * cfg.grad_accum * num_processes
+        epochs = f"{cfg.max_epochs} epoch{'s' if cfg.max_epochs > 1 else ''}"
+        length = (f"{steps:,} steps = {epochs} × {num_train_images:,} images / {per_step} per step, rounded up "
+                  f"(max_epochs {_origin(cfg, 'max_epochs')})")
+    else:
+        length = f"max_steps {steps:,} ({_origin(cfg, 'max_steps')})"
+    warmup = warmup_steps_for(cfg, steps)
+    if cfg.warmup_fraction > 0:
+        length += (f"; warm-up {warmup:,} steps = {cfg.warmup_fraction * 100:g} % of them "
+                   f"(warmup_fraction {_origin(cfg, 'warmup_fraction')})")
+    else:
+        length += f"; warm-up {warmup:,} steps ({_origin(cfg, 'warmup_steps')})"
+    return dataclasses.replace(cfg, max_steps=steps, max_epochs=0, warmup_steps=warmup, warmup_fraction=0.0), length
+
+
+def _origin(cfg: RunConfig, name: str) -> str:
+    """'set by you', or 'of the <profile> profile' when the value is the profile's own."""
+    default = next(f.default for f in fields(RunConfig) if f.name == name)
+    profile_value = PROFILES.get(cfg.profile, {}).get(name, default)
+    return f"of the {cfg.profile} profile" if getattr(cfg, name) == profile_value else "set by you"
 
 
 def load_config(path: str | Path) -> RunConfig:

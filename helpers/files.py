@@ -5,8 +5,12 @@ over it, so a crash never leaves half of one that a later run would take for fin
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
+import re
+import sys
 from pathlib import Path
 from typing import Callable
 
@@ -54,3 +58,61 @@ def read_json(path: str | Path):
         raise ValueError(f"{path}: malformed JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
     except UnicodeDecodeError as e:
         raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+
+
+# errno -> (what happened, what to do): the second half of a command's one-line message
+_OS_ERRORS = {
+    errno.EACCES: ("permission denied", "make it writable for you (chmod u+w) or choose another folder"),
+    errno.EPERM: ("operation not permitted", "check its permissions and attributes (ls -ld, lsattr -d) or choose "
+                                             "another folder"),
+    errno.EROFS: ("read-only file system", "choose a folder on a writable disk"),
+    errno.EISDIR: ("is a folder, not a file", "give the path of a file (or remove the folder)"),
+    errno.ENOTDIR: ("a part of this path is a file, not a folder", "check the path"),
+    errno.ENOSPC: ("no space left on the disk", "free space or choose a folder on another disk, then run again"),
+    errno.EDQUOT: ("disk quota exceeded", "free space or choose a folder on another disk, then run again"),
+    errno.ENOENT: ("not found", "check the path"),
+}
+_TEMP_NAME = re.compile(r"\.(.+)\.\d+\.tmp")  # atomic_write's temporary file: name the file it stands for
+
+
+def os_error_line(prog: str, e: OSError) -> str:
+    """`prog: <path>: <what> — <what to do>` for an OSError; its own message when it names no path."""
+    if e.filename is None:
+        return f"{prog}: {' '.join(str(e).split())}"
+    path = Path(os.fsdecode(e.filename))
+    if _TEMP_NAME.fullmatch(path.name):
+        path = path.with_name(_TEMP_NAME.fullmatch(path.name).group(1))
+    elif path.name.startswith((".tmp-", ".old-")):  # a checkpoint's or snapshot's temporary folder
+        path = path.parent
+    what, todo = _OS_ERRORS.get(e.errno, (e.strerror or type(e).__name__, "check the path and try again"))
+    return f"{prog}: {path}: {what} — {todo}"
+
+
+@contextlib.contextmanager
+def os_errors_end_in_one_line(prog: str, status: int = 1):
+    """For a command's main(): an OSError (permission, read-only, is-a-folder, disk full) inside the block ends the
+    program with os_error_line on stderr and exit `status`, not a traceback. Writers here leave no partial file."""
+    try:
+        yield
+    except OSError as e:
+        print(os_error_line(prog, e), file=sys.stderr)
+        raise SystemExit(status) from None
+
+
+def check_can_write(path: str | Path) -> None:
+    """Raise the OSError that writing the file `path` would meet, now: it is a folder, or the folder it goes in
+    (its nearest existing one) is not writable. Leaves nothing behind."""
+    path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
+    folder = path.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(folder))
+    probe = folder / f".{path.name}.{os.getpid()}.probe"
+    try:
+        probe.touch()
+        probe.unlink()
+    except OSError as e:
+        raise type(e)(e.errno, e.strerror, str(folder)) from None

@@ -2,6 +2,7 @@
 
     python -m helpers.runs --profile demo --run-name demo
     python -m helpers.runs --profile hw6 --run-name hw6-base -p max_steps=30000 -p batch_size=128
+    # 30,000 steps: a max_steps you set replaces the profile's max_epochs=60 (helpers.config.apply_length_rule)
 
 Each executed notebook is saved as `<run_dir>/notebooks/<name>.ipynb`, with its outputs, next to the
 config and everything the notebooks wrote.
@@ -17,6 +18,7 @@ import time
 from pathlib import Path
 
 from .config import ALIASES, PROJECT_ROOT, RunConfig, as_bool, open_run
+from .files import os_errors_end_in_one_line
 
 NOTEBOOKS = ["01_data", "02_unet_arch", "03_train_cfg", "04_sample", "05_eval"]
 
@@ -153,7 +155,9 @@ def main(argv=None):
         route_parameters(dict(args.param), notebooks)
     except ValueError as e:
         ap.exit(2, f"helpers.runs: {' '.join(str(e).split())}\n")
-    run_pipeline(args.run_name or args.profile, args.profile, args.outputs_dir, dict(args.param), notebooks=notebooks)
+    with os_errors_end_in_one_line("helpers.runs"):  # e.g. a read-only outputs folder: one line, not a traceback
+        run_pipeline(args.run_name or args.profile, args.profile, args.outputs_dir, dict(args.param),
+                     notebooks=notebooks)
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ from torch import nn
 from .progress import progress_bar
 
 from .data import load_prompts, read_json
-from .files import atomic_write, atomic_write_json
+from .files import atomic_write, atomic_write_json, check_can_write, os_errors_end_in_one_line
 from .hub import WeightsUnavailableError, load_pretrained
 from .images import BadImageError
 from .results import results_problems
@@ -194,15 +194,29 @@ def _load_array(path: Path) -> np.ndarray:
         raise ValueError(f"{path}: not a numpy .npy array ({_first_line(e)})") from None
 
 
+SYMMETRY_TOLERANCE = 1e-6  # max |sigma - sigma.T| relative to max |sigma|: np.cov is symmetric to ~1e-16
+
+
 def load_reference_stats(stats_dir) -> tuple[np.ndarray, np.ndarray]:
-    """(mu, sigma) from `<stats_dir>/test_mu.npy` and `test_sigma.npy`."""
+    """(mu, sigma) from `<stats_dir>/test_mu.npy` and `test_sigma.npy`, checked: mu a [D] vector, sigma [D, D],
+    every value finite, sigma symmetric within SYMMETRY_TOLERANCE. A ValueError names the file and the problem
+    (otherwise a NaN surfaces as "Internal error in scipy.linalg.sqrtm")."""
     mu_path, sigma_path = (Path(stats_dir) / name for name in STATS_FILES)
     mu, sigma = _load_array(mu_path), _load_array(sigma_path)
-    if mu.ndim != 1:
+    if mu.ndim != 1 or len(mu) == 0:
         raise ValueError(f"{mu_path}: expected a vector of feature means, got shape {mu.shape}")
     if sigma.shape != (len(mu), len(mu)):
         raise ValueError(f"{sigma_path}: expected shape {(len(mu), len(mu))} to match {mu_path.name}, "
                          f"got {sigma.shape}")
+    for path, array in ((mu_path, mu), (sigma_path, sigma)):
+        bad = int((~np.isfinite(array)).sum())
+        if bad:
+            raise ValueError(f"{path}: {bad} of {array.size} values are NaN or infinite: not usable FID statistics "
+                             f"(copy the course's file again)")
+    asymmetry = float(np.abs(sigma - sigma.T).max()) / max(float(np.abs(sigma).max()), np.finfo(float).tiny)
+    if asymmetry > SYMMETRY_TOLERANCE:
+        raise ValueError(f"{sigma_path}: not a covariance matrix: not symmetric (max |sigma - sigma.T| is "
+                         f"{asymmetry:.1e} of its largest value, tolerance {SYMMETRY_TOLERANCE:g})")
     return mu, sigma
 
 
@@ -508,6 +522,9 @@ def main(argv=None) -> int:
     parser.add_argument("--device", help="cuda, cpu, … (default: cuda when available)")
     parser.add_argument("--out", help="JSON file to write (default: score.json beside the results folder)")
     args = parser.parse_args(argv)
+    out = Path(args.out) if args.out else Path(args.results).resolve().parent / "score.json"
+    with os_errors_end_in_one_line("helpers.score"):
+        check_can_write(out)  # before the scoring, which can take many minutes
     try:
         result = score_results(args.results, args.test_json, reference_stats_dir=args.ref_stats, real_dir=args.real,
                                inception_weights=args.inception_weights, clip_weights=args.clip_weights,
@@ -516,9 +533,9 @@ def main(argv=None) -> int:
         print(f"error: {_one_line(e)}", file=sys.stderr)
         return 2
     print(score_table(result))
-    out = Path(args.out) if args.out else Path(args.results).resolve().parent / "score.json"
     replaced = out.exists()
-    atomic_write_json(out, result, indent=2)
+    with os_errors_end_in_one_line("helpers.score"):  # atomic: a failed write leaves the old file, or none
+        atomic_write_json(out, result, indent=2)
     print(f"wrote {out}" + (" (replacing the previous one)" if replaced else ""))
     return 0
 

@@ -10,8 +10,10 @@ Design choices, and why:
   so no global RNG state needs saving.
 - Losses stay on the device and are checked every `log_every` steps (and before any checkpoint), so
   a NaN is caught, named by step, and never checkpointed, without a GPU sync on every step.
-- Besides the resumable checkpoints (the last few), the EMA U-Net is kept every `snapshot_every` steps in
-  `snapshots/`: small, never pruned, the candidates that 05_eval's selection sweep chooses from.
+- Besides the resumable checkpoints (the last few), the EMA U-Net is kept every `snapshot_every` steps and at
+  max_steps in `snapshots/`: never pruned, the candidates that 05_eval's selection sweep chooses from.
+- Before step 1 the run's writes are estimated against the free disk, and checked again around every checkpoint
+  (helpers.disk): a run stops with a resumable checkpoint before the disk is full, never in the middle of a write.
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ import argparse
 import contextlib
 import copy
 import csv
+import errno
 import hashlib
 import shutil
 import time
@@ -30,10 +33,11 @@ from .progress import progress_bar
 
 from .cache import LatentCache, load_cache, read_split
 from .checkpoint import (CheckpointsDamagedError, checkpoint_config, checkpoint_name, latest_checkpoint,
-                         save_checkpoint)
-from .config import RunConfig, as_bool, load_config, resolve_path, save_config, total_steps, warmup_steps_for
+                         list_checkpoints, save_checkpoint)
+from .config import RunConfig, as_bool, load_config, resolve_length, resolve_path, save_config, warmup_steps_for
+from .disk import RESERVE_BYTES, NotEnoughDiskError, Plan, WriteSizes, check_room, gb, room_for, snapshot_count
 from .diffusion import EMA, diffusion_loss
-from .files import atomic_save_image, atomic_write_json
+from .files import atomic_save_image, atomic_write_json, os_errors_end_in_one_line
 from .model import noise_scheduler, save_model
 from .resume import IncompatibleResumeError, check_resume, retarget_optimizer
 from .runlock import RunLockedError, run_lock
@@ -145,6 +149,28 @@ def make_optimizer(cfg: RunConfig, unet, device):
     return optimizer, lr_schedule
 
 
+def split_backward(loss_of, batch: tuple, micro_splits: int, backward=torch.Tensor.backward,
+                   no_sync=contextlib.nullcontext) -> torch.Tensor:
+    """Forward + backward of `batch` (tensors sharing dim 0) in `micro_splits` chunks; returns its mean loss (detached).
+
+    The batch is drawn whole before it is split, so the data stream is the same for any split. Each chunk's loss
+    is weighted by its share of the batch, so the summed gradients are those of the whole batch's mean loss (up
+    to float rounding); under DDP, gradients are synchronised only in the last chunk's backward."""
+    chunks = list(zip(*(x.tensor_split(min(micro_splits, len(batch[0]))) for x in batch)))
+    if len(chunks) == 1:  # unsplit: exactly the step as it always was
+        loss = loss_of(*batch)
+        backward(loss)
+        return loss.detach().float()
+    total = 0.0
+    for i, chunk in enumerate(chunks):
+        share = len(chunk[0]) / len(batch[0])
+        with no_sync() if i < len(chunks) - 1 else contextlib.nullcontext():
+            loss = loss_of(*chunk)
+            backward(loss * share)
+        total = total + loss.detach().float() * share
+    return total
+
+
 def ema_copy(unet, ema: EMA):
     """A copy of the U-Net holding the EMA weights, for previews, snapshots and the saved model."""
     return ema.copy_to(copy.deepcopy(unet).eval().requires_grad_(False))
@@ -152,6 +178,77 @@ def ema_copy(unet, ema: EMA):
 
 def weights_finite(unet) -> bool:
     return bool(torch.stack([p.detach().isfinite().all() for p in unet.parameters()]).all())
+
+
+# ---------------------------------------------------------------- disk room (helpers.disk)
+
+RESUME_HINT = ("Free space (or set a larger snapshot_every or a smaller keep_checkpoints), then resume: "
+               "python -m helpers.train --run {run} (or run 03_train_cfg again)")
+
+
+def any_process(accelerator, flag: bool) -> bool:
+    """True on every process when `flag` is True on any: a stop that all processes must take together."""
+    if accelerator.num_processes == 1:
+        return flag
+    return bool(accelerator.reduce(torch.tensor([float(flag)], device=accelerator.device), reduction="sum") > 0)
+
+
+def check_disk_at_start(cfg: RunConfig, sizes: WriteSizes, start: int, accelerator) -> str:
+    """The estimate of what steps start+1..max_steps write, as one line; NotEnoughDiskError if it cannot fit."""
+    problem, line = None, ""
+    if accelerator.is_main_process:
+        plan = Plan(start, cfg.max_steps, cfg.snapshot_every, cfg.checkpoint_every, cfg.keep_checkpoints,
+                    len(list_checkpoints(cfg.layout.checkpoints)))
+        try:
+            line = check_room(plan, sizes, cfg.run_dir)
+        except NotEnoughDiskError as e:
+            problem = str(e)
+    if any_process(accelerator, problem is not None):
+        raise NotEnoughDiskError(problem or "not enough disk (the main process says how much)")
+    return line
+
+
+def stop_unless_room_now(cfg: RunConfig, sizes: WriteSizes, accelerator, done: int, checkpoint: bool,
+                         snapshot: bool, last_checkpoint: str | None) -> None:
+    """Before step `done` writes its checkpoint, snapshot (and model/): stop, writing nothing, unless they fit."""
+    need = checkpoint * sizes.checkpoint + snapshot * sizes.snapshot + (sizes.model if done == cfg.max_steps else 0)
+    stop_unless_room(cfg, accelerator, need, lambda free, need: (
+        f"Stopped at step {done}, before writing its checkpoint or snapshot: the disk holding {cfg.run_dir} has "
+        f"{gb(free)} free and they need {gb(need)} (and {gb(RESERVE_BYTES)} stays free). Nothing of step {done} "
+        f"was written; the last checkpoint is {last_checkpoint or 'none'}. " + RESUME_HINT.format(run=cfg.run_dir)))
+
+
+def stop_unless_room(cfg: RunConfig, accelerator, need: int, message) -> None:
+    """NotEnoughDiskError(message(free, need)) on every process unless `need` bytes fit (decided on the main one)."""
+    fits, free = room_for(cfg.run_dir, need) if accelerator.is_main_process else (True, 0)
+    if any_process(accelerator, not fits):
+        raise NotEnoughDiskError(message(free, need))
+
+
+def stop_unless_room_ahead(cfg: RunConfig, sizes: WriteSizes, accelerator, done: int, end: int,
+                           checkpoint: str | None) -> None:
+    """After the checkpoint of step `done`: stop now unless everything up to the next checkpoint fits."""
+    upto = min(end, (done // cfg.checkpoint_every + 1) * cfg.checkpoint_every)
+    need = (snapshot_count(done, upto, cfg.max_steps, cfg.snapshot_every) * sizes.snapshot + sizes.checkpoint
+            + (sizes.model if upto == cfg.max_steps else 0))
+    stop_unless_room(cfg, accelerator, need, lambda free, need: (
+        f"Stopped after step {done} with a resumable checkpoint {checkpoint}: the disk holding {cfg.run_dir} has "
+        f"{gb(free)} free, and steps {done + 1}-{upto} would write {gb(need)} (and {gb(RESERVE_BYTES)} stays free). "
+        + RESUME_HINT.format(run=cfg.run_dir)))
+
+
+@contextlib.contextmanager
+def no_partial_write(root: Path, step: int):
+    """A checkpoint or snapshot write that fails leaves no temporary folder behind; a failure on a full disk
+    (safetensors and torch.save do not raise OSError for it) becomes OSError ENOSPC naming the folder."""
+    try:
+        yield
+    except BaseException as e:
+        for tmp in root.glob(f".tmp-{checkpoint_name(step)}*"):  # ours: the run lock keeps other writers out
+            shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, Exception) and not isinstance(e, OSError) and root.exists() and not room_for(root, 0)[0]:
+            raise OSError(errno.ENOSPC, f"No space left on device ({type(e).__name__})", str(root)) from e
+        raise
 
 
 # ---------------------------------------------------------------- the loop
@@ -176,7 +273,9 @@ def train(cfg: RunConfig, *, resume: bool = True, progress: bool = True, max_ste
 
     The run folder is locked for the whole session (helpers.runlock). A resume refuses settings that change
     the model's shapes and applies the others, a new lr included (helpers.resume); checkpoints that all fail
-    to load are an error, never a silent start from step 0."""
+    to load are an error, never a silent start from step 0. A `max_steps` given here replaces cfg.max_epochs
+    (helpers.config.apply_length_rule). A run whose writes do not fit on the disk is refused before step 1, and
+    one that meets a filling disk stops after a resumable checkpoint (NotEnoughDiskError, helpers.disk)."""
     cfg, resume = cfg.replace(max_steps=max_steps), as_bool(resume, "resume")
     accelerator = make_accelerator(cfg)
     with run_lock(cfg.run_dir, "training") if accelerator.is_main_process else contextlib.nullcontext():
@@ -184,9 +283,11 @@ def train(cfg: RunConfig, *, resume: bool = True, progress: bool = True, max_ste
 
 
 def _train(cfg: RunConfig, accelerator, resume: bool, progress: bool, stop_at: int | None) -> TrainResult:
+    from .fit import fit_run  # helpers.fit builds on this module
+
     device, main = accelerator.device, accelerator.is_main_process
     given_config = cfg.to_json()  # stored in checkpoints as the user set it (before max_epochs -> max_steps)
-    found = latest_checkpoint(cfg.run_dir / "checkpoints") if resume else None
+    found = latest_checkpoint(cfg.layout.checkpoints) if resume else None
     if found:  # before anything is written: a refused resume leaves the run as it was
         check_resume(found[0], checkpoint_config(found[0]), cfg, verbose=main)
     if main:
@@ -197,7 +298,12 @@ def _train(cfg: RunConfig, accelerator, resume: bool, progress: bool, stop_at: i
 
     cache = load_cache(cfg)
     rows, data = train_rows(cfg, cache), DeviceCache.from_cache(cache, device)
-    cfg = cfg.replace(max_steps=total_steps(cfg, len(rows), accelerator.num_processes))  # max_epochs -> steps
+    fitted = fit_run(cfg, cache, data, rows, accelerator, checkpoint_config(found[0]) if found else None)
+    if fitted is not cfg:  # the plan is the run's config from now on: config.json, checkpoints, resumes
+        cfg, given_config = fitted, fitted.to_json()
+        if main:
+            save_config(cfg)
+    cfg, length = resolve_length(cfg, len(rows), accelerator.num_processes)  # max_epochs -> steps, not the user's rule
     unet = unet_for_cache(cfg, cache).to(device).train()
     if cfg.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
@@ -215,12 +321,14 @@ def _train(cfg: RunConfig, accelerator, resume: bool, progress: bool, stop_at: i
         start, position = load_training_state(found[1], unet, ema, optimizer, lr_schedule, accelerator)
         retarget_optimizer(optimizer, lr_schedule, cfg.lr, cfg.weight_decay)  # this config's lr, not the saved one
     end = min(cfg.max_steps, stop_at or cfg.max_steps)
+    sizes = WriteSizes.of(unet)
+    disk = check_disk_at_start(cfg, sizes, start, accelerator)
     if main:
         mirrored = " (and their mirror images)" if cfg.hflip else ""
         print((f"Resuming from checkpoint {resumed_from} (step {start}). " if found else "")
               + f"Training {len(rows)} images{mirrored} from step {start} to {end} of "
               f"{cfg.max_steps}; {images_per_step} images/step on {processes} process(es), {device}, "
-              f"mixed precision {accelerator.mixed_precision}")
+              f"mixed precision {accelerator.mixed_precision}\nLength: {length}\n{disk}")
 
     log = TrainLog(cfg, start, active=main)
     previewer = Previewer(cfg, cache, device) if main and cfg.preview_every > 0 else None
@@ -236,21 +344,22 @@ def _train(cfg: RunConfig, accelerator, resume: bool, progress: bool, stop_at: i
             x0, context, eps, t = data.batch(batch_rows, gen, cfg.caption_dropout, cfg.offset_noise,
                                              cfg.num_train_timesteps, cfg.hflip)
             with accelerator.accumulate(ddp_unet), accelerator.autocast():
-                loss = diffusion_loss(forward, x0, context, eps, t, alphas_cumprod, cfg.prediction_type,
-                                      cfg.min_snr_gamma)
-                accelerator.backward(loss)
+                loss = split_backward(lambda *chunk: diffusion_loss(forward, *chunk, alphas_cumprod,
+                                                                    cfg.prediction_type, cfg.min_snr_gamma),
+                                      (x0, context, eps, t), cfg.micro_splits, accelerator.backward,
+                                      lambda: accelerator.no_sync(ddp_unet))
                 if accelerator.sync_gradients and cfg.max_grad_norm > 0:
                     accelerator.clip_grad_norm_(ddp_unet.parameters(), cfg.max_grad_norm)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-            losses.append(loss.detach().float())
+            losses.append(loss)
         lr_schedule.step()
         ema.update(unet, images_per_step)
         done = step + 1
         pending.append((done, torch.stack(losses).mean(), lr))
 
         checkpoint = done % max(cfg.checkpoint_every, 1) == 0 or done == end
-        snapshot = cfg.snapshot_every > 0 and (done % cfg.snapshot_every == 0 or done == cfg.max_steps)
+        snapshot = done == cfg.max_steps or (cfg.snapshot_every > 0 and done % cfg.snapshot_every == 0)
         preview = previewer is not None and (done % cfg.preview_every == 0 or done == cfg.max_steps)
         if len(pending) >= cfg.log_every or checkpoint or snapshot or preview:
             busy += time.perf_counter() - t0  # the flush syncs the device, so the time is real
@@ -259,21 +368,27 @@ def _train(cfg: RunConfig, accelerator, resume: bool, progress: bool, stop_at: i
             log.write(logged, result.images_per_s, epoch=position / len(rows))
             bar.set_postfix(loss=f"{logged[-1]['loss']:.4f}", lr=f"{lr:.2e}", img_s=f"{result.images_per_s:.0f}")
             pending = []
+        if checkpoint or snapshot:
+            stop_unless_room_now(cfg, sizes, accelerator, done, checkpoint, snapshot, result.checkpoint)
         if checkpoint:
             if not weights_finite(unet):
                 raise FloatingPointError(f"U-Net weights are not finite after step {done}: not checkpointing. The "
                                          f"last good checkpoint is {result.checkpoint or 'none'}; lower lr and resume.")
             if main:
                 state = training_state(done, position, optimizer, lr_schedule, accelerator)
-                result.checkpoint = str(save_checkpoint(cfg.run_dir / "checkpoints", done, unet.state_dict(),
-                                                        ema.state_dict(), state, cfg.keep_checkpoints,
-                                                        config=given_config))
+                with no_partial_write(cfg.layout.checkpoints, done):
+                    result.checkpoint = str(save_checkpoint(cfg.layout.checkpoints, done, unet.state_dict(),
+                                                            ema.state_dict(), state, cfg.keep_checkpoints,
+                                                            config=given_config))
         if snapshot and main:
-            result.snapshots.append(str(save_snapshot(cfg, ema_copy(unet, ema), done)))
+            with no_partial_write(cfg.layout.snapshots, done):
+                result.snapshots.append(str(save_snapshot(cfg, ema_copy(unet, ema), done)))
         if preview:
             result.previews.append(str(previewer.save(ema_copy(unet, ema), done)))
         if checkpoint or snapshot or preview:
             accelerator.wait_for_everyone()
+        if checkpoint and done < end:
+            stop_unless_room_ahead(cfg, sizes, accelerator, done, end, result.checkpoint)
         if not pending:
             t0 = time.perf_counter()
         result.last_step = done
@@ -325,7 +440,7 @@ def load_training_state(ckpt: dict, unet, ema: EMA, optimizer, lr_schedule, acce
 
 def save_snapshot(cfg: RunConfig, ema_unet, step: int) -> Path:
     """`snapshots/step-NNNNNN/`: the EMA U-Net as a diffusers folder (safetensors + config), written atomically."""
-    root = cfg.run_dir / "snapshots"
+    root = cfg.layout.snapshots
     final, tmp = root / checkpoint_name(step), root / f".tmp-{checkpoint_name(step)}"
     shutil.rmtree(tmp, ignore_errors=True)
     ema_unet.save_pretrained(tmp, safe_serialization=True)
@@ -338,12 +453,12 @@ def save_snapshot(cfg: RunConfig, ema_unet, step: int) -> Path:
 
 def retire_checkpoints(cfg: RunConfig) -> None:
     """resume=False: move old checkpoints aside, so they cannot be mistaken for this run's."""
-    root = cfg.run_dir / "checkpoints"
+    root = cfg.layout.checkpoints
     if root.exists():
-        old, n = cfg.run_dir / "checkpoints.old", 1
+        old, n = root.with_name("checkpoints.old"), 1
         while old.exists():  # never delete what an earlier resume=False moved aside
             n += 1
-            old = cfg.run_dir / f"checkpoints.old-{n}"
+            old = root.with_name(f"checkpoints.old-{n}")
         root.rename(old)
         print(f"resume=False: moved the previous checkpoints to {old}")
 
@@ -357,7 +472,7 @@ class TrainLog:
     FIELDS = ("step", "loss", "lr", "images_per_s", "epoch")
 
     def __init__(self, cfg: RunConfig, start: int, active: bool):
-        self.active, self.path = active, cfg.run_dir / "logs" / "train.csv"
+        self.active, self.path = active, cfg.layout.logs / "train.csv"
         if not active:
             return
         from torch.utils.tensorboard import SummaryWriter
@@ -368,7 +483,7 @@ class TrainLog:
             writer = csv.DictWriter(f, self.FIELDS)
             writer.writeheader()
             writer.writerows(kept)
-        self.tb = SummaryWriter(str(cfg.run_dir / "logs" / "tensorboard"), purge_step=start + 1 if start else None)
+        self.tb = SummaryWriter(str(cfg.layout.logs / "tensorboard"), purge_step=start + 1 if start else None)
 
     def write(self, rows: list[dict], images_per_s: float, epoch: float) -> None:
         if not self.active:
@@ -395,7 +510,7 @@ def read_log_rows(path: Path) -> list[dict]:
 
 def read_log(cfg: RunConfig) -> dict[str, list[float]]:
     """The run's whole training log as columns: {"step": [...], "loss": [...], ...}."""
-    rows = read_log_rows(cfg.run_dir / "logs" / "train.csv")
+    rows = read_log_rows(cfg.layout.logs / "train.csv")
     return {k: [float(r[k]) for r in rows] for k in TrainLog.FIELDS}
 
 
@@ -421,7 +536,7 @@ class Previewer:
                                batch_size=cfg.sample_batch_size)
         grid = image_grid([tensor_to_pil(x) for x in images], cols=min(len(self.prompts), 4),
                           cell=max(64, cfg.resolution))
-        out = cfg.run_dir / "previews" / f"{checkpoint_name(step)}.png"
+        out = cfg.layout.previews / f"{checkpoint_name(step)}.png"
         out.parent.mkdir(parents=True, exist_ok=True)
         atomic_save_image(grid, out)
         atomic_write_json(out.parent / "prompts.json", self.prompts)
@@ -456,12 +571,18 @@ def main(argv: list[str] | None = None) -> TrainResult:
     args = parser.parse_args(argv)
     run = Path(args.run)
     folder = run if (run / "config.json").exists() else resolve_path(args.outputs_dir) / "runs" / args.run
-    cfg = load_config(folder)
-    try:
-        result = train(cfg, resume=not args.no_resume, progress=not args.no_progress, max_steps=args.max_steps,
-                       stop_at=args.stop_at)
-    except (RunLockedError, CheckpointsDamagedError, IncompatibleResumeError) as e:  # the user's move, not a bug
-        parser.exit(1, f"helpers.train: {e}\n")
+    from .fit import DoesNotFitError  # helpers.fit builds on this module
+
+    with os_errors_end_in_one_line("helpers.train"):  # a read-only or full disk: one line, not a traceback
+        try:
+            cfg = load_config(folder).replace(max_steps=args.max_steps)  # the user's --max-steps wins (config.py)
+        except ValueError as e:
+            parser.exit(2, f"helpers.train: {' '.join(str(e).split())}\n")
+        try:
+            result = train(cfg, resume=not args.no_resume, progress=not args.no_progress, stop_at=args.stop_at)
+        except (RunLockedError, CheckpointsDamagedError, IncompatibleResumeError, NotEnoughDiskError,
+                DoesNotFitError) as e:
+            parser.exit(1, f"helpers.train: {e}\n")  # the user's move, not a bug
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
     return result
