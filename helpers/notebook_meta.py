@@ -49,7 +49,8 @@ def main(argv=None) -> int:
             if not check:
                 path.write_text(canonical(text), encoding="utf-8")
     for path in differ:
-        print(f"{path}: {'not as JupyterLab saves it; run python -m helpers.notebook_meta on it' if check else 'rewritten'}")
+        fix = "not as JupyterLab saves it; run python -m helpers.notebook_meta on it"
+        print(f"{path}: {fix if check else 'rewritten'}")
     return 1 if check and differ else 0
 
 

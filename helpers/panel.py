@@ -301,7 +301,8 @@ class Panel(_widgets().VBox):
 
     def _show_history(self):
         if self.history:
-            self.history_box.value = (f'<details class="monster-history" open><summary style="color:{GREY}">earlier rows, newest first'
+            self.history_box.value = (f'<details class="monster-history" open><summary style="color:{GREY}">'
+                                      'earlier rows, newest first'
                                       '</summary>' + "".join(row_html(images, text, HISTORY_CELL)
                                                              for images, text in self.history) + "</details>")
 

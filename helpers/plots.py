@@ -13,7 +13,8 @@ ZOOM = 12  # the right panel's settings: this many best by the judge's rule
 
 def sweep_plot(rows: list[dict], judge, choice: dict | None = None, zoom: int = ZOOM):
     """matplotlib Figure: fidelity (x) against prompt adherence (y), one line per snapshot and step count,
-    all settings left and the best `zoom` right; labels give the guidance (and σ interval when the sweep has several)."""
+    all settings left and the best `zoom` right; labels give the guidance (and the σ interval when the sweep has
+    several)."""
     import matplotlib.pyplot as plt
 
     best = sorted(rows, key=judge.rank)[:zoom]

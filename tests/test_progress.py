@@ -32,4 +32,5 @@ def test_outside_a_kernel_tqdm_decides(monkeypatch):
     monkeypatch.setattr("IPython.get_ipython", lambda: None)
     assert headless() is False
     bar = progress_bar(range(2), disable=True)
-    assert type(bar).__module__.startswith("tqdm") and not isinstance(getattr(bar, "fp", None), helpers.progress._LineWriter)
+    assert type(bar).__module__.startswith("tqdm")
+    assert not isinstance(getattr(bar, "fp", None), helpers.progress._LineWriter)
