@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
-from tqdm.auto import tqdm
+from .progress import progress_bar
 
 from .config import RunConfig
 from .data import ImageRecord, split_by_group
@@ -126,7 +126,7 @@ def build_cache(cfg: RunConfig, records: list[ImageRecord], *, device=None, batc
     text_encoder, autoencoder = frozen or load_frozen_parts(cfg, device)
     shards, skipped = [], []
     starts = range(0, len(records), SHARD_SIZE)
-    for n, start in enumerate(tqdm(starts, desc="cache shards", disable=not progress or len(starts) < 2)):
+    for n, start in enumerate(progress_bar(starts, desc="cache shards", disable=not progress or len(starts) < 2)):
         chunk = records[start:start + SHARD_SIZE]
         name = f"shard-{n:05d}.safetensors"
         bad = _finished_shard(out / name, len(chunk))
@@ -159,7 +159,7 @@ def _encode_shard(files: _ImageFiles, autoencoder, path: Path, batch_size: int, 
     workers = 0 if len(files) < 1024 else min(4, os.cpu_count() or 1)
     loader = torch.utils.data.DataLoader(files, batch_size=batch_size, num_workers=workers)
     means, stds, valid, bad = [], [], [], []
-    for images, errors in tqdm(loader, desc=f"encode {path.stem}", disable=not progress, leave=False):
+    for images, errors in progress_bar(loader, desc=f"encode {path.stem}", disable=not progress, leave=False):
         pair = torch.cat([images, images.flip(-1)])
         mean, std = autoencoder.encode(pair)
         b = len(images)

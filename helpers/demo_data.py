@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
-from tqdm.auto import tqdm
+from .progress import progress_bar
 
 from .data import compose_caption
 from .files import atomic_save_image, atomic_write_json, read_json
@@ -383,7 +383,7 @@ def make_demo_dataset(out_dir, *, num_monsters: int = 300, resolution: int = 16,
     (out / "test_reference").mkdir()
     train, test = plan_monsters(num_monsters, num_test_monsters, seed)
     info, tests, attrs, images = {}, {}, {}, 0
-    for m in tqdm(train + test, desc="demo monsters", leave=False):
+    for m in progress_bar(train + test, desc="demo monsters", leave=False):
         is_test = m.id >= num_monsters
         entries, a = _test_entries(m) if is_test else _monster_entries(m, frames_per_action)
         (tests if is_test else info).update(entries)

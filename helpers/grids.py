@@ -2,15 +2,15 @@
 from __future__ import annotations
 
 import torch
-from tqdm.auto import tqdm
+from .progress import progress_bar
 
-from .images import image_grid, tensor_to_pil
+from .images import image_grid, pixel_cell, tensor_to_pil
 from .sample import SCHEDULERS, sample_images
 from .setting import Setting
 
 
 def _show_row(ax, images: torch.Tensor, title: str = "") -> None:
-    strip = image_grid([tensor_to_pil(x) for x in images], cols=len(images), cell=max(64, images.shape[-1]))
+    strip = image_grid([tensor_to_pil(x) for x in images], cols=len(images), cell=pixel_cell(images.shape[-1], 64))
     ax.imshow(strip, interpolation="nearest")
     ax.set_xticks([]), ax.set_yticks([])
     if title:
@@ -26,7 +26,7 @@ def guidance_steps_grid(model, prompts, guidances, steps_list, setting: Setting,
     seeds = [seed + i for i in range(len(prompts))]
     fig, axes = plt.subplots(len(guidances), len(steps_list), squeeze=False,
                              figsize=(1.2 * len(prompts) * len(steps_list) + 1, 1.4 * len(guidances) + 0.8))
-    for r, g in enumerate(tqdm(guidances, desc="guidance × steps grid")):
+    for r, g in enumerate(progress_bar(guidances, desc="guidance × steps grid")):
         for c, s in enumerate(steps_list):
             images = sample_images(model, prompts, seeds, setting.replace(guidance=g, steps=s))
             _show_row(axes[r][c], images, f"{s} steps" if r == 0 else "")
@@ -46,7 +46,7 @@ def scheduler_grid(model, prompts, setting: Setting, schedulers=None, seed: int 
     seeds = [seed + i for i in range(len(prompts))]
     fig, axes = plt.subplots(len(schedulers), 1, squeeze=False,
                              figsize=(1.2 * len(prompts) + 1.5, 1.3 * len(schedulers) + 0.8))
-    for r, name in enumerate(tqdm(schedulers, desc="scheduler grid")):
+    for r, name in enumerate(progress_bar(schedulers, desc="scheduler grid")):
         images = sample_images(model, prompts, seeds, setting.replace(scheduler=name))
         _show_row(axes[r][0], images)
         axes[r][0].set_ylabel(name, rotation=0, ha="right", va="center", fontsize=9)

@@ -117,13 +117,37 @@ def tensor_to_pil(x: torch.Tensor) -> Image.Image:
     return Image.fromarray(arr, "RGB")
 
 
+READABLE_PX = 96  # the smallest cell a sprite is shown at when the caller names no size
+
+
+def pixel_cell(size: int, cell: int | None = None) -> int:
+    """The cell an image of `size` px is shown in: `size` × the whole factor nearest to `cell` (default: the
+    smallest multiple of `size` ≥ READABLE_PX), so every source pixel becomes the same square of screen pixels.
+    A `cell` below `size` is kept as is: shrinking has no whole factor."""
+    if cell is not None and cell < size:
+        return cell
+    factor = max(1, round(cell / size)) if cell else -(-READABLE_PX // size)
+    return size * factor
+
+
+def upscale(im: Image.Image, cell: int) -> Image.Image:
+    """`im` at `cell`×`cell`: nearest-neighbour when enlarging by a whole factor (pixel art stays pixels, no
+    invented colours), Lanczos when shrinking, bicubic otherwise."""
+    if im.size == (cell, cell):
+        return im
+    w = im.size[0]
+    method = (Image.Resampling.LANCZOS if w > cell else
+              Image.Resampling.NEAREST if cell % w == 0 else Image.Resampling.BICUBIC)
+    return im.resize((cell, cell), method)
+
+
 def image_grid(images: list[Image.Image], cols: int, cell: int | None = None) -> Image.Image:
-    """Tile PIL images into one picture (resized to `cell` px squares, nearest for small sprites)."""
-    cell = cell or images[0].size[0]
+    """Tile PIL images into one picture, each upscaled by a whole factor to about `cell` px (see pixel_cell)."""
+    cell = pixel_cell(images[0].size[0], cell)
     rows = (len(images) + cols - 1) // cols
     grid = Image.new("RGB", (cols * cell, rows * cell), (255, 255, 255))
     for i, im in enumerate(images):
-        grid.paste(im.resize((cell, cell), Image.Resampling.NEAREST), ((i % cols) * cell, (i // cols) * cell))
+        grid.paste(upscale(im, cell), ((i % cols) * cell, (i // cols) * cell))
     return grid
 
 

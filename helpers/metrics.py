@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
+from .progress import progress_bar
 
 from .data import key_of_image, load_records
 from .files import atomic_write_json, read_json
@@ -58,7 +58,7 @@ def validation_set(cfg, max_images: int | None = None, seed: int | None = None) 
     rng = random.Random(seed)
     prompts = [rng.choice(first[k][1].captions) for k in keys]
     real = torch.stack([load_image_tensor(first[k][1].path, cfg.resolution, cfg.crop_to_content) for k in
-                        tqdm(keys, desc="validation images", leave=False)])
+                        progress_bar(keys, desc="validation images", leave=False)])
     return EvalSet(keys, prompts, [seed + i for i in range(len(keys))], real, paths=[first[k][1].path for k in keys])
 
 

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
-from tqdm.auto import tqdm
+from .progress import progress_bar
 
 from .data import ImageRecord, load_course_data, split_by_group
 from .demo_data import ACTIONS, COLORS, EXTRAS, EYES, SHAPES, load_attributes
@@ -137,7 +137,7 @@ def label_indices(attributes: list[dict]) -> dict[str, torch.Tensor]:
 def _load_images(paths: list[Path], resolution: int, progress: bool, crop: bool) -> torch.Tensor:
     """Composited on white, cropped (if `crop`) and resized exactly as the model's training images are."""
     return torch.stack([load_image_tensor(p, resolution, crop)
-                        for p in tqdm(paths, desc="probe: loading images", disable=not progress, leave=False)])
+                        for p in progress_bar(paths, desc="probe: loading images", disable=not progress, leave=False)])
 
 
 def _real_set(records: list[ImageRecord], attrs: dict, resolution: int, progress: bool, crop: bool):
@@ -202,7 +202,7 @@ def _fit(net: ProbeNet, images: torch.Tensor, labels: dict, *, steps: int, batch
 
 
 def _train_loop(net, images, labels, opt, sched, steps: int, batch_size: int, gen, progress: bool) -> None:
-    bar = tqdm(total=steps, desc="probe: training", disable=not progress, leave=False)
+    bar = progress_bar(total=steps, desc="probe: training", disable=not progress, leave=False)
     done = 0
     while done < steps:
         order = torch.randperm(len(images), generator=gen)

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 from scipy import linalg
 from torch import nn
-from tqdm.auto import tqdm
+from .progress import progress_bar
 
 from .data import load_prompts, read_json
 from .files import atomic_write, atomic_write_json, check_can_write, os_errors_end_in_one_line
@@ -77,7 +77,7 @@ def _open(item):
 def _batches(items: Iterable, size: int, desc: str, progress: bool):
     total = len(items) if hasattr(items, "__len__") else None
     batch = []
-    with tqdm(total=total, desc=desc, disable=not progress, leave=False) as bar:
+    with progress_bar(total=total, desc=desc, disable=not progress, leave=False) as bar:
         for item in items:
             batch.append(item)
             if len(batch) == size:

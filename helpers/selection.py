@@ -19,7 +19,7 @@ import json
 import random
 from pathlib import Path
 
-from tqdm.auto import tqdm
+from .progress import progress_bar
 
 from .config import RunConfig
 from .files import read_json
@@ -298,7 +298,7 @@ def selection_sweep(model, cfg: RunConfig, judge, settings: list[Setting], promp
     if len(todo) < len(settings):
         print(f"Reusing {len(settings) - len(todo)} of {len(settings)} sweep cells already in {cells}")
     current, setting_model = None, None
-    bar = tqdm(todo, desc="selection sweep", unit="cell", disable=not progress)
+    bar = progress_bar(todo, desc="selection sweep", unit="cell", disable=not progress)
     for s in bar:
         bar.set_postfix_str(s.label())
         if _weights_key(s) != current:  # the same weights for consecutive cells: loaded once
@@ -403,32 +403,6 @@ def sweep_table(rows: list[dict], columns: list[str], choice: dict | None = None
     widths = [max(len(x) for x in col) for col in zip(header, *body)]
     line = lambda cells: "  ".join(c.rjust(w) for c, w in zip(cells, widths))  # noqa: E731
     return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in body])
-
-
-def sweep_plot(rows: list[dict], judge, choice: dict | None = None):
-    """matplotlib Figure: fidelity (x) against prompt adherence (y), one line per snapshot and step count."""
-    import matplotlib.pyplot as plt
-
-    (x_key, x_label), (y_key, y_label) = judge.plot_axes
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    groups = {}
-    for r in rows:
-        groups.setdefault((r["setting"]["snapshot"], r["setting"]["steps"]), []).append(r)
-    for (snapshot, steps), group in groups.items():
-        group = sorted(group, key=lambda r: r["setting"]["guidance"])
-        ax.plot([lookup(r, x_key) for r in group], [lookup(r, y_key) for r in group], "o-",
-                label=f"{snapshot}, {steps} steps", alpha=0.8)
-        for r in group:
-            ax.annotate(f"{r['setting']['guidance']:g}", (lookup(r, x_key), lookup(r, y_key)), fontsize=7,
-                        textcoords="offset points", xytext=(4, 3))
-    if choice is not None:
-        ax.plot([lookup(choice, x_key)], [lookup(choice, y_key)], "*", color="black", markersize=16,
-                label="chosen")
-    ax.set(xlabel=x_label, ylabel=y_label, title="selection sweep (labels: guidance)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="best")
-    fig.tight_layout()
-    return fig
 
 
 def lookup(row: dict, key: str):

@@ -18,7 +18,7 @@ from collections import Counter
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
+from .progress import progress_bar
 
 from .config import PROJECT_ROOT, resolve_path
 from .data import Prompt
@@ -110,7 +110,7 @@ def generate_test_set(model, prompts: list[Prompt], out_dir, setting, *, batch_s
     if skipped:
         print(f"Skipping {skipped} of {len(prompts)} images already in {out_dir} (written earlier with the same setting)")
     start = time.perf_counter()
-    for b in tqdm(range(0, len(todo), batch_size), desc="test set", unit="batch", disable=not todo):
+    for b in progress_bar(range(0, len(todo), batch_size), desc="test set", unit="batch", disable=not todo):
         batch = todo[b:b + batch_size]
         images = sample_images(model, [p.text for _, p in batch], [seed + i for i, _ in batch], setting,
                                batch_size=batch_size)
@@ -148,7 +148,7 @@ def pack_submission(run_dir, out_zip, unet_dir, prompts: list[Prompt], *, size: 
 
 def _write_zip(path: Path, sources: dict[str, Path], results_dir: Path, recorded: dict[str, str]) -> None:
     with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
-        for name, digest in tqdm(sorted(recorded.items()), desc="zip results", disable=len(recorded) < 200):
+        for name, digest in progress_bar(sorted(recorded.items()), desc="zip results", disable=len(recorded) < 200):
             data = (results_dir / name).read_bytes()
             if sha256_bytes(data) != digest:  # changed since it was checked a moment ago
                 raise ValueError(f"{results_dir / name}: changed while packing; nothing was written")
@@ -156,7 +156,7 @@ def _write_zip(path: Path, sources: dict[str, Path], results_dir: Path, recorded
         zf.write(results_dir / MANIFEST, f"results/{MANIFEST}")
         for arc, src in sources.items():
             files = [f for f in sorted(src.rglob("*")) if f.is_file() and not _is_clutter(f)]
-            for f in tqdm(files, desc=f"zip {arc}", disable=len(files) < 200):
+            for f in progress_bar(files, desc=f"zip {arc}", disable=len(files) < 200):
                 # weights are already compressed: storing them is as small and much faster
                 method = zipfile.ZIP_STORED if f.suffix in (".safetensors", ".png", ".bin") else zipfile.ZIP_DEFLATED
                 zf.write(f, f"{arc}/{f.relative_to(src).as_posix()}", compress_type=method)

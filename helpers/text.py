@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
+from .progress import progress_bar
 
 from .hub import load_pretrained
 
@@ -42,7 +42,7 @@ class TextEncoder:
         """float32 tensor [len(captions), max_tokens, hidden_size] on the encoder's device."""
         out = []
         batches = range(0, len(captions), batch_size)
-        for start in tqdm(batches, desc="encode captions", disable=not progress or len(batches) < 2):
+        for start in progress_bar(batches, desc="encode captions", disable=not progress or len(batches) < 2):
             tokens = self.tokenizer(captions[start:start + batch_size], padding="max_length", truncation=True,
                                     max_length=self.max_tokens, return_tensors="pt").to(self.device)
             mask = tokens["attention_mask"] if self.use_attention_mask else None

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
+from .progress import progress_bar
 
 from .cache import LatentCache, load_cache, read_split
 from .checkpoint import (CheckpointsDamagedError, checkpoint_config, checkpoint_name, latest_checkpoint,
@@ -350,7 +350,7 @@ def _train(cfg: RunConfig, accelerator, resume: bool, progress: bool, stop_at: i
     previewer = Previewer(cfg, cache, device) if main and cfg.preview_every > 0 else None
     result = TrainResult(start + 1, start, resumed_from, resumed_from, None, 0.0, [], [])
     pending, busy, t0 = [], 0.0, time.perf_counter()  # (step, loss on device, lr); seconds of timed training
-    bar = tqdm(total=cfg.max_steps, initial=start, desc="train", unit="step", disable=not (progress and main))
+    bar = progress_bar(total=cfg.max_steps, initial=start, desc="train", unit="step", disable=not (progress and main))
     for step in range(start, end):
         lr, losses = lr_schedule.get_last_lr()[0], []
         for micro in range(cfg.grad_accum):

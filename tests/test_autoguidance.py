@@ -172,9 +172,6 @@ def test_with_setting_loads_the_rebuilt_ema_and_the_guide(run, capsys):
     assert images.shape[0] == 1 and images.isfinite().all()
     with pytest.raises(ValueError, match="load it with helpers.selection.with_setting"):
         sample_images(model, ["a monster number 1."], [3], s)  # a model loaded for another setting
-    from helpers.panel import preview
-
-    preview(loaded, "a monster number 1.", guidance=2.0, steps=2, scheduler="ddim", seed=0, n=1)  # its own weights
     from diffusers import UNet2DConditionModel
 
     from helpers.selection import setting_unet_folder

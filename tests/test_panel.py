@@ -1,8 +1,13 @@
-"""The notebook's widget panel, clicked headless: validation, errors shown in the panel, progress, the image."""
+"""The notebook's guidance panel, clicked headless: compare rows, history, snapshots, honest inputs, Cancel."""
+import base64
 import dataclasses
 import html
 import io
+import json
+import re
+import time
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -11,7 +16,9 @@ import helpers.panel
 from helpers.autoencoder import load_autoencoder
 from helpers.config import profile_config
 from helpers.model import TextToImage, noise_scheduler
-from helpers.panel import BadSetting, make_panel, preview
+from helpers.panel import make_panel, sample_row
+from helpers.sample import guided_steps
+from helpers.setting import Setting
 from helpers.text import load_text_encoder
 from helpers.unet import build_unet
 
@@ -24,91 +31,217 @@ def model(tmp_path_factory):
                        dict(noise_scheduler(cfg).config))
 
 
-def parts(panel) -> dict:
-    """The panel's widgets: controls by their description, the rest by type (the first of each: the error line
-    is the first HTML)."""
-    found, todo = {}, [panel]
-    while todo:
-        widget = todo.pop(0)
-        todo += getattr(widget, "children", ())
-        found.setdefault(getattr(widget, "description", "") or type(widget).__name__, widget)
-    return found
+def click(panel, button="generate"):
+    getattr(panel, f"{button}_button").click()
+    panel.wait(60)
+    assert not panel.thread.is_alive()
 
 
-def test_preview_and_the_panel_button_headless(model):
-    grid = preview(model, "a red monster", guidance=3, steps=2, scheduler="unipc", seed=5, n=3, cell=32)
-    assert grid.size == (96, 32)
-    p = parts(make_panel(model, prompt="a red monster", steps=2, n=2))
-    assert p["Image"].layout.display == "none" and not p["Image"].value  # no broken-image icon before a click
-    p["Generate"].click()
-    shown = Image.open(io.BytesIO(p["Image"].value))
-    assert shown.format == "PNG" and shown.size == (256, 128)
-    assert p["Image"].layout.display != "none"
-    assert p["Label"].value.startswith("seeds 0…1") and p["HTML"].value == ""
-    assert p["IntProgress"].value == p["IntProgress"].max == 2  # one tick per denoising step
-    assert not p["Generate"].disabled
+def captions(box_html: str) -> list[str]:
+    return [html.unescape(c) for c in re.findall(r'class="monster-caption"[^>]*>([^<]*)<', box_html)]
 
 
-@pytest.mark.parametrize("seed, message", [("99999999999999999999", "seed=99999999999999999999 is outside 0…"),
-                                           ("-1", "seed=-1 is outside"), ("12a", "seed='12a' is not a whole number")])
-def test_a_bad_seed_is_named_in_the_panel_and_the_button_works_again(model, seed, message):
-    p = parts(make_panel(model, prompt="a red monster", steps=2, n=2))
-    p["seed"].value = seed
-    p["Generate"].click()
-    assert message in html.unescape(p["HTML"].value) and "color:" in p["HTML"].value
-    assert p["Label"].value == "" and not p["Generate"].disabled  # not left at "sampling…"
-    assert p["Image"].layout.display == "none"
-    p["seed"].value = str(2**63 - 2)  # the largest seed whose two-image row still fits below 2**63
-    p["Generate"].click()
-    assert p["HTML"].value == ""
-    assert p["Label"].value.startswith(f"seeds {2**63 - 2}…{2**63 - 1}")
+def row_images(box_html: str) -> list[Image.Image]:
+    return [Image.open(io.BytesIO(base64.b64decode(b))) for b in re.findall(r"base64,([^\"]+)\"", box_html)]
+
+
+def error_text(panel) -> str:
+    return html.unescape(re.sub(r"<[^>]+>", "", panel.error.value))
+
+
+class Recorder:
+    """Stands in for sample_images: records each call's setting and seeds, returns grey images."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, model, prompts, seeds, setting, **kwargs):
+        self.calls.append(dict(prompts=list(prompts), seeds=list(seeds), **dataclasses.asdict(setting)))
+        for step in range(setting.steps):
+            kwargs["on_step"](step + 1, setting.steps)
+        return torch.zeros(len(prompts), 3, 16, 16)
+
+
+@pytest.fixture
+def recorder(monkeypatch):
+    fake = Recorder()
+    monkeypatch.setattr(helpers.panel, "sample_images", fake)
+    return fake
+
+
+def test_compare_mode_samples_one_captioned_row_per_guidance_on_the_same_seeds(model):
+    p = make_panel(model, prompt="a red monster", guidance=[1, 3], steps=2, seed=7, n=2)
+    assert p.c["guidance"].value == "1, 3" and p.rows.value == ""
+    click(p)
+    assert p.error.value == "" and p.status.value.startswith("2 row(s) in")
+    texts = captions(p.rows.value)
+    assert [t.split(" · ")[0] for t in texts] == [
+        Setting("model", g, 2, p.c["scheduler"].value, (0.3, 5.0)).label() for g in (1.0, 3.0)]
+    assert all(t.endswith("seeds 7…8") for t in texts) and "guided at 0 of 2 steps" in texts[0]
+    shown = row_images(p.rows.value)
+    # the rows are exactly what sample_row gives for those seeds: only the setting differs
+    direct = sample_row(model, "a red monster", [7, 8], Setting("model", 3.0, 2, p.c["scheduler"].value, (0.3, 5.0)))
+    expected = helpers.panel.image_grid([helpers.panel.tensor_to_pil(x) for x in direct], cols=2, cell=96)
+    assert np.array_equal(np.asarray(shown[1]), np.asarray(expected))
+    assert not np.array_equal(np.asarray(shown[0]), np.asarray(shown[1]))
+    assert p.progress.value == p.progress.max == 4  # one tick per denoising step of every row
+    assert not p.generate_button.disabled and p.cancel_button.disabled
+
+
+def test_the_compare_button_and_the_history_strip(model, recorder):
+    p = make_panel(model, prompt="a red monster", steps=2, n=2)
+    click(p)
+    first = captions(p.rows.value)
+    assert len(first) == 1 and p.history_box.value == ""
+    click(p, "compare")
+    assert [c["guidance"] for c in recorder.calls[1:]] == [1.0, 2.0, 3.0, 5.0]
+    assert all(c["seeds"] == [0, 1] and c["prompts"] == ["a red monster"] * 2 for c in recorder.calls)
+    assert [t.split(", ")[1] for t in captions(p.rows.value)] == [f"guidance {g}" for g in (1, 2, 3, 5)]
+    assert captions(p.history_box.value) == first  # the earlier row, with its caption, smaller
+    assert row_images(p.history_box.value)[0].size == (2 * 48, 48)
+    for _ in range(3):
+        click(p, "compare")
+    assert len(captions(p.history_box.value)) == helpers.panel.HISTORY_ROWS
+
+
+def test_sprites_are_shown_as_pixels(model, recorder):
+    p = make_panel(model, prompt="x", steps=1, n=3)
+    click(p)
+    (strip,) = row_images(p.rows.value)
+    assert strip.size == (3 * 96, 96)  # 16-px sprites at a whole factor (6), not stretched to 128
+    assert 'image-rendering:pixelated' in p.rows.value
+    chequer = Image.fromarray(np.indices((16, 16)).sum(0).astype(np.uint8) % 2 * 255).convert("RGB")
+    big = helpers.panel.image_grid([chequer], cols=1, cell=100)
+    assert big.size == (96, 96) and len(np.unique(np.asarray(big)[:6, :6])) == 1  # one source pixel, one colour
+
+
+@pytest.mark.parametrize("box, typed, message", [
+    ("steps", "0", "steps=0 should be a whole number >= 1"),
+    ("guidance", "-3", "guidance=-3.0 should be a finite number >= 0"),
+    ("guidance", "2, x", "guidance='x' is not a number"),
+    ("steps", "2.5", "steps='2.5' is not a whole number"),
+    ("seed", "-1", "seed=-1 is outside"),
+    ("seed", "99999999999999999999", "seed=99999999999999999999 is outside 0…"),
+    ("sigma_hi", "0.1", "guidance_interval=[0.3, 0.1] should be [] (every step) or [sigma_lo, sigma_hi]"),
+    ("guidance", ", ".join(["2"] * 30), "30 rows"),
+])
+def test_bad_typed_values_are_reported_not_clamped_and_the_last_rows_dim(model, recorder, box, typed, message):
+    p = make_panel(model, prompt="a red monster", steps=2, n=2)
+    click(p)
+    p.c[box].value = typed
+    assert message in html.unescape(p.guided.value)  # already while typing
+    p.generate_button.click()
+    assert message in error_text(p) and "color:#c62828" in p.error.value
+    assert len(recorder.calls) == 1 and p.c[box].value == typed  # nothing sampled, the box keeps what was typed
+    assert 'opacity:0.35' in p.rows.value  # the picture above belongs to the last good setting
+    assert not p.generate_button.disabled
+    p.c[box].value = {"sigma_hi": "5", "guidance": "3"}.get(box, "2" if box == "steps" else "0")
+    click(p)
+    assert p.error.value == "" and len(recorder.calls) == 2
+
+
+def test_any_value_the_sampler_accepts_is_legal_and_python_types_are_reported(model, recorder):
+    p = make_panel(model, guidance=20, steps=500, seed=2**63 - 4)
+    assert (p.c["guidance"].value, p.c["steps"].value, p.error.value) == ("20", "500", "")
+    p = make_panel(model, guidance="3", steps=None, scheduler=5, n=2)  # never raises: the panel says it
+    assert error_text(p) == ("make_panel(guidance='3'): got str, expected a number; "
+                             "make_panel(scheduler=5): got int, expected a string")
+    assert p.c["steps"].value == str(model.cfg.sample_steps)  # None: the run's value
+    click(p)
+    assert recorder.calls[-1]["guidance"] == 3.0 and p.error.value == ""
+
+
+def test_the_token_count_warns_when_the_prompt_will_be_cut(model):
+    p = make_panel(model, prompt="a red monster")
+    assert re.search(r"\d+ of 16 tokens", p.tokens.value)
+    p.c["prompt"].value = "this is a really cute little creature and it is a red round monster with two eyes and horns"
+    note = html.unescape(p.tokens.value)
+    count = model.text_encoder.token_lengths([p.c["prompt"].value])[0]
+    assert count > 16 and f"{count} tokens: the text encoder keeps 16" in note and "is cut" in note
+    assert "#c62828" in p.tokens.value
+
+
+def test_guided_steps_and_the_sigma_boxes(model, recorder):
+    demo = profile_config("demo")
+    config = dict(noise_scheduler(demo).config)
+    assert guided_steps(config, Setting("model", 2.0, 10, "dpm++2m", (0.3, 5.0))) == (7, 10)
+    assert guided_steps(config, Setting("model", 2.0, 25, "dpm++2m", (0.3, 5.0))) == (17, 25)
+    every_step = dataclasses.replace(model, cfg=model.cfg.replace(guidance_interval=[]))
+    p = make_panel(every_step, setting=Setting("model", 3.0, 4, "dpm++2m", ()), n=2)
+    assert p.c["everywhere"].value and p.c["sigma_lo"].disabled and p.c["sigma_hi"].disabled
+    assert "guided at 4 of 4 steps" in p.guided.value
+    click(p)
+    assert recorder.calls[-1]["guidance_interval"] == ()
+    p.c["everywhere"].value = False
+    assert not p.c["sigma_lo"].disabled
+    p.c["sigma_lo"].value, p.c["sigma_hi"].value = "0.5", "4"
+    k, n = guided_steps(model.scheduler_config, Setting("model", 3.0, 4, "dpm++2m", (0.5, 4.0)))
+    assert f"guided at {k} of {n} steps" in p.guided.value
+    click(p)
+    assert recorder.calls[-1]["guidance_interval"] == (0.5, 4.0) and f"guided at {k} of {n}" in p.rows.value
+
+
+def test_cancel_stops_between_steps_and_the_panel_stays_usable(model, monkeypatch):
+    steps_done = []
+
+    def slow(model, prompts, seeds, setting, **kwargs):
+        for step in range(setting.steps):
+            time.sleep(0.02)
+            steps_done.append(step)
+            kwargs["on_step"](step + 1, setting.steps)
+        return torch.zeros(len(prompts), 3, 16, 16)
+
+    monkeypatch.setattr(helpers.panel, "sample_images", slow)
+    p = make_panel(model, prompt="x", steps=100, n=2)
+    p.generate_button.click()
+    while len(steps_done) < 5:
+        time.sleep(0.01)
+    assert p.generate_button.disabled and not p.cancel_button.disabled
+    p.cancel_button.click()
+    p.wait(10)
+    assert len(steps_done) < 10 and p.status.value.startswith("cancelled after")
+    assert not p.generate_button.disabled and p.cancel_button.disabled and p.error.value == ""
 
 
 def test_an_error_while_sampling_shows_in_the_panel_with_its_traceback(model, monkeypatch):
     def broken(*args, **kwargs):
-        during.update(disabled=p["Generate"].disabled, progress=p["IntProgress"].layout.visibility,
-                      status=p["Label"].value)
         raise RuntimeError("CUDA out of memory (pretend)")
 
+    p = make_panel(model, prompt="a red monster", steps=1, n=2)
+    click(p)
     monkeypatch.setattr(helpers.panel, "sample_images", broken)
-    p, during = parts(make_panel(model, prompt="a red monster", steps=2, n=2)), {}
-    p["Generate"].click()
-    assert during == dict(disabled=True, progress="visible", status="sampling…")
-    assert "RuntimeError: CUDA out of memory (pretend)" in p["HTML"].value
-    assert p["Accordion"].layout.display != "none" and "in broken" in p["Accordion"].children[0].value
-    assert not p["Generate"].disabled and p["Label"].value == "" and p["IntProgress"].layout.visibility == "hidden"
+    click(p)
+    assert "RuntimeError: CUDA out of memory (pretend)" in p.error.value
+    assert p.details.layout.display != "none" and "in broken" in p.details.children[0].value
+    assert not p.generate_button.disabled and p.status.value == "" and p.progress.layout.visibility == "hidden"
 
 
-def test_the_guidance_interval_control_reaches_the_sampler(model, monkeypatch):
-    calls = []
-
-    def fake(model, prompts, seeds, setting, **kwargs):
-        calls.append({"guidance_interval": setting.guidance_interval or None})
-        return torch.zeros(len(prompts), 3, 16, 16)
-
-    monkeypatch.setattr(helpers.panel, "sample_images", fake)
-    every_step = dataclasses.replace(model, cfg=model.cfg.replace(guidance_interval=[]))
-    p = parts(make_panel(every_step, prompt="", steps=2, n=2))
-    assert p["guide at every step"].value  # a run that sets no interval
-    p["Generate"].click()
-    assert calls[-1]["guidance_interval"] is None
-    assert "empty prompt: unconditional samples" in p["Label"].value
-    p["guide at every step"].value, p["or from σ"].value, p["to σ"].value = False, 0.5, 4.0
-    p["Generate"].click()
-    assert calls[-1]["guidance_interval"] == (0.5, 4.0)
-    p["to σ"].value = 0.1
-    p["Generate"].click()
-    assert len(calls) == 2 and "guide from σ=0.5 to σ=0.1: needs 0 ≤ from < to" in html.unescape(p["HTML"].value)
-    # a run that guides on an interval starts the panel there
-    run_with_interval = dataclasses.replace(model, cfg=model.cfg.replace(guidance_interval=[0.2, 3.0]))
-    p = parts(make_panel(run_with_interval, prompt="a red monster", steps=2, n=2))
-    assert not p["guide at every step"].value and (p["or from σ"].value, p["to σ"].value) == (0.2, 3.0)
-    p["Generate"].click()
-    assert calls[-1]["guidance_interval"] == (0.2, 3.0)
+def test_the_snapshot_picker(model, recorder, tmp_path):
+    cfg = profile_config("tiny", outputs_dir=str(tmp_path))
+    for name in ("step-000002", "step-000004"):
+        model.unet.save_pretrained(cfg.run_dir / "snapshots" / name)
+    chosen = Setting("step-000002", 2.0, 3, "ddim", (0.3, 5.0))
+    (cfg.run_dir / "metrics.json").write_text(json.dumps({"selection": {"choice": {"setting": chosen.to_dict()}}}))
+    run_model = dataclasses.replace(model, cfg=cfg)
+    p = make_panel(run_model, setting=chosen.replace(snapshot="step-000004"), snapshot="step-300")
+    assert [name for _, name in p.c["snapshot"].options] == ["step-000002", "step-000004"]
+    assert dict(p.c["snapshot"].options)["step-000002 ← the selection's choice"] == "step-000002"
+    assert error_text(p).startswith("snapshot 'step-300' is not in run 'tiny' (it has step-000002, step-000004)")
+    assert p.c["snapshot"].value == "step-000004"  # what the given model holds
+    p.c["guidance"].value = "7"
+    p.reset_button.click()
+    assert (p.c["snapshot"].value, p.c["guidance"].value, p.c["steps"].value, p.c["scheduler"].value) == \
+        ("step-000002", "2", "3", "ddim")
+    click(p)
+    assert recorder.calls[-1]["guidance"] == 2.0 and captions(p.rows.value)[0].startswith("step-000002, guidance 2")
+    assert p.models["step-000002"].unet is not model.unet  # loaded from its folder, once
+    p.c["all_snapshots"].value = True
+    click(p)
+    assert [c.split(",")[0] for c in captions(p.rows.value)] == ["step-000002", "step-000004"]
+    assert p.models["step-000004"] is run_model
 
 
-def test_legal_starting_values_widen_the_sliders_and_illegal_ones_are_refused(model):
-    p = parts(make_panel(model, guidance=0.5, steps=150))  # legal in the config: never gates the notebook
-    assert (p["guidance"].value, p["guidance"].min, p["steps"].value, p["steps"].max) == (0.5, 0.5, 150, 150)
-    with pytest.raises(BadSetting, match=r"guidance=-1.0 should be a finite number >= 0; steps=0 should be a whole"):
-        make_panel(model, guidance=-1, steps=0)
+def test_an_executed_copy_shows_a_one_line_note_instead_of_a_repr(model):
+    bundle = make_panel(model)._repr_mimebundle_()
+    assert "application/vnd.jupyter.widget-view+json" in bundle
+    assert bundle["text/plain"].startswith("[guidance playground") and "VBox" not in bundle["text/plain"]

@@ -1,0 +1,234 @@
+"""The guidance panel in a real JupyterLab, clicked by a real browser (Playwright driving Debian's chromium).
+
+A tiny run is trained (01-03 on a few demo monsters), JupyterLab serves a copy of 04_sample cut after the cell
+tagged `panel` and pointed at that run; the browser runs it, compares guidance values, types bad values, cancels
+and interrupts. Screenshots go to $BROWSER_SCREENSHOTS (default: a folder under /tmp named in the output).
+Needs `chromium` (apt-get install -y chromium; .ci/run installs it) and the `playwright` package: no browser
+download (never `playwright install`).
+"""
+import json
+import os
+import re
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from helpers.config import PROJECT_ROOT
+from helpers.runs import run_pipeline
+
+pytestmark = pytest.mark.slow
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+if not Path(CHROMIUM).exists():
+    pytest.skip(f"no chromium at {CHROMIUM} (apt-get install -y chromium; .ci/run installs it where apt can)",
+                allow_module_level=True)
+from playwright.sync_api import expect, sync_playwright  # noqa: E402 - a requirement; only the browser may be absent
+
+TIMEOUT_MS = 180_000  # two shared cores can be slow to start a kernel and load torch
+expect.set_options(timeout=TIMEOUT_MS)  # expect() has its own timeout (5 s), not the page's
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    """A tiny trained run (two EMA snapshots) and the notebooks JupyterLab serves."""
+    root = tmp_path_factory.mktemp("browser")
+    (root / "data").mkdir()
+    run_dir = run_pipeline("ui", "tiny", str(root / "outputs"), notebooks=["01_data", "02_unet_arch", "03_train_cfg"],
+                           parameters=dict(data_dir=str(root / "data"), demo_monsters=8, demo_test_monsters=2,
+                                           demo_frames=1))
+    lab = root / "lab"
+    lab.mkdir()
+    shutil.copy(PROJECT_ROOT / "notebooks" / "04_sample.ipynb", lab / "04_committed.ipynb")
+    (lab / "04_panel.ipynb").write_text(json.dumps(panel_notebook(run_dir, root / "outputs")))
+    return lab
+
+
+def panel_notebook(run_dir: Path, outputs_dir: Path) -> dict:
+    """04_sample up to its `panel` cell, its parameters pointing at the tiny run."""
+    nb = json.loads((PROJECT_ROOT / "notebooks" / "04_sample.ipynb").read_text())
+    tagged = [i for i, c in enumerate(nb["cells"]) if "panel" in c["metadata"].get("tags", [])]
+    assert tagged, "04_sample.ipynb has no cell tagged 'panel'"
+    nb["cells"] = nb["cells"][:tagged[0] + 1]
+    params = next(c for c in nb["cells"] if "parameters" in c["metadata"].get("tags", []))
+    source = "".join(params["source"])
+    source = re.sub(r"^run_name = .*$", f"run_name = {run_dir.name!r}", source, flags=re.M)
+    params["source"] = re.sub(r"^outputs_dir = .*$", f"outputs_dir = {str(outputs_dir)!r}", source, flags=re.M)
+    return nb
+
+
+@pytest.fixture(scope="module")
+def lab_url(workdir):
+    """JupyterLab on a free loopback port with a random token; settings and workspaces kept in the tmp folder."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    token = secrets.token_hex(16)
+    settings = workdir.parent / "settings"
+    shutil.rmtree(settings, ignore_errors=True)
+    (settings / "@jupyterlab" / "apputils-extension").mkdir(parents=True)
+    (settings / "@jupyterlab" / "apputils-extension" / "notification.jupyterlab-settings").write_text(
+        '{"fetchNews": "false"}')  # no "get notified about news?" toast over the screenshots
+    (settings / "@jupyterlab" / "notebook-extension").mkdir(parents=True)
+    (settings / "@jupyterlab" / "notebook-extension" / "tracker.jupyterlab-settings").write_text(
+        '{"windowingMode": "none"}')  # every cell in the page, not only those scrolled into view
+    env = {**os.environ, "JUPYTER_CONFIG_DIR": str(workdir.parent / "jcfg"),
+           "JUPYTER_RUNTIME_DIR": str(workdir.parent / "jrt"),
+           "PYTHONPATH": os.pathsep.join([str(PROJECT_ROOT), os.environ.get("PYTHONPATH", "")])}
+    command = [sys.executable, "-m", "jupyter", "lab", "--no-browser", "--ip=127.0.0.1", f"--port={port}",
+               f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={workdir}",
+               "--LabApp.expose_app_in_browser=True", f"--LabApp.workspaces_dir={workdir.parent / 'ws'}",
+               f"--LabApp.user_settings_dir={settings}"]
+    if hasattr(os, "geteuid") and os.geteuid() == 0:  # CI containers run as root
+        command.append("--allow-root")
+    log = open(workdir.parent / "lab.log", "w")
+    server = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_for_server(server, f"http://127.0.0.1:{port}/api/status?token={token}", workdir.parent / "lab.log")
+        yield f"http://127.0.0.1:{port}", token
+    finally:
+        server.terminate()
+        server.wait(30)
+        log.close()
+
+
+def wait_for_server(server, url: str, log: Path, timeout: float = 120):
+    began = time.time()
+    while time.time() - began < timeout:
+        if server.poll() is not None:
+            pytest.fail(f"JupyterLab exited ({server.returncode}):\n{log.read_text()[-3000:]}")
+        try:
+            urllib.request.urlopen(url, timeout=5)
+            return
+        except OSError:
+            time.sleep(0.5)
+    pytest.fail(f"JupyterLab did not answer within {timeout} s:\n{log.read_text()[-3000:]}")
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with sync_playwright() as p:
+        chromium = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        yield chromium
+        chromium.close()
+
+
+@pytest.fixture(scope="module")
+def shots():
+    folder = Path(os.environ.get("BROWSER_SCREENSHOTS") or tempfile.mkdtemp(prefix="monster-browser-"))
+    folder.mkdir(parents=True, exist_ok=True)
+    print(f"screenshots in {folder}")
+    return folder
+
+
+def open_notebook(browser, lab_url, name: str):
+    url, token = lab_url
+    page = browser.new_page(viewport={"width": 1400, "height": 2400})
+    page.set_default_timeout(TIMEOUT_MS)
+    workspace = re.sub(r"\W", "", name)  # a fresh workspace: no tabs restored from an earlier page
+    page.goto(f"{url}/lab/workspaces/{workspace}/tree/{name}?token={token}&reset")
+    page.wait_for_function("() => document.querySelector("
+                           "'.jp-Notebook-ExecutionIndicator[data-status=\"idle\"]') !== null")
+    time.sleep(3)  # commands issued before the session settles can raise a "Select Kernel" dialog
+    if page.locator(".jp-Dialog").count():
+        page.get_by_role("button", name="Select", exact=True).click()
+    return page
+
+
+def run_all(page):
+    """Run every cell (not awaited: the command's promise settles only when all cells have run)."""
+    page.evaluate("() => { window.jupyterapp.commands.execute('notebook:run-all-cells'); }")
+
+
+def box(page, label: str):
+    """The text input of the panel control whose label is `label`."""
+    return page.locator(".widget-text", has=page.locator("label", has_text=re.compile(f"^{re.escape(label)}$"))) \
+        .locator("input")
+
+
+def test_the_panel_compares_settings_reports_bad_values_and_cancels(browser, lab_url, shots):
+    page = open_notebook(browser, lab_url, "04_panel.ipynb")
+    try:
+        check_panel(page, shots)
+    finally:
+        page.screenshot(path=shots / "last.png")  # what the browser showed when the test ended
+        page.close()
+        shut_down_kernels(lab_url)
+
+
+def check_panel(page, shots):
+    run_all(page)
+    generate = page.get_by_role("button", name="Generate", exact=True)
+    expect(generate).to_be_visible()
+    panel = page.locator(".jp-Cell", has=generate)
+    panel.scroll_into_view_if_needed()
+    panel.screenshot(path=shots / "1-panel.png")
+
+    box(page, "prompt").fill("this is a really cute little creature and it is a red round monster with two eyes "
+                             "and horns and a long tail")
+    expect(page.get_by_text("tokens: the text encoder keeps 16")).to_be_visible()
+
+    page.get_by_role("button", name="Compare guidance 1, 2, 3, 5").click()
+    captions = page.locator(".monster-rows .monster-caption")  # the last click's rows, not the history strip
+    expect(captions).to_have_count(4)
+    texts = captions.all_inner_texts()
+    assert [re.search(r"guidance (\S+?),", t).group(1) for t in texts] == ["1", "2", "3", "5"]
+    snapshot = texts[0].split(",")[0]  # the one 04 loaded, named in every caption
+    assert snapshot in ("step-000002", "step-000004", "model")
+    assert all(t.startswith(snapshot + ", ") and t.endswith("seeds 0…3") for t in texts)
+    assert page.locator(".monster-rows img").first.evaluate("img => img.naturalWidth") == 4 * 96
+    panel.screenshot(path=shots / "2-compare.png")
+
+    box(page, "steps").fill("0")
+    generate.click()
+    expect(page.get_by_text("Cannot sample: steps=0 should be a whole number >= 1")).to_be_visible()
+    expect(generate).to_be_enabled()
+    panel.screenshot(path=shots / "3-bad-value.png")
+
+    box(page, "steps").fill("2")
+    box(page, "guidance").fill("2")
+    page.locator(".widget-dropdown", has=page.locator("label", has_text="snapshot")).locator("select") \
+        .select_option("step-000002")
+    generate.click()
+    expect(page.get_by_text("Cannot sample")).to_have_count(0)
+    expect(captions).to_have_count(1)
+    assert captions.first.inner_text().startswith("step-000002, guidance 2, 2 ")
+    expect(page.locator(".monster-history .monster-caption")).to_have_count(4)  # the compare rows, kept below
+
+    for stop in ("Cancel", "Kernel → Interrupt"):
+        box(page, "steps").fill("5000")
+        generate.click()
+        expect(page.get_by_text("sampling…")).to_be_visible()
+        time.sleep(1)
+        if stop == "Cancel":
+            page.get_by_role("button", name="Cancel").click()
+        else:
+            page.evaluate("() => { window.jupyterapp.commands.execute('notebook:interrupt-kernel'); }")
+        expect(page.get_by_text(re.compile(r"^cancelled after \d+ steps"))).to_be_visible(timeout=30_000)
+        expect(generate).to_be_enabled()
+    panel.screenshot(path=shots / "4-cancelled.png")
+
+
+def test_the_committed_notebook_opens_unmodified(browser, lab_url):
+    page = open_notebook(browser, lab_url, "04_committed.ipynb")
+    time.sleep(2)  # the kernel's info arrives after "idle"; a metadata change would mark the tab now
+    assert page.locator(".jp-mod-dirty").count() == 0, "JupyterLab marked the committed notebook modified"
+    page.close()
+    shut_down_kernels(lab_url)
+
+
+def shut_down_kernels(lab_url):
+    """End every kernel the server runs (a closed page leaves its kernel running)."""
+    url, token = lab_url
+    headers = {"Authorization": f"token {token}"}
+    with urllib.request.urlopen(urllib.request.Request(f"{url}/api/sessions", headers=headers)) as r:
+        sessions = json.load(r)
+    for session in sessions:
+        urllib.request.urlopen(urllib.request.Request(f"{url}/api/sessions/{session['id']}", method="DELETE",
+                                                      headers=headers))

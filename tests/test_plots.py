@@ -1,0 +1,40 @@
+"""The selection-sweep plot: the best settings get their own axes, and no two labels overlap."""
+import itertools
+import types
+
+import matplotlib
+from matplotlib.text import Text
+
+matplotlib.use("Agg")
+
+from helpers.plots import sweep_plot  # noqa: E402
+
+
+def sweep_rows():
+    rows = []
+    for snapshot, steps, g in itertools.product(["step-000300", "step-000900"], [10, 20], [1.0, 2.0, 3.0]):
+        poor = snapshot == "step-000300"
+        rows.append({"setting": {"snapshot": snapshot, "steps": steps, "guidance": g, "guidance_interval": [0.3, 5.0]},
+                     "fd": (300.0 if poor else 80.0) + g * 0.4 + steps * 0.0001,  # 10 and 20 steps nearly coincide
+                     "acc": (0.2 if poor else 0.95) + g * 0.001})
+    return rows
+
+
+JUDGE = types.SimpleNamespace(plot_axes=(("fd", "Fréchet distance"), ("acc", "accuracy")),
+                              rank=lambda r: (-r["acc"], r["fd"]))
+
+
+def test_the_best_settings_get_their_own_axes_and_labels_do_not_overlap():
+    rows = sweep_rows()
+    choice = min(rows, key=JUDGE.rank)
+    fig = sweep_plot(rows, JUDGE, choice, zoom=6)
+    full, close = fig.axes
+    assert full.get_xlim()[1] - full.get_xlim()[0] > 200  # every setting, the poor snapshot included
+    lo, hi = close.get_xlim()
+    assert hi - lo < 5 and lo > 70  # only the six good settings
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    boxes = [Text.get_window_extent(t, renderer) for t in close.texts]  # the text alone, not its leader line
+    assert len(boxes) == 6 and {t.get_text() for t in close.texts} == {"1", "2", "3"}
+    assert not any(a.overlaps(b) for a, b in itertools.combinations(boxes, 2))
+    assert any(line.get_label() == "chosen" for line in close.lines)

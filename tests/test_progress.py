@@ -1,0 +1,36 @@
+"""Progress bars in executed notebooks: text lines when headless, tqdm's own bar otherwise."""
+import types
+
+import pytest
+
+import helpers.progress
+from helpers.progress import headless, progress_bar
+
+
+def test_forced_text_mode_prints_one_line_per_update(monkeypatch, capsys):
+    monkeypatch.setenv("MONSTER_PROGRESS", "text")
+    for _ in progress_bar(range(3), desc="work", mininterval=0, miniters=1):
+        pass
+    lines = capsys.readouterr().out.splitlines()
+    assert "\r" not in "".join(lines) and lines[-1].startswith("work: 100%") and "3/3" in lines[-1]
+    assert len(lines) >= 2
+
+
+@pytest.mark.parametrize("allow_stdin, expected", [(False, True), (True, False)])
+def test_a_kernel_driven_by_nbclient_counts_as_headless(monkeypatch, allow_stdin, expected):
+    """nbclient (papermill) runs every cell with allow_stdin=False; JupyterLab with True."""
+    monkeypatch.delenv("MONSTER_PROGRESS", raising=False)
+    shell = types.SimpleNamespace(kernel=types.SimpleNamespace(_allow_stdin=allow_stdin))
+    monkeypatch.setattr("IPython.get_ipython", lambda: shell)
+    assert headless() is expected
+    monkeypatch.setenv("MONSTER_PROGRESS", "widget")
+    assert headless() is False
+
+
+def test_outside_a_kernel_tqdm_decides(monkeypatch):
+    monkeypatch.delenv("MONSTER_PROGRESS", raising=False)
+    monkeypatch.setattr("IPython.get_ipython", lambda: None)
+    assert headless() is False
+    bar = progress_bar(range(2), disable=True)
+    assert type(bar).__module__.startswith("tqdm")
+    assert not isinstance(getattr(bar, "fp", None), helpers.progress._LineWriter)
