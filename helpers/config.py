@@ -410,9 +410,8 @@ def check_fields(names) -> None:
 # Each profile is a set of overrides on the defaults above (which are the demo's).
 PROFILES: dict[str, dict] = {
     # measured (benchmarks/RESULTS.md): post-hoc EMA 0.05 lowers the demo's probe FD by 2.3 +- 0.2 (240 prompts, 3 seed
-    # sets), accuracy unchanged; autoguidance by an early snapshot raised it. To adopt it: sweep_ema_lengths=[0.0, 0.05]
-    # here, once 04_sample writes the chosen set through helpers.selection.with_setting (issue 16's notebook cells)
-    "demo": {},
+    # sets), accuracy unchanged; autoguidance by an early snapshot raised it, so the demo sweeps EMA lengths only
+    "demo": dict(sweep_ema_lengths=[0.0, 0.05]),
     # The best public course result (FID 59.70, CLIP-I 0.8276, CLIP-T 0.3008); README "Where the hw6 defaults
     # come from" says which values are that recipe's and which are ours.
     "hw6": dict(
@@ -439,7 +438,7 @@ PROFILES: dict[str, dict] = {
         guidance_interval=[], sweep_intervals=[[]],  # the recipe guides every step; the demo's interval is untried here
         # post-hoc EMA lengths and autoguidance, untried on hw6 (README): EDM2-S's best lengths are 0.025 with CFG and
         # 0.070 with autoguidance; the guide is the first snapshot (~1/9 of training; the paper's default is ~1/16)
-        sweep_ema_lengths=[0.0, 0.025, 0.07], sweep_guides=["", "step-004000"], sweep_guide_weights=[2.0],
+        sweep_ema_lengths=[0.0, 0.025, 0.07], sweep_guides=["", "first"], sweep_guide_weights=[2.0],
     ),
     "sd-baseline": dict(
         data_dir="data/hw6", resolution=256, text_encoder="CompVis/stable-diffusion-v1-4", max_tokens=77,

@@ -25,7 +25,7 @@ from .config import RunConfig
 from .files import read_json
 from .layout import WEIGHTS_FILE
 from .sample import sample_images
-from .setting import FINAL, NO_GUIDE, Setting
+from .setting import FINAL, FIRST_SNAPSHOT, NO_GUIDE, Setting
 
 
 # ---------------------------------------------------------------- snapshots and their weights
@@ -257,6 +257,11 @@ def axis_values(field: str, values, name: str, cfg: RunConfig | None = None) -> 
         raise ValueError(f"{name}={values!r} should be a non-empty list, e.g. {name}={_example(field)}")
     if field == "guidance_interval":
         values = [tuple(v) if isinstance(v, (list, tuple)) else v for v in values]
+    if field == "guide" and cfg is not None and FIRST_SNAPSHOT in values:
+        first = cfg.layout.snapshot_names()[:1]
+        if not first:
+            raise ValueError(f"{name}: {FIRST_SNAPSHOT!r} (the earliest snapshot) but run {cfg.run_name!r} has none")
+        values = [first[0] if v == FIRST_SNAPSHOT else v for v in values]
     problems = [p for v in values for p in Setting().replace(**{field: v}).problems()]
     if field in ("snapshot", "guide") and cfg is not None and not cfg.pipeline and not problems:
         known = cfg.layout.candidates()

@@ -19,6 +19,7 @@ MAX_SIGMA_REL = math.sqrt(1 / 12)  # the widest power-function EMA (helpers.phem
 FINAL = "model"  # the snapshot name of <run>/model/unet_ema: the EMA U-Net at the end of training
 EVERY_STEP = ()  # the guidance_interval that guides at every step
 NO_GUIDE = ""  # the guide of a setting without autoguidance
+FIRST_SNAPSHOT = "first"  # in a sweep's guides: the run's earliest snapshot, whatever snapshot_every named it
 
 
 @dataclass(frozen=True)

@@ -126,9 +126,10 @@ def generate_test_set(model, prompts: list[Prompt], out_dir, setting, *, batch_s
 
 
 def pack_submission(run_dir, out_zip, unet_dir, prompts: list[Prompt], *, size: int, want: dict | None = None,
-                    results_dir=None, code_dirs=("helpers", "notebooks"), overwrite: bool = False) -> Path:
-    """Zip the course layout: `code/<each code dir>`, `model/` (the chosen U-Net as unet_ema/, the scheduler
-    config), `results/` (the PNGs and their manifest). The results folder must pass `results_problems` (against
+                    results_dir=None, guide_dir=None, code_dirs=("helpers", "notebooks"),
+                    overwrite: bool = False) -> Path:
+    """Zip the course layout: `code/<each code dir>`, `model/` (the chosen U-Net as unet_ema/, an autoguided
+    setting's guide U-Net as guide/, the scheduler config), `results/` (the PNGs and their manifest). The results folder must pass `results_problems` (against
     `want`, the chosen setting's manifest, when given), and the PNG bytes zipped are the very bytes whose
     hashes were checked against the manifest."""
     layout, out_zip = RunLayout(run_dir), Path(out_zip)
@@ -137,7 +138,8 @@ def pack_submission(run_dir, out_zip, unet_dir, prompts: list[Prompt], *, size: 
         raise FileExistsError(f"{out_zip} already exists; to replace it run 05_eval with overwrite_zip=True "
                               "(from Python: pack_submission(..., overwrite=True))")
     check_results(results_dir, prompts, size, want=want)
-    sources = {"model/unet_ema": Path(unet_dir), "model/scheduler": layout.model / "scheduler"}
+    sources = {"model/unet_ema": Path(unet_dir), "model/scheduler": layout.model / "scheduler",
+               **({"model/guide": Path(guide_dir)} if guide_dir else {})}
     sources.update({f"code/{Path(d).name}": resolve_path(d) for d in code_dirs})
     missing = [f"{arc}/ <- {src}" for arc, src in sources.items() if not src.is_dir()]
     if missing:
