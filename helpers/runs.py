@@ -112,6 +112,10 @@ NOTEBOOK_CHECKS = {
     "sweep_prompts": _count("sweep_prompts", 0), "probe_steps": _count("probe_steps", 1),
     "grid_prompts": _count("grid_prompts", 1), "torch_threads": _count("torch_threads", 1),
     "steps": lambda v: _axis("steps", "steps")([v]), "snapshot": lambda v: _axis("snapshot", "snapshot")([v]),
+    "ema_lengths": _axis("ema_length", "ema_lengths"), "guides": _axis("guide", "guides"),
+    "guide_weights": _axis("guide_weight", "guide_weights"),
+    "ema_length": lambda v: _axis("ema_length", "ema_length")([v]), "guide": lambda v: _axis("guide", "guide")([v]),
+    "guide_weight": lambda v: _axis("guide_weight", "guide_weight")([v]),
 }
 
 
