@@ -130,29 +130,14 @@ def print_setting_table(rows: list) -> None:
 
 
 def measure(lever: str, outputs_dir: Path, data_dir: str, max_steps: int, guidances, steps: int, size: str) -> list:
-    from helpers.cache import build_cache, write_split
-    from helpers.data import load_records
-    from helpers.demo_data import ensure_dataset
     from helpers.judges import judge_for_run
     from helpers.model import load_model
     from helpers.sample import sample_images
     from helpers.setting import Setting
-    from helpers.train import train
 
     overrides, sampling = LEVERS[lever]
     trained_as = "baseline" if not overrides else lever  # sampling-only levers reuse the baseline model
-    profile = "tiny" if size == "tiny" else "demo"
-    cfg = open_run(f"lever-{trained_as}", profile, str(outputs_dir), data_dir=data_dir, max_steps=max_steps,
-                   preview_every=0, snapshot_every=0, **overrides)
-    ensure_dataset(cfg, **({"num_monsters": 8, "num_test_monsters": 2, "frames_per_action": 1}
-                           if size == "tiny" else {}))
-    t0 = time.perf_counter()
-    if not cfg.layout.unet_dir("model").exists():
-        records, _ = load_records(cfg.data_path)
-        write_split(cfg, records)
-        build_cache(cfg, records, progress=False)
-        train(cfg, progress=False)
-    train_s = time.perf_counter() - t0
+    cfg, train_s = trained_run(trained_as, outputs_dir, data_dir, max_steps, size, overrides)
     judged, _ = judge_for_run(cfg, 0, probe_steps=50 if size == "tiny" else 400)
     model = load_model(cfg)
     rows = []

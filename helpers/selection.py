@@ -305,7 +305,7 @@ def selection_sweep(model, cfg: RunConfig, judge, settings: list[Setting], promp
     current, setting_model = None, None
     bar = progress_bar(todo, desc="selection sweep", unit="cell", disable=not progress)
     for s in bar:
-        bar.set_postfix_str(s.label())
+        bar.set_postfix_str(s.label(), refresh=False)
         if _weights_key(s) != current:  # the same weights for consecutive cells: loaded once
             current, setting_model = _weights_key(s), with_setting(model, cfg, s)
         images = sample_images(setting_model, prompts, seeds, s, batch_size=batch_size)

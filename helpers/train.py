@@ -385,7 +385,8 @@ def _train(cfg: RunConfig, accelerator, resume: bool, progress: bool, stop_at: i
             result.images_per_s = (done - start) * images_per_step / max(busy, 1e-9)
             logged = check_losses(accelerator, pending, result.checkpoint, cfg.lr)
             log.write(logged, result.images_per_s, epoch=position / len(rows))
-            bar.set_postfix(loss=f"{logged[-1]['loss']:.4f}", lr=f"{lr:.2e}", img_s=f"{result.images_per_s:.0f}")
+            bar.set_postfix(loss=f"{logged[-1]['loss']:.4f}", lr=f"{lr:.2e}", img_s=f"{result.images_per_s:.0f}",
+                            refresh=False)  # shown at the next tick: headless copies get one line per interval
             pending = []
         if checkpoint or snapshot or phema_store:
             stop_unless_room_now(cfg, sizes, accelerator, done, checkpoint, snapshot, result.checkpoint)
