@@ -120,7 +120,7 @@ class RunConfig:
     output_size: int = 256  # the course wants 256x256 PNGs
 
     # evaluation
-    # the selection sweep of 05_eval: every snapshot x guidance_sweep x sweep_steps (x sweep_intervals) on
+    # the selection sweep of 04_sample: every snapshot x guidance_sweep x sweep_steps (x sweep_intervals) on
     # sweep_prompts test prompts (a fixed seeded subset; 0 = all)
     guidance_sweep: list = field(default_factory=lambda: [1.0, 2.0, 3.0])
     sweep_steps: list = field(default_factory=lambda: [10, 20])

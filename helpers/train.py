@@ -11,7 +11,7 @@ Design choices, and why:
 - Losses stay on the device and are checked every `log_every` steps (and before any checkpoint), so
   a NaN is caught, named by step, and never checkpointed, without a GPU sync on every step.
 - Besides the resumable checkpoints (the last few), the EMA U-Net is kept every `snapshot_every` steps and at
-  max_steps in `snapshots/`: never pruned, the candidates that 05_eval's selection sweep chooses from.
+  max_steps in `snapshots/`: never pruned, the candidates that 04_sample's selection sweep chooses from.
 - Before step 1 the run's writes are estimated against the free disk, and checked again around every checkpoint
   (helpers.disk): a run stops with a resumable checkpoint before the disk is full, never in the middle of a write.
 """
