@@ -49,7 +49,8 @@ LEVERS: dict[str, tuple[dict, dict]] = {
 # first snapshot, which the setting-lever run keeps at ~1/16 of its training (the paper's default guide)
 SETTING_LEVERS: dict[str, dict] = {
     "fixed-ema": {},  # today: the half-life EMA of the final U-Net
-    "phema-0.025": {"ema_length": 0.025}, "phema-0.05": {"ema_length": 0.05}, "phema-0.10": {"ema_length": 0.10}, "phema-0.15": {"ema_length": 0.15},
+    "phema-0.025": {"ema_length": 0.025}, "phema-0.05": {"ema_length": 0.05},
+    "phema-0.10": {"ema_length": 0.10}, "phema-0.15": {"ema_length": 0.15},
     "phema-0.20": {"ema_length": 0.20},
     "autoguide-early-w1.25": {"guide": "early", "guide_weight": 1.25},
     "autoguide-early-w1.5": {"guide": "early", "guide_weight": 1.5},

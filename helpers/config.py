@@ -539,7 +539,9 @@ def resolve_length(cfg: RunConfig, num_train_images: int, num_processes: int = 1
 
 
 def _origin(cfg: RunConfig, name: str) -> str:
-    """'set by you', or 'of the <profile> profile' when the value is the profile's own."""
+    """'set by you', 'of the <profile> profile' when the value is the profile's own, or the time budget's plan."""
+    if name == "max_steps" and cfg.time_budget_hours > 0:  # helpers.fit planned it (never longer than configured)
+        return f"planned for time_budget_hours={cfg.time_budget_hours:g}"
     default = next(f.default for f in fields(RunConfig) if f.name == name)
     profile_value = PROFILES.get(cfg.profile, {}).get(name, default)
     return f"of the {cfg.profile} profile" if getattr(cfg, name) == profile_value else "set by you"

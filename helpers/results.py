@@ -93,7 +93,8 @@ def results_problems(results_dir, prompts, size: int | None = 256, *, want: dict
         problems.append(f"{len(present)} {'files' if require_manifest else 'PNGs'}, test.json names {len(expected)} "
                         "images")
     problems += [f"missing: {n}" for n in sorted(expected - present)]
-    problems += [f"unexpected file: {n} (not in test.json; move it out of the folder)" for n in sorted(present - expected)]
+    problems += [f"unexpected file: {n} (not in test.json; move it out of the folder)"
+                 for n in sorted(present - expected)]
     for name in sorted(expected & present):
         problems += [f"{name}: {msg}" for msg in image_problems(results_dir / name, size, digests.get(name),
                                                                  manifest is not None, require_manifest)]

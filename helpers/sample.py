@@ -177,7 +177,8 @@ def sample_images(model, prompts, seeds, setting: Setting, *, batch_size: int = 
     uncond = model.encode_prompts([""]).to(device)
     out = []
     starts = range(0, len(prompts), batch_size)
-    for start in progress_bar(starts, desc=f"sampling ({setting.scheduler}, {setting.steps} steps)", disable=not progress):
+    desc = f"sampling ({setting.scheduler}, {setting.steps} steps)"
+    for start in progress_bar(starts, desc=desc, disable=not progress):
         cond = model.encode_prompts(prompts[start:start + batch_size]).to(device)
         latents = sample_latents(model.unet, sampler, cond, uncond, seeds[start:start + batch_size], setting,
                                  latent_shape=model.latent_shape, on_step=on_step,

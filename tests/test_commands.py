@@ -68,6 +68,8 @@ def test_hw6_with_max_steps_30000_trains_30000_steps(capsys):
     resolved, line = resolve_length(cfg, 38_970)
     assert (resolved.max_steps, cfg.max_epochs) == (30_000, 0) and "max_steps 30,000 (set by you)" in line
     assert resolved.warmup_steps == 1_500 and "5 % of them (warmup_fraction of the hw6 profile)" in line
+    planned = cfg.replace(time_budget_hours=8.5)  # helpers.fit wrote max_steps for the budget, not the user
+    assert "max_steps 30,000 (planned for time_budget_hours=8.5)" in resolve_length(planned, 38_970)[1]
     by_epochs, line = resolve_length(profile_config("hw6"), 38_970)
     assert by_epochs.max_steps == -(-60 * 38_970 // 64) == 36_535
     assert "36,535 steps = 60 epochs × 38,970 images / 64 per step" in line and "(max_epochs of the hw6 profile)" in line
