@@ -8,7 +8,7 @@ the CLIP ViT-B/32 text tower (`CLIPTextConfig()` defaults, hidden 512, 77 tokens
 config at 256x256 (latents 4x32x32). `tiny` shrinks all three so that a CPU finishes in seconds.
 
 - ours: latents (mean, std of both flips) and caption embeddings already cached on the device,
-  one step = helpers.train.DeviceCache.batch + helpers.diffusion.diffusion_loss, bf16 autocast on CUDA, fused AdamW, grad
+  one step = helpers.train.DeviceCache.batch + helpers.diffusion.Objective.loss, bf16 autocast on CUDA, fused AdamW, grad
   clipping and the EMA update (so ours does strictly more than the reference besides the encoders).
 - reference: images on the device; every step runs the VAE encoder and the text encoder, then the
   U-Net under fp16 autocast with a GradScaler, plain AdamW, no EMA.
@@ -28,8 +28,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from helpers.config import profile_config  # noqa: E402
-from helpers.model import noise_scheduler  # noqa: E402
-from helpers.diffusion import EMA, diffusion_loss  # noqa: E402
+from helpers.model import training_objective  # noqa: E402
+from helpers.diffusion import EMA  # noqa: E402
 from helpers.train import DeviceCache, step_generator  # noqa: E402
 from helpers.unet import build_unet, count_params, forward_gflops  # noqa: E402
 
@@ -82,7 +82,7 @@ def our_step_fn(unet, cfg, batch: int, latent: int, tokens: int, hidden: int, de
                         caption_ids=torch.randint(1, captions, (n, 3), device=device),
                         caption_counts=torch.full((n,), 3, device=device),
                         embeddings=torch.randn(captions, tokens, hidden, device=device, dtype=torch.float16))
-    alphas_cumprod = noise_scheduler(cfg).alphas_cumprod.to(device)
+    objective = training_objective(cfg, device)
     opt = torch.optim.AdamW(unet.parameters(), lr=1e-4, fused=device.type == "cuda")
     ema = EMA(unet, cfg.ema_halflife_images, cfg.ema_rampup)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -91,8 +91,8 @@ def our_step_fn(unet, cfg, batch: int, latent: int, tokens: int, hidden: int, de
         rows = torch.randint(0, n, (batch,), generator=step_generator(0, "rows", i))
         with torch.autocast(device.type, dtype=dtype, enabled=device.type == "cuda"):
             x0, context, eps, t = cache.batch(rows, step_generator(0, i, device=device), cfg.caption_dropout,
-                                              cfg.offset_noise, cfg.num_train_timesteps, cfg.hflip)
-            loss = diffusion_loss(unet, x0, context, eps, t, alphas_cumprod, cfg.prediction_type, cfg.min_snr_gamma)
+                                              cfg.offset_noise, objective, cfg.hflip)
+            loss = objective.loss(unet, x0, context, eps, t)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
         opt.step()

@@ -65,8 +65,12 @@ class RunConfig:
     max_grad_norm: float = 1.0
     # v: on the cosine schedule alpha_bar(T) ~ 2e-9, so an epsilon model's first sampling step divides its
     # error by sqrt(alpha_bar) ~ 5e-5 and pixel-space samples come out as saturated noise
-    prediction_type: str = "v_prediction"  # epsilon | v_prediction
-    min_snr_gamma: float = 5.0  # 0 = off; 5 is the paper's choice
+    prediction_type: str = "v_prediction"  # epsilon | v_prediction | flow_prediction (rectified flow: helpers.diffusion)
+    min_snr_gamma: float = 5.0  # 0 = off; 5 is the paper's choice; epsilon / v_prediction only (flow: set 0)
+    timestep_density: str = "logit_normal"  # flow_prediction's draw of t: uniform | logit_normal (SD3's best)
+    logit_mean: float = 0.0  # logit_normal: t = sigmoid(N(logit_mean, logit_std)); > 0 trains noisier t more
+    logit_std: float = 1.0
+    immiscible_noise: bool = False  # pair each batch's images with noise by least total distance (Li et al. 2024)
     offset_noise: float = 0.0
     # EMA of the weights (helpers.diffusion.EMA): half-life in training images, ramped up as
     # min(half-life, ema_rampup * images seen) so that a short run's average forgets the random start
@@ -175,9 +179,25 @@ class RunConfig:
                 problem = check(getattr(self, name))
                 if problem:
                     problems.append(f"{name}={getattr(self, name)!r} {problem}")
+        problems += [] if typed & {"prediction_type", "min_snr_gamma", "scheduler"} else self._objective_problems()
         if problems:
             raise ValueError("Bad run config:\n  " + "\n  ".join(problems))
         return self
+
+    def _objective_problems(self) -> list[str]:
+        """What a flow-matching run cannot combine with (checked across fields, after each field's own check)."""
+        if self.prediction_type != "flow_prediction":
+            return []
+        from .sample import FLOW_SCHEDULERS
+
+        problems = []
+        if self.min_snr_gamma:
+            problems.append(f"min_snr_gamma={self.min_snr_gamma!r} weights epsilon / v_prediction losses: set 0 with "
+                            "prediction_type='flow_prediction' (its timestep_density does the weighting)")
+        if self.scheduler not in FLOW_SCHEDULERS:
+            problems.append(f"scheduler={self.scheduler!r} cannot sample prediction_type='flow_prediction'; "
+                            f"choose one of {', '.join(FLOW_SCHEDULERS)}")
+        return problems
 
     def replace(self, **overrides) -> "RunConfig":
         """A copy with `overrides` applied; None values mean 'keep' (papermill's unset parameters).
@@ -324,8 +344,11 @@ FIELD_CHECKS = {
     "warmup_steps": _at_least(0),
     "weight_decay": _finite_at_least(0.0),
     "max_grad_norm": _finite_at_least(0.0),
-    "prediction_type": _one_of(lambda: ("epsilon", "v_prediction")),
+    "prediction_type": _one_of(lambda: ("epsilon", "v_prediction", "flow_prediction")),
     "min_snr_gamma": _finite_at_least(0.0),
+    "timestep_density": _one_of(lambda: ("uniform", "logit_normal")),
+    "logit_mean": _finite_at_least(-math.inf),
+    "logit_std": _finite_at_least(0.0, above=True),
     "offset_noise": _finite_at_least(0.0),
     "ema_halflife_images": _finite_at_least(0.0, above=True),
     "ema_rampup": _finite_at_least(0.0),  # 0 = no ramp-up

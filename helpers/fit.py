@@ -27,8 +27,8 @@ from time import perf_counter
 import torch
 
 from .config import RunConfig, total_steps
-from .diffusion import EMA, diffusion_loss
-from .model import noise_scheduler
+from .diffusion import EMA
+from .model import training_objective
 from .train import DeviceCache, data_rows, split_backward, step_generator, train_rows, unet_for_cache
 
 FIT_SHARE = 0.95  # a step "fits" when its peak plus one more copy of the weights stays under this share of memory
@@ -98,7 +98,7 @@ def draw_batch(cfg: RunConfig, data: DeviceCache, rows: torch.Tensor) -> tuple:
     """A batch of the configured size from the cache, from a generator of its own (the training stream is untouched)."""
     gen = step_generator(cfg.seed, "fit", device=data.mean.device)
     return data.batch(data_rows(rows, cfg.seed, 0, cfg.batch_size), gen, cfg.caption_dropout, cfg.offset_noise,
-                      cfg.num_train_timesteps, cfg.hflip)
+                      training_objective(cfg, data.mean.device), cfg.hflip)
 
 
 def tensor_bytes(tensors) -> int:
@@ -129,7 +129,7 @@ def measure_step(cfg: RunConfig, unet, batch: tuple, micro_splits: int = 1, grad
     device = next(unet.parameters()).device
     unet.enable_gradient_checkpointing() if gradient_checkpointing else unet.disable_gradient_checkpointing()
     unet.train()
-    alphas_cumprod = noise_scheduler(cfg).alphas_cumprod.to(device)
+    objective = training_objective(cfg, device)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-12, fused=on_cuda(device))  # tiny lr: weights barely move
     ema = EMA(unet, cfg.ema_halflife_images, cfg.ema_rampup)
     params = set(p.untyped_storage().data_ptr() for p in unet.parameters())
@@ -138,7 +138,7 @@ def measure_step(cfg: RunConfig, unet, batch: tuple, micro_splits: int = 1, grad
     def loss_of(*chunk):
         hooks = saved_for_backward(params, saved) if not saved and not on_cuda(device) else contextlib.nullcontext()
         with hooks, autocast_for(cfg, device):
-            return diffusion_loss(unet, *chunk, alphas_cumprod, cfg.prediction_type, cfg.min_snr_gamma)
+            return objective.loss(unet, *chunk)
 
     def step():
         split_backward(loss_of, batch, micro_splits)

@@ -5,7 +5,7 @@ import torch
 from .progress import progress_bar
 
 from .images import image_grid, pixel_cell, tensor_to_pil
-from .sample import SCHEDULERS, sample_images
+from .sample import sample_images, schedulers_for
 from .setting import Setting
 
 
@@ -42,7 +42,7 @@ def scheduler_grid(model, prompts, setting: Setting, schedulers=None, seed: int 
     import matplotlib.pyplot as plt
 
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-    schedulers = list(schedulers or SCHEDULERS)
+    schedulers = list(schedulers or schedulers_for(model.scheduler_config))
     seeds = [seed + i for i in range(len(prompts))]
     fig, axes = plt.subplots(len(schedulers), 1, squeeze=False,
                              figsize=(1.2 * len(prompts) + 1.5, 1.3 * len(schedulers) + 0.8))

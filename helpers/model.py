@@ -13,6 +13,7 @@ import torch
 
 from .autoencoder import load_autoencoder
 from .config import RunConfig
+from .diffusion import Objective
 from .text import TextEncoder, load_text_encoder
 
 
@@ -32,11 +33,25 @@ def latent_size(cfg: RunConfig, autoencoder) -> int:
 
 
 def noise_scheduler(cfg: RunConfig):
-    """The training-time noise schedule; samplers are built from its config (helpers.sample)."""
-    from diffusers import DDPMScheduler
+    """The training-time noise schedule; samplers are built from its config (helpers.sample). A flow-matching run's
+    is the rectified-flow one, its config marked with prediction_type "flow_prediction" as diffusers' solvers name
+    it (beta_schedule plays no part there)."""
+    from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
 
+    if cfg.prediction_type == "flow_prediction":
+        from .sample import marked_flow
+
+        return marked_flow(FlowMatchEulerDiscreteScheduler(num_train_timesteps=cfg.num_train_timesteps))
     return DDPMScheduler(num_train_timesteps=cfg.num_train_timesteps, beta_schedule=cfg.beta_schedule,
                          prediction_type=cfg.prediction_type, clip_sample=False)
+
+
+def training_objective(cfg: RunConfig, device=None) -> Objective:
+    """The run's loss and its draw of t (helpers.diffusion.Objective), on `device`."""
+    flow = cfg.prediction_type == "flow_prediction"
+    alphas_cumprod = None if flow else noise_scheduler(cfg).alphas_cumprod.to(device)
+    return Objective(cfg.prediction_type, cfg.num_train_timesteps, alphas_cumprod, cfg.min_snr_gamma,
+                     cfg.timestep_density, cfg.logit_mean, cfg.logit_std, cfg.immiscible_noise)
 
 
 def save_model(cfg: RunConfig, unet, ema_unet, scheduler) -> Path:

@@ -18,7 +18,7 @@ import traceback
 
 from .images import image_grid, pixel_cell, tensor_to_pil
 from .panel_controls import AMBER, GREY, RED, BadSetting, as_text, guided_note, read_rows, start_problems, token_note
-from .sample import SCHEDULERS, guided_steps, make_scheduler, noise_level, sample_images
+from .sample import guided_steps, sample_images, schedulers_for, sigma_range
 from .selection import chosen_setting, with_snapshot
 from .setting import FINAL, Setting
 
@@ -112,6 +112,7 @@ class Panel(_widgets().VBox):
         names = [name for _, name in options]
         snapshot = start["snapshot"] if start["snapshot"] in names else holds.snapshot
         lo, hi = tuple(self.cfg.guidance_interval) or (0.3, 5.0)  # a start for the σ boxes when the run has none
+        usable = schedulers_for(self.model.scheduler_config)
         text = dict(layout=w.Layout(width="260px"), continuous_update=True)
         return dict(
             prompt=w.Text(value=str(start["prompt"]), description="prompt", layout=w.Layout(width="640px"),
@@ -123,8 +124,8 @@ class Panel(_widgets().VBox):
             guidance=w.Text(value=as_text(start["guidance"]), description="guidance", placeholder="3 or 1, 2, 3, 5",
                             **text),
             steps=w.Text(value=as_text(start["steps"]), description="steps", placeholder="10 or 10, 25", **text),
-            scheduler=w.Dropdown(options=list(SCHEDULERS), description="scheduler",
-                                 value=start["scheduler"] if start["scheduler"] in SCHEDULERS else holds.scheduler),
+            scheduler=w.Dropdown(options=usable, description="scheduler",
+                                 value=start["scheduler"] if start["scheduler"] in usable else holds.scheduler),
             # Text, not IntText: the browser holds numbers as doubles, which round seeds above 2**53
             seed=w.Text(value=as_text(start["seed"]), description="seed", **text),
             everywhere=w.Checkbox(value=not holds.guidance_interval, description="guide at every step",
@@ -151,13 +152,11 @@ class Panel(_widgets().VBox):
 
     def _layout(self) -> list:
         w, c = _widgets(), self.c
-        schedule = make_scheduler("ddpm", self.model.scheduler_config)
-        sigma_range = w.HTML(f'<span style="color:{GREY}">σ runs {noise_level(schedule, 0):.3g} … '
-                             f'{noise_level(schedule, schedule.config.num_train_timesteps - 1):.3g} '
-                             f'on this schedule</span>')
+        lowest, highest = sigma_range(self.model.scheduler_config)
+        sigmas = w.HTML(f'<span style="color:{GREY}">σ runs {lowest:.3g} … {highest:.3g} on this schedule</span>')
         return [w.HBox([c["prompt"], self.tokens]), w.HBox([c["snapshot"], self.reset_button, c["all_snapshots"]]),
                 self.source, w.HBox([c["guidance"], c["steps"]]), w.HBox([c["scheduler"], c["seed"]]),
-                w.HBox([c["everywhere"], c["sigma_lo"], c["sigma_hi"], sigma_range]), self.guided,
+                w.HBox([c["everywhere"], c["sigma_lo"], c["sigma_hi"], sigmas]), self.guided,
                 w.HBox([self.generate_button, self.compare_button, self.cancel_button, self.progress, self.status]),
                 self.error, self.details, self.rows, self.history_box]
 

@@ -13,6 +13,8 @@ One sampler serves training previews, the test set, the notebook's widget (helpe
 from __future__ import annotations
 
 import contextlib
+import inspect
+import math
 from typing import Callable
 
 import torch
@@ -44,6 +46,32 @@ SCHEDULERS: dict[str, tuple[str, dict]] = {
 # so an exported pipeline samples exactly as we do.
 COMMON_KWARGS = {"timestep_spacing": "trailing", "steps_offset": 1}
 
+# The schedulers that can sample a flow-matching run (prediction_type "flow_prediction"), by the same names: each
+# steps from t = 1 (pure noise) with the U-Net's velocity (the others would read it as eps or v).
+FLOW_SCHEDULERS: dict[str, tuple[str, dict]] = {
+    "euler": ("FlowMatchEulerDiscreteScheduler", {}),
+    "dpm++2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2,
+                                                "use_flow_sigmas": True, "prediction_type": "flow_prediction"}),
+    "unipc": ("UniPCMultistepScheduler", {"use_flow_sigmas": True, "prediction_type": "flow_prediction"}),
+}
+
+
+def is_flow(scheduler_config) -> bool:
+    return dict(scheduler_config).get("prediction_type") == "flow_prediction"
+
+
+def marked_flow(scheduler):
+    """`scheduler` with prediction_type "flow_prediction" in its config, which FlowMatchEulerDiscreteScheduler lacks:
+    how a flow schedule's config, saved or handed on, says what the U-Net predicts."""
+    if "prediction_type" not in scheduler.config:
+        scheduler.register_to_config(prediction_type="flow_prediction")
+    return scheduler
+
+
+def schedulers_for(train_scheduler_config) -> list[str]:
+    """The names of SCHEDULERS that can sample a run with this training schedule."""
+    return list(FLOW_SCHEDULERS if is_flow(train_scheduler_config) else SCHEDULERS)
+
 
 def make_scheduler(name: str, train_scheduler_config: dict):
     """A sampling scheduler that shares the training run's noise schedule (betas, prediction type)."""
@@ -51,9 +79,18 @@ def make_scheduler(name: str, train_scheduler_config: dict):
 
     if name not in SCHEDULERS:
         raise ValueError(f"Unknown scheduler {name!r}; choose one of {', '.join(SCHEDULERS)}")
-    class_name, extra = SCHEDULERS[name]
+    flow = is_flow(train_scheduler_config)
+    if flow and name not in FLOW_SCHEDULERS:
+        raise ValueError(f"Scheduler {name!r} cannot sample a flow-matching run (prediction_type "
+                         f"'flow_prediction'); choose one of {', '.join(FLOW_SCHEDULERS)}")
+    class_name, extra = FLOW_SCHEDULERS[name] if flow else SCHEDULERS[name]
+    cls = getattr(diffusers, class_name)
     config = {k: v for k, v in dict(train_scheduler_config).items() if not k.startswith("_")}
-    return getattr(diffusers, class_name).from_config(config, **{**COMMON_KWARGS, **extra})
+    if flow:  # only what the class takes: the flow classes' configs share little, and diffusers warns of the rest
+        config = {k: v for k, v in config.items() if k in inspect.signature(cls.__init__).parameters}
+    if flow:
+        return marked_flow(cls.from_config(config, **extra))
+    return cls.from_config(config, **COMMON_KWARGS, **extra)
 
 
 def _autocast(device: torch.device):
@@ -63,9 +100,19 @@ def _autocast(device: torch.device):
 
 
 def noise_level(sampler, t) -> float:
-    """sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t) of the training schedule at timestep t."""
+    """sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t) of the training schedule at timestep t; for a flow-matching
+    schedule s / (1 - s) at flow time s = t / num_train_timesteps (the same sigma: x_s / (1 - s) = x0 + sigma eps)."""
+    if is_flow(sampler.config):
+        s = float(t) / sampler.config.num_train_timesteps
+        return s / (1 - s) if s < 1 else math.inf
     alpha_bar = sampler.alphas_cumprod[int(round(float(t)))].item()
     return ((1 - alpha_bar) / alpha_bar) ** 0.5
+
+
+def sigma_range(train_scheduler_config) -> tuple[float, float]:
+    """(lowest, highest) noise level sigma of the training schedule's timesteps."""
+    schedule = make_scheduler(schedulers_for(train_scheduler_config)[0], train_scheduler_config)
+    return noise_level(schedule, 0), noise_level(schedule, schedule.config.num_train_timesteps - 1)
 
 
 def guided_at(sigma: float, setting: Setting) -> bool:
@@ -96,7 +143,8 @@ def sample_latents(unet, sampler, cond, uncond, seeds, setting: Setting, *, late
         eps = eps_c + (g - 1)(eps_c - eps_u) + (w - 1)(eps_c - eps_guide)  where the step's noise level lies in
                                                                           setting.guidance_interval (sigma_lo, sigma_hi]
         eps = eps_c                          + (w - 1)(eps_c - eps_guide)  on the other steps
-    (eps_c + (g - 1)(eps_c - eps_u) = eps_u + g (eps_c - eps_u) is plain CFG; the paper's D_guide + w (D_main -
+    (eps stands for what the U-Net predicts: eps, v or the flow velocity, all combined the same way;
+    eps_c + (g - 1)(eps_c - eps_u) = eps_u + g (eps_c - eps_u) is plain CFG; the paper's D_guide + w (D_main -
     D_guide), applied at every step). Both networks are conditional, so w improves images without adding prompt
     adherence; the paper's text-to-image examples split one guidance budget between the two, i.e. hold
     (g - 1) + (w - 1) fixed. U-Net calls per step: one (the prompt and, on CFG steps, "" in the same batch) plus one
@@ -119,12 +167,14 @@ def sample_latents(unet, sampler, cond, uncond, seeds, setting: Setting, *, late
         # Count steps by position, not by looking t up: Karras sigmas on the cosine schedule (sigma_max ~2e4)
         # round to repeated timesteps, and the lookup would then skip a step and run off the end.
         sampler.set_begin_index(0)
-    latents = torch.cat([_draw(g, latent_shape) for g in generators]).to(device) * sampler.init_noise_sigma
+    # flow schedulers start from unit noise and take the latents unscaled: diffusers leaves both out of them
+    init_sigma, scale = getattr(sampler, "init_noise_sigma", 1.0), getattr(sampler, "scale_model_input", None)
+    latents = torch.cat([_draw(g, latent_shape) for g in generators]).to(device) * init_sigma
     if setting.autoguided and guide_unet is None:
         raise ValueError(f"the setting is autoguided by {setting.guide!r} but no guide U-Net was given")
     for i, t in enumerate(sampler.timesteps):
         guided = guided_at(noise_level(sampler, t), setting)
-        model_in = sampler.scale_model_input(latents, t).to(p.dtype)
+        model_in = (scale(latents, t) if scale else latents).to(p.dtype)
         with _autocast(device):
             eps = unet(torch.cat([model_in] * 2) if guided else model_in, t,
                        encoder_hidden_states=both if guided else cond, return_dict=False)[0].float()
@@ -153,8 +203,6 @@ def _draw(generator, latent_shape) -> torch.Tensor:
 
 
 def _takes_generator(sampler) -> bool:
-    import inspect
-
     return "generator" in inspect.signature(sampler.step).parameters
 
 

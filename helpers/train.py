@@ -36,9 +36,9 @@ from .checkpoint import (CheckpointsDamagedError, checkpoint_config, checkpoint_
                          list_checkpoints, save_checkpoint)
 from .config import RunConfig, as_bool, load_config, resolve_length, resolve_path, save_config, warmup_steps_for
 from .disk import RESERVE_BYTES, NotEnoughDiskError, Plan, WriteSizes, check_room, gb, room_for, snapshot_count
-from .diffusion import EMA, diffusion_loss
+from .diffusion import EMA, Objective
 from .files import atomic_save_image, atomic_write_json, os_errors_end_in_one_line
-from .model import noise_scheduler, save_model
+from .model import noise_scheduler, save_model, training_objective
 from .phema import PowerEMA
 from .resume import IncompatibleResumeError, check_resume, retarget_optimizer
 from .runlock import RunLockedError, run_lock
@@ -97,8 +97,9 @@ class DeviceCache:
                    (ids >= 0).sum(1).clamp(min=1).to(device), cache.embeddings.to(device))
 
     def batch(self, rows: torch.Tensor, gen: torch.Generator, caption_dropout: float, offset_noise: float,
-              num_train_timesteps: int, hflip: bool = False):
-        """(x0, caption embeddings, eps, t) for `rows`, every draw from `gen`; `hflip`: mirrored at random."""
+              objective: Objective, hflip: bool = False):
+        """(x0, caption embeddings, eps, t) for `rows`, every draw from `gen`; `hflip`: mirrored at random;
+        `objective` draws t (and may pair images with noise)."""
         dev, b = self.mean.device, len(rows)
         rows = rows.to(dev)
         flip = torch.randint(0, 2, (b,), generator=gen, device=dev) * hflip  # drawn either way: same stream after
@@ -112,8 +113,7 @@ class DeviceCache:
         eps = torch.randn(x0.shape, generator=gen, device=dev)
         offset = torch.randn(b, x0.shape[1], 1, 1, generator=gen, device=dev)
         eps = eps + offset_noise * offset  # offset noise lets the model shift whole-image brightness
-        t = torch.randint(0, num_train_timesteps, (b,), generator=gen, device=dev)
-        return x0, context, eps, t
+        return x0, context, objective.pair_noise(x0, eps), objective.draw_t(b, gen, dev)
 
 
 # ---------------------------------------------------------------- the parts of a training run
@@ -323,7 +323,7 @@ def _train(cfg: RunConfig, accelerator, resume: bool, progress: bool, stop_at: i
         unet.enable_gradient_checkpointing()
     ema = EMA(unet, cfg.ema_halflife_images, cfg.ema_rampup)
     phema = PowerEMA(unet, cfg.phema_sigma_rels) if cfg.phema_sigma_rels else None  # post-hoc EMA profiles
-    alphas_cumprod = noise_scheduler(cfg).alphas_cumprod.to(device)
+    objective = training_objective(cfg, device)
     optimizer, lr_schedule = make_optimizer(cfg, unet, device)
     ddp_unet, optimizer = accelerator.prepare(unet, optimizer)  # the U-Net as accelerate wraps it (DDP on GPUs)
     forward = torch.compile(ddp_unet) if cfg.compile else ddp_unet
@@ -357,12 +357,10 @@ def _train(cfg: RunConfig, accelerator, resume: bool, progress: bool, stop_at: i
             gen = step_generator(cfg.seed, step, micro, rank, device=device)
             batch_rows = data_rows(rows, cfg.seed, position + rank * micro_batch, micro_batch)
             position += micro_batch * processes
-            x0, context, eps, t = data.batch(batch_rows, gen, cfg.caption_dropout, cfg.offset_noise,
-                                             cfg.num_train_timesteps, cfg.hflip)
+            x0, context, eps, t = data.batch(batch_rows, gen, cfg.caption_dropout, cfg.offset_noise, objective,
+                                             cfg.hflip)
             with accelerator.accumulate(ddp_unet), accelerator.autocast():
-                loss = split_backward(lambda *chunk: diffusion_loss(forward, *chunk, alphas_cumprod,
-                                                                    cfg.prediction_type, cfg.min_snr_gamma),
-                                      (x0, context, eps, t), cfg.micro_splits, accelerator.backward,
+                loss = split_backward(lambda *chunk: objective.loss(forward, *chunk), (x0, context, eps, t), cfg.micro_splits, accelerator.backward,
                                       lambda: accelerator.no_sync(ddp_unet))
                 if accelerator.sync_gradients and cfg.max_grad_norm > 0:
                     accelerator.clip_grad_norm_(ddp_unet.parameters(), cfg.max_grad_norm)

@@ -17,6 +17,8 @@ from helpers.cache import build_cache, load_cache, write_split
 from helpers.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
 from helpers.config import PROJECT_ROOT, open_run
 from helpers.data import load_records
+from helpers.diffusion import Objective
+from helpers.model import training_objective
 from helpers.train import DeviceCache, data_rows, read_log, step_generator, train
 
 FAST = dict(preview_every=0, log_every=1)  # previews are tested once, last
@@ -49,7 +51,8 @@ def test_batches_drop_captions_to_the_empty_prompt(tmp_path, course_dir):
     cfg = make_run(tmp_path, course_dir)
     cache = DeviceCache.from_cache(load_cache(cfg), "cpu")
     rows = torch.arange(24).repeat(20)
-    draw = lambda seed, dropout: cache.batch(rows, step_generator(0, seed), dropout, 0.0, cfg.num_train_timesteps)
+    objective = training_objective(cfg)
+    draw = lambda seed, dropout: cache.batch(rows, step_generator(0, seed), dropout, 0.0, objective)
     for p, lo, hi in ((0.0, 0.0, 0.0), (0.5, 0.4, 0.6)):
         _, context, _, t = draw(1, p)
         empty = (context == cache.embeddings[0]).flatten(1).all(1).float().mean()
@@ -66,9 +69,9 @@ def test_batches_are_mirrored_only_when_asked():
     cache = DeviceCache(both, torch.zeros_like(both), *one_caption, torch.zeros(1, 2, 8, dtype=torch.float16))
     rows = torch.arange(6).repeat(20)
     plain, mirror = both[rows, 0].float(), both[rows, 1].float()
-    x0, _, eps, _ = cache.batch(rows, step_generator(0, 1), 0.0, 0.0, 1000)
+    x0, _, eps, _ = cache.batch(rows, step_generator(0, 1), 0.0, 0.0, Objective("epsilon", 1000))
     assert torch.equal(x0, plain)
-    x0, _, eps_mirrored, _ = cache.batch(rows, step_generator(0, 1), 0.0, 0.0, 1000, hflip=True)
+    x0, _, eps_mirrored, _ = cache.batch(rows, step_generator(0, 1), 0.0, 0.0, Objective("epsilon", 1000), hflip=True)
     is_plain, is_mirror = (x0 == plain).flatten(1).all(1), (x0 == mirror).flatten(1).all(1)
     assert (is_plain ^ is_mirror).all() and 0.3 < float(is_mirror.float().mean()) < 0.7
     assert torch.equal(eps, eps_mirrored)  # the same random stream either way
