@@ -47,12 +47,13 @@ SCHEDULERS: dict[str, tuple[str, dict]] = {
 COMMON_KWARGS = {"timestep_spacing": "trailing", "steps_offset": 1}
 
 # The schedulers that can sample a flow-matching run (prediction_type "flow_prediction"), by the same names: each
-# steps from t = 1 (pure noise) with the U-Net's velocity (the others would read it as eps or v).
+# steps from t = 1 (pure noise) with the U-Net's velocity (the others would read it as eps or v). Flow sigmas ignore
+# timestep spacing; steps_offset=1 only spares the warning StableDiffusionPipeline gives on load.
+FLOW = {"use_flow_sigmas": True, "prediction_type": "flow_prediction", "steps_offset": 1}
 FLOW_SCHEDULERS: dict[str, tuple[str, dict]] = {
     "euler": ("FlowMatchEulerDiscreteScheduler", {}),
-    "dpm++2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2,
-                                                "use_flow_sigmas": True, "prediction_type": "flow_prediction"}),
-    "unipc": ("UniPCMultistepScheduler", {"use_flow_sigmas": True, "prediction_type": "flow_prediction"}),
+    "dpm++2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2, **FLOW}),
+    "unipc": ("UniPCMultistepScheduler", FLOW),
 }
 
 

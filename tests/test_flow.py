@@ -124,3 +124,63 @@ def test_a_flow_run_config_names_what_it_cannot_combine_with():
     with pytest.raises(ValueError, match="logit_std=0.0 must be greater than 0"):
         profile_config("tiny", logit_std=0.0, **FLOW)
     assert profile_config("tiny", logit_mean=-0.5, **FLOW).logit_mean == -0.5
+
+
+def test_a_flow_run_resumes_exactly_and_goes_through_post_hoc_ema_autoguidance_sweep_and_panel(tmp_path, course_dir):
+    from safetensors.torch import load_file
+
+    from helpers.model import load_model
+    from helpers.panel import make_panel
+    from helpers.sample import sample_images
+    from helpers.selection import selection_sweep, sweep_settings, with_setting
+    from helpers.train import read_log, train
+    from test_selection import MeanJudge
+    from test_train import make_run
+
+    settings = dict(max_steps=4, checkpoint_every=2, snapshot_every=2, logit_mean=0.5, immiscible_noise=True,
+                    scheduler="dpm++2m", offset_noise=0.1, **FLOW)
+    a = make_run(tmp_path / "a", course_dir, **settings)
+    train(a, progress=False)
+    b = make_run(tmp_path / "b", course_dir, **settings)
+    train(b, progress=False, stop_at=2)
+    assert train(b, progress=False).resumed_from.endswith("step-000002")
+    assert read_log(b)["loss"] == pytest.approx(read_log(a)["loss"], rel=1e-5, abs=1e-6)
+    for folder in ("unet", "unet_ema"):
+        wa, wb = (load_file(str(c.run_dir / "model" / folder / "diffusion_pytorch_model.safetensors")) for c in (a, b))
+        for k in wa:
+            torch.testing.assert_close(wa[k], wb[k], rtol=1e-5, atol=1e-6)
+
+    model = load_model(b)
+    assert model.scheduler_config["prediction_type"] == "flow_prediction"
+    s = Setting(snapshot="step-000004", guidance=2.0, steps=3, scheduler="unipc", guidance_interval=(0.3, 5.0),
+                ema_length=0.05, guide="step-000002", guide_weight=2.0)
+    images = sample_images(with_setting(model, b, s), ["a monster number 1."], [3], s, batch_size=1)
+    assert images.shape[0] == 1 and images.isfinite().all()
+    settings = sweep_settings(Setting(scheduler="dpm++2m"), snapshot=b.layout.snapshot_names(), guidance=[1.0, 4.0],
+                              steps=[2])
+    rows = selection_sweep(model, b, MeanJudge(), settings, ["a monster number 1.", "a monster number 2."], [5, 6],
+                           batch_size=2, progress=False)
+    assert len({r["brightness"] for r in rows}) == 4  # snapshot and guidance both change the flow run's images
+    panel = make_panel(model, setting=Setting("model", 3.0, 4, "dpm++2m", (0.3, 5.0)), n=1)
+    assert list(panel.c["scheduler"].options) == list(FLOW_SCHEDULERS)
+    # dpm++2m's 4 flow steps: t = .999, .749, .4995, .25 -> sigma 999, 3, 1, 1/3
+    assert "guided at 3 of 4 steps" in panel.guided.value
+
+
+def test_a_flow_run_exports_as_a_pipeline_that_gives_our_image(tmp_path):
+    from diffusers import DiffusionPipeline
+
+    from helpers.export import export_pipeline
+    from helpers.sample import sample_images
+    from test_sample import PROMPTS, tiny_model
+
+    model = tiny_model(tmp_path, "tiny", scheduler="dpm++2m", **FLOW)
+    with pytest.raises(ValueError, match="StableDiffusionPipeline cannot drive FlowMatchEulerDiscreteScheduler"):
+        export_pipeline(model, tmp_path / "euler", scheduler="euler")
+    pipe = DiffusionPipeline.from_pretrained(export_pipeline(model, tmp_path / "pipe"))
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe.scheduler.config.prediction_type == "flow_prediction" and pipe.scheduler.config.use_flow_sigmas
+    theirs = pipe(PROMPTS[0], num_inference_steps=5, guidance_scale=3.0, height=16, width=16, output_type="pt",
+                  generator=torch.Generator().manual_seed(3)).images[0]
+    ours = sample_images(model, [PROMPTS[0]], [3], Setting(guidance=3.0, steps=5, scheduler="dpm++2m"))[0]
+    assert torch.allclose((ours + 1) / 2, theirs, atol=1e-4), (ours / 2 + 0.5 - theirs).abs().max()
