@@ -5,6 +5,8 @@
     python benchmarks/bench_levers.py --size tiny                                    # CI smoke (seconds)
     python benchmarks/bench_levers.py --setting-levers fixed-ema,phema-0.10,autoguide-early-w2 --seeds 3
                                                   # post-hoc EMA / autoguidance: one model, >= 3 seeds x 240 prompts
+    python benchmarks/bench_levers.py --objectives v,epsilon,flow,flow-mean-0.5 --seeds 3 --guidances 2
+                                                  # training objectives: a run per objective and training seed
 
 Each lever trains a run of the demo profile from scratch with one setting changed (the latent cache and the
 probe are shared, keyed by what made them), samples every demo test prompt (attribute combinations never seen
@@ -20,6 +22,15 @@ its steps (the first snapshot is the early guide). Each is sampled with `--seeds
 per-prompt seeds on every test prompt and the table gives mean and spread (sample standard deviation over the seed
 sets) of the probe's eyes accuracy, mean accuracy over colour, shape, action, and probe Fréchet distance, so that a
 difference can be told from sampling noise. Rows go to <outputs-dir>/setting_levers.json.
+
+`--objectives` compares training objectives (OBJECTIVES): each trains `--seeds` runs (run seed 0, 1, ...: training
+stream and validation split), all the same number of steps: the U-Net and its cost per step are the same whatever
+it predicts, so equal steps are equal training time (the table shows the measured seconds). Every run samples all
+test prompts with the test set's seeds at the demo's setting (final EMA U-Net, `--guidances`, `--steps`, the config's
+interval and scheduler); its images are scored as the handed-in PNGs read back (256 px nearest-neighbour, reduced to
+the model's resolution) by one probe (run seed 0's). The table gives mean ± sd over training seeds of eyes, the
+mean of colour, shape and action, probe FD, and each one's paired difference to "v" (today's demo) on the same
+seed, plus images/s of sampling. Rows go to <outputs-dir>/objectives.json.
 """
 from __future__ import annotations
 
@@ -57,6 +68,91 @@ SETTING_LEVERS: dict[str, dict] = {
     "autoguide-quarter-w1.5": {"guide": "quarter", "guide_weight": 1.5},  # the snapshot at ~1/4 of training
     "autoguide-early-w2": {"guide": "early", "guide_weight": 2.0},
 }
+
+
+# training objective -> config overrides (helpers.diffusion). "v" is today's demo: v_prediction, min-SNR 5, cosine;
+# "epsilon" the hw6 recipe's: epsilon on linear betas, no min-SNR; flow: rectified flow, SD3's logit-normal t
+FLOW = {"prediction_type": "flow_prediction", "min_snr_gamma": 0.0, "timestep_density": "logit_normal"}
+OBJECTIVES: dict[str, dict] = {
+    "v": {},
+    "epsilon": {"prediction_type": "epsilon", "beta_schedule": "linear", "min_snr_gamma": 0.0},
+    "flow": {**FLOW, "logit_mean": 0.0, "logit_std": 1.0},
+    "flow-mean-0.5": {**FLOW, "logit_mean": -0.5, "logit_std": 1.0},  # more weight on low noise: small images
+    "flow-mean+0.5": {**FLOW, "logit_mean": 0.5, "logit_std": 1.0},
+    "flow-uniform": {**FLOW, "timestep_density": "uniform"},
+    "flow-immiscible": {**FLOW, "logit_mean": 0.0, "logit_std": 1.0, "immiscible_noise": True},
+}
+
+
+def as_handed_in(images, size: int):
+    """`images` as the PNGs of `size` px that would be handed in, read back to their resolution (helpers.results)."""
+    import torch
+    from PIL import Image
+
+    from helpers.images import pil_to_tensor
+    from helpers.sample import to_output_pils
+
+    resolution = images.shape[-1]
+    return torch.stack([pil_to_tensor(im.reduce(size // resolution) if size % resolution == 0 else
+                                      im.resize((resolution, resolution), Image.Resampling.BOX))
+                        for im in to_output_pils(images, size)])
+
+
+def measure_objectives(objectives: list[str], outputs_dir: Path, data_dir: str, max_steps: int, guidances,
+                       steps: int, n_seeds: int, size: str) -> list:
+    """Rows {objective, seed, guidance, train_s, images_per_s, scores} of each objective and training seed."""
+    import dataclasses
+
+    from helpers.judges import judge_for_run
+    from helpers.model import load_model
+    from helpers.sample import sample_images
+    from helpers.setting import Setting
+
+    rows, judged = [], None
+    for seed in range(n_seeds):
+        for objective in objectives:
+            cfg, train_s = trained_run(f"{objective}-seed{seed}", outputs_dir, data_dir, max_steps, size,
+                                       {**OBJECTIVES[objective], "seed": seed})
+            if judged is None:  # one probe for every run: differences between runs are the runs'
+                judged, _ = judge_for_run(dataclasses.replace(cfg, seed=0), 0,
+                                          probe_steps=50 if size == "tiny" else 400)
+            model = load_model(cfg)
+            for g in guidances:
+                setting = Setting.from_config(cfg).replace(guidance=g, steps=steps)
+                t0 = time.perf_counter()
+                images = sample_images(model, judged.texts, judged.seeds, setting, batch_size=cfg.sample_batch_size)
+                sample_s = time.perf_counter() - t0
+                rows.append({"objective": objective, "seed": seed, "guidance": g, "steps": steps,
+                             "max_steps": max_steps, "setting": setting.to_dict(), "train_s": round(train_s, 1),
+                             "images_per_s": round(len(images) / sample_s, 1),
+                             **judged.judge.evaluate(as_handed_in(images, cfg.output_size))})
+                (outputs_dir / "objectives.json").write_text(json.dumps(rows, indent=1))  # kept if stopped
+    return rows
+
+
+def print_objective_table(rows: list, baseline: str = "v") -> None:
+    import statistics
+
+    def ms(values, digits, sign=""):
+        spread = statistics.stdev(values) if len(values) > 1 else float("nan")
+        return f"{statistics.mean(values):{sign}.{digits}f} ± {spread:.{digits}f}"
+
+    def scores(r):
+        return {"eyes": r["accuracy"]["eyes"], "csa": r["mean_accuracy"], "fd": r["frechet_distance"]}
+
+    base = {(r["seed"], r["guidance"]): scores(r) for r in rows if r["objective"] == baseline}
+    print(f"| objective | guidance | seeds | eyes | Δ eyes vs {baseline} | mean (c, s, a) | probe FD | "
+          f"Δ FD vs {baseline} | images/s | train s |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for key in dict.fromkeys((r["objective"], r["guidance"]) for r in rows):
+        mine = [r for r in rows if (r["objective"], r["guidance"]) == key]
+        paired = [(scores(r), base[r["seed"], r["guidance"]]) for r in mine if (r["seed"], r["guidance"]) in base]
+        delta = lambda k, digits: ms([a[k] - b[k] for a, b in paired], digits, "+") if paired else "–"  # noqa: E731
+        print(f"| {key[0]} | {key[1]:g} | {len(mine)} | {ms([scores(r)['eyes'] for r in mine], 3)} | "
+              f"{delta('eyes', 3)} | {ms([scores(r)['csa'] for r in mine], 3)} | "
+              f"{ms([scores(r)['fd'] for r in mine], 1)} | {delta('fd', 1)} | "
+              f"{statistics.mean(r['images_per_s'] for r in mine):.0f} | "
+              f"{statistics.mean(r['train_s'] for r in mine):.0f} |")
 
 
 def measure_settings(levers: list[str], outputs_dir: Path, data_dir: str, max_steps: int, guidances, steps: int,
@@ -161,10 +257,22 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--size", choices=["demo", "tiny"], default="demo")
     ap.add_argument("--setting-levers", default="", help=f"comma-separated, of {', '.join(SETTING_LEVERS)}")
-    ap.add_argument("--seeds", type=int, default=3, help="seed sets per setting lever")
+    ap.add_argument("--seeds", type=int, default=3,
+                    help="seed sets per setting lever; training seeds per objective")
+    ap.add_argument("--objectives", default="", help=f"comma-separated, of {', '.join(OBJECTIVES)}")
     args = ap.parse_args(argv)
     outputs_dir = Path(args.outputs_dir).resolve()
     guidances = [float(g) for g in args.guidances.split(",")]
+    if args.objectives:
+        objectives = args.objectives.split(",")
+        unknown = [x for x in objectives if x not in OBJECTIVES]
+        if unknown:
+            ap.error(f"--objectives: unknown {', '.join(unknown)} (known: {', '.join(OBJECTIVES)})")
+        outputs_dir.mkdir(parents=True, exist_ok=True)
+        rows = measure_objectives(objectives, outputs_dir, args.data_dir, args.max_steps, guidances, args.steps,
+                                  args.seeds, args.size)
+        print_objective_table(rows)
+        return rows
     if args.setting_levers:
         levers = args.setting_levers.split(",")
         unknown = [x for x in levers if x not in SETTING_LEVERS]

@@ -59,3 +59,20 @@ def test_bench_levers_setting_levers_give_mean_and_spread_over_seed_sets(tmp_pat
     assert len(rows) == 6 and {r["seed_set"] for r in rows} == {0, 1}
     assert {r["setting"]["ema_length"] for r in rows} == {0.0, 0.1}
     assert {r["setting"]["guide"] for r in rows} == {"", "step-000001"}
+
+
+@pytest.mark.slow
+def test_bench_levers_objectives_train_each_seed_and_pair_against_v(tmp_path):
+    import json
+
+    (tmp_path / "data").mkdir()
+    out = run("bench_levers.py", "--size", "tiny", "--outputs-dir", str(tmp_path / "out"), "--data-dir",
+              str(tmp_path / "data"), "--objectives", "v,flow-mean-0.5", "--seeds", "2", "--max-steps", "2",
+              "--guidances", "3", "--steps", "2")
+    assert "| v | 3 | 2 | " in out and "| flow-mean-0.5 | 3 | 2 | " in out and " ± " in out
+    assert "+0.000 ± 0.000" in out.split("| v |")[1]  # v paired with itself
+    rows = json.loads((tmp_path / "out" / "objectives.json").read_text())
+    assert len(rows) == 4 and {(r["objective"], r["seed"]) for r in rows} == \
+        {(o, s) for o in ("v", "flow-mean-0.5") for s in (0, 1)}
+    config = json.loads((tmp_path / "out" / "runs" / "lever-flow-mean-0.5-seed1" / "config.json").read_text())
+    assert (config["prediction_type"], config["logit_mean"], config["seed"]) == ("flow_prediction", -0.5, 1)
