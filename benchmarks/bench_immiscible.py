@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from helpers.config import profile_config  # noqa: E402
 from helpers.diffusion import immiscible_pairing  # noqa: E402
 from helpers.model import training_objective  # noqa: E402
-from helpers.train import DeviceCache, step_generator  # noqa: E402
+from helpers.step import DeviceCache, step_generator  # noqa: E402
 from helpers.unet import build_unet  # noqa: E402
 
 

@@ -8,7 +8,7 @@ the CLIP ViT-B/32 text tower (`CLIPTextConfig()` defaults, hidden 512, 77 tokens
 config at 256x256 (latents 4x32x32). `tiny` shrinks all three so that a CPU finishes in seconds.
 
 - ours: latents (mean, std of both flips) and caption embeddings already cached on the device,
-  one step = helpers.train.DeviceCache.batch + helpers.diffusion.Objective.loss, bf16 autocast on CUDA, fused AdamW, grad
+  one step = helpers.step.DeviceCache.batch + helpers.diffusion.Objective.loss, bf16 autocast on CUDA, fused AdamW, grad
   clipping and the EMA update (so ours does strictly more than the reference besides the encoders).
 - reference: images on the device; every step runs the VAE encoder and the text encoder, then the
   U-Net under fp16 autocast with a GradScaler, plain AdamW, no EMA.
@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from helpers.config import profile_config  # noqa: E402
 from helpers.model import training_objective  # noqa: E402
 from helpers.diffusion import EMA  # noqa: E402
-from helpers.train import DeviceCache, step_generator  # noqa: E402
+from helpers.step import DeviceCache, step_generator  # noqa: E402
 from helpers.unet import build_unet, count_params, forward_gflops  # noqa: E402
 
 

@@ -5,7 +5,8 @@ import torch
 from .progress import progress_bar
 
 from .images import image_grid, pixel_cell, tensor_to_pil
-from .sample import sample_images, schedulers_for
+from .sample import sample_images
+from .schedulers import schedulers_for
 from .setting import Setting
 
 

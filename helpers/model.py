@@ -39,7 +39,7 @@ def noise_scheduler(cfg: RunConfig):
     from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
 
     if cfg.prediction_type == "flow_prediction":
-        from .sample import marked_flow
+        from .schedulers import marked_flow
 
         return marked_flow(FlowMatchEulerDiscreteScheduler(num_train_timesteps=cfg.num_train_timesteps))
     return DDPMScheduler(num_train_timesteps=cfg.num_train_timesteps, beta_schedule=cfg.beta_schedule,

@@ -18,7 +18,8 @@ import traceback
 
 from .images import image_grid, pixel_cell, tensor_to_pil
 from .panel_controls import AMBER, GREY, RED, BadSetting, as_text, guided_note, read_rows, start_problems, token_note
-from .sample import guided_steps, sample_images, schedulers_for, sigma_range
+from .sample import guided_steps, sample_images, sigma_range
+from .schedulers import schedulers_for
 from .selection import chosen_setting, with_snapshot
 from .setting import FINAL, Setting
 

@@ -233,3 +233,39 @@ def reconstruct(stored: list[StoredProfile], sigma_rel: float, step: int | None 
             term = w.float() * float(coefficient)
             out[name] = out[name].add_(term) if name in out else term
     return out
+
+
+# ---------------------------------------------------------------- a training run's post-hoc EMA bookkeeping
+
+
+def phema_every(cfg) -> int:
+    """How often the post-hoc EMA profiles are stored (besides snapshots and max_steps): phema_every, 0 = at each
+    snapshot."""
+    return cfg.phema_every or cfg.snapshot_every
+
+
+def stores_phema(cfg, done: int) -> bool:
+    """Whether step `done` stores the profiles: at max_steps, at every snapshot (so each snapshot's own EMA lengths
+    can be rebuilt exactly at its step), and every phema_every steps."""
+    if not cfg.phema_sigma_rels:
+        return False
+    every, snapshot = phema_every(cfg), cfg.snapshot_every
+    return (done == cfg.max_steps or (every > 0 and done % every == 0)
+            or (snapshot > 0 and done % snapshot == 0))
+
+
+def resume_phema(phema, unet, state: dict, images_seen: int, verbose: bool) -> None:
+    """Restore the post-hoc EMA profiles from a checkpoint's state. A checkpoint without the lengths asked for
+    (written with phema off, or other phema_sigma_rels) restarts them from the resumed weights, as if the weights
+    had been these since step 0, and says so."""
+    if phema is None:
+        return
+    try:
+        if state.get("phema") is None:
+            raise ValueError("the checkpoint has none")
+        phema.load_state_dict(state["phema"])
+    except ValueError as e:
+        phema.restart(unet, images_seen)
+        if verbose:
+            print(f"Post-hoc EMA profiles {phema.sigma_rels} start at this step ({e}): they count the steps before "
+                  f"it as if the weights had been the resumed ones")

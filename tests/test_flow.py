@@ -11,7 +11,8 @@ import torch
 from helpers.config import profile_config
 from helpers.diffusion import Objective, flow_matching_loss, flow_times, immiscible_pairing
 from helpers.model import noise_scheduler
-from helpers.sample import FLOW_SCHEDULERS, guided_steps, make_scheduler, noise_level, sample_latents, schedulers_for
+from helpers.sample import guided_steps, make_scheduler, noise_level, sample_latents
+from helpers.schedulers import FLOW_SCHEDULERS, schedulers_for
 from helpers.setting import Setting
 
 FLOW = dict(prediction_type="flow_prediction", min_snr_gamma=0.0)
@@ -133,7 +134,8 @@ def test_a_flow_run_resumes_exactly_and_goes_through_post_hoc_ema_autoguidance_s
     from helpers.panel import make_panel
     from helpers.sample import sample_images
     from helpers.selection import selection_sweep, sweep_settings, with_setting
-    from helpers.train import read_log, train
+    from helpers.train import train
+    from helpers.trainlog import read_log
     from test_selection import MeanJudge
     from test_train import make_run
 
