@@ -8,8 +8,8 @@ the CLIP ViT-B/32 text tower (`CLIPTextConfig()` defaults, hidden 512, 77 tokens
 config at 256x256 (latents 4x32x32). `tiny` shrinks all three so that a CPU finishes in seconds.
 
 - ours: latents (mean, std of both flips) and caption embeddings already cached on the device,
-  one step = helpers.step.DeviceCache.batch + helpers.diffusion.Objective.loss, bf16 autocast on CUDA, fused AdamW, grad
-  clipping and the EMA update (so ours does strictly more than the reference besides the encoders).
+  one step = helpers.step.DeviceCache.batch + helpers.diffusion.Objective.loss, bf16 autocast on CUDA, fused AdamW,
+  grad clipping and the EMA update (so ours does strictly more than the reference besides the encoders).
 - reference: images on the device; every step runs the VAE encoder and the text encoder, then the
   U-Net under fp16 autocast with a GradScaler, plain AdamW, no EMA.
 MFU = U-Net training FLOPs (3x the forward, counted by torch's FLOP counter) x images/s / peak.

@@ -54,7 +54,7 @@ class RunConfig:
     num_train_timesteps: int = 1000
     beta_schedule: str = "squaredcos_cap_v2"  # linear | scaled_linear | squaredcos_cap_v2 | sigmoid
     # v: on the cosine schedule an epsilon model's first step divides its error by sqrt(alpha_bar(T)) ~ 5e-5
-    prediction_type: str = "v_prediction"  # epsilon | v_prediction | flow_prediction (rectified flow: helpers.diffusion)
+    prediction_type: str = "v_prediction"  # epsilon | v_prediction | flow_prediction (rectified flow)
     min_snr_gamma: float = 5.0  # Min-SNR loss weighting (Hang et al. 2023); 0 = off; epsilon / v only (flow: 0)
     timestep_density: str = "logit_normal"  # flow_prediction's draw of t: uniform | logit_normal (SD3's best)
     logit_mean: float = 0.0  # logit_normal: t = sigmoid(N(logit_mean, logit_std)); > 0 trains noisier t more

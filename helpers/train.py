@@ -233,9 +233,9 @@ def set_up(cfg: RunConfig, accelerator, resume: bool) -> Run:
     optimizer, lr_schedule = make_optimizer(cfg, unet, device)
     ddp_unet, optimizer = accelerator.prepare(unet, optimizer)
     forward = torch.compile(ddp_unet) if cfg.compile else ddp_unet
+    images_per_step = cfg.batch_size * cfg.grad_accum * accelerator.num_processes
     return Run(cfg, given_config, length, rows, data, unet, ddp_unet, loss_function(objective, forward), ema,
-               phema, optimizer, lr_schedule, found, cfg.batch_size * cfg.grad_accum * accelerator.num_processes, cache,
-               objective)
+               phema, optimizer, lr_schedule, found, images_per_step, cache, objective)
 
 
 def resume_from(run: Run, accelerator) -> tuple[int, int]:
