@@ -65,7 +65,7 @@ def immiscible_pairing(x0: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
     return eps[torch.as_tensor(columns, device=eps.device)]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # eq=False: it holds a tensor, and two objectives are never compared
 class Objective:
     """What a run trains the U-Net to predict, at which noise levels, and with which noise: draws t and computes
     the loss of a batch (helpers.model.training_objective builds it from a run config)."""
