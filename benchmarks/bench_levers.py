@@ -134,8 +134,8 @@ def print_objective_table(rows: list, baseline: str = "v") -> None:
     import statistics
 
     def ms(values, digits, sign=""):
-        spread = statistics.stdev(values) if len(values) > 1 else float("nan")
-        return f"{statistics.mean(values):{sign}.{digits}f} ± {spread:.{digits}f}"
+        spread = f" ± {statistics.stdev(values):.{digits}f}" if len(values) > 1 else " (1 seed)"
+        return f"{statistics.mean(values):{sign}.{digits}f}{spread}"
 
     def scores(r):
         return {"eyes": r["accuracy"]["eyes"], "csa": r["mean_accuracy"], "fd": r["frechet_distance"]}
