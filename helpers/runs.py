@@ -128,7 +128,14 @@ NOTEBOOK_CHECKS = {
     "guide_weights": _axis("guide_weight", "guide_weights"),
     "ema_length": lambda v: _axis("ema_length", "ema_length")([v]), "guide": lambda v: _axis("guide", "guide")([v]),
     "guide_weight": lambda v: _axis("guide_weight", "guide_weight")([v]),
+    "student_id": lambda v: _handin().check_student_id(v), "report": lambda v: _handin().check_report(v),
 }
+
+
+def _handin():
+    from . import handin
+
+    return handin
 
 
 def kernel_config():
