@@ -54,7 +54,11 @@ def folder_megabytes(folder: Path) -> float:
 
 def size_line(parts: dict[str, float]) -> str:
     """'about 12.3 MB: model 10.0 MB, results 2.0 MB, code 0.3 MB' (uncompressed; PNGs and weights barely shrink)."""
-    return f"about {sum(parts.values()):.1f} MB: " + ", ".join(f"{k} {v:.1f} MB" for k, v in parts.items())
+    return f"about {_mb(sum(parts.values()))}: " + ", ".join(f"{k} {_mb(v)}" for k, v in parts.items())
+
+
+def _mb(megabytes: float) -> str:
+    return f"{megabytes:,.1f} MB" if megabytes >= 1 else f"{megabytes * 1000:,.0f} kB"
 
 
 def fp16_copy(unet_dir, out_dir) -> Path:

@@ -24,7 +24,7 @@ from .progress import progress_bar
 
 from .config import PROJECT_ROOT, resolve_path
 from .data import Prompt
-from .files import atomic_save_image, atomic_write, atomic_write_json, read_json
+from .files import atomic_save_image, atomic_write, atomic_write_json, check_can_write, read_json
 from .handin import (CODE_DIRS, CODE_FILES, REPORT, check_report, check_student_id, folder_megabytes, fp16_copy,
                      size_line, top_folder)
 from .layout import WEIGHTS_FILE, RunLayout
@@ -58,6 +58,7 @@ def write_test_set(model, prompts: list[Prompt], results_dir, setting, weights: 
     check_prompt_names(prompts)
     setting.checked()
     check_honoured(setting, model.scheduler_config)  # before anything is moved: a bad value fails, the old set stays
+    _check_writable((results_dir, partial))
     want = results_manifest(setting, weights, prompts, seed=seed, size=size)
     have, changed = _trusted_manifest(results_dir, want, record)
     ours = [p.image_name for p in prompts if (results_dir / p.image_name).exists()]
@@ -73,9 +74,8 @@ def write_test_set(model, prompts: list[Prompt], results_dir, setting, weights: 
             kept = keep_aside(results_dir, altered)
             print(f"{len(altered)} image(s) differ from what manifest.json recorded (e.g. {altered[0]}): moved them "
                   f"to {kept} and writing them again")
-    with os_errors_named(target):
-        target.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(target / MANIFEST, {**want, "complete": False, "commit": project_commit()})
+    target.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(target / MANIFEST, {**want, "complete": False, "commit": project_commit()})
     print(f"Test set: {setting.label()}, seed {seed}, {size}px, {len(prompts)} prompts -> {target}")
     stats = generate_test_set(model, prompts, target, setting, batch_size=batch_size, seed=seed, size=size)
     images = {p.image_name: sha256_bytes((target / p.image_name).read_bytes()) for p in prompts}
@@ -128,14 +128,16 @@ def _swap_in(partial: Path, results_dir: Path, prompts: list[Prompt], changed: l
         partial.rmdir()
 
 
-@contextlib.contextmanager
-def os_errors_named(folder: Path):
-    """A permission or read-only error on the results folder, as one line naming it (before anything moved)."""
-    try:
-        yield
-    except PermissionError as e:
-        raise PermissionError(f"{folder}: not writable ({e.strerror}); make it writable (chmod u+w) and run again"
-                              ) from None
+def _check_writable(folders: tuple[Path, ...]) -> None:
+    """A folder the set must change (or be created in) that refuses writes, as one line naming it, before anything
+    is sampled or moved (a set is swapped in by moving files out of and into results/)."""
+    for folder in folders:
+        try:
+            check_can_write(folder / MANIFEST)
+        except OSError as e:
+            where = e.filename or folder
+            raise type(e)(f"{where}: cannot write there ({e.strerror or e}); make it writable (chmod u+w, or "
+                          "chattr -i) and run again: nothing was sampled or moved") from None
 
 
 def keep_aside(results_dir: Path, names: list[str]) -> Path:
@@ -246,7 +248,7 @@ def _sizes(sources: dict[str, Path], files: dict[str, Path], results_dir: Path, 
     unet_mb = unet.stat().st_size / 1e6 if unet.exists() else 0.0
     if fp16:
         parts["model"] -= unet_mb / 2
-    note = (f" (the U-Net in float16: {unet_mb / 2:.1f} MB instead of {unet_mb:.1f})" if fp16 else
+    note = (f" (the U-Net in float16: {unet_mb / 2:.1f} MB instead of {unet_mb:.1f} MB)" if fp16 else
             f" (fp16=True would halve the U-Net's {unet_mb:.1f} MB)" if unet_mb > 50 else "")
     return size_line(parts) + note
 
