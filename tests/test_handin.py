@@ -127,7 +127,7 @@ def test_snapshot_and_guide_names_that_leave_the_run_are_refused_naming_the_para
     from helpers.runs import route_parameters
     from helpers.submission import test_set_setting
 
-    with pytest.raises(ValueError, match=rf"{field}=.* should be a snapshot name of this run .*without path separators"):
+    with pytest.raises(ValueError, match=rf"{field}=.* should be a snapshot name of this run .*without path sep"):
         test_set_setting(run, **{field: name})
     with pytest.raises(ValueError, match=rf"{field}: {field}=.*without path separators"):
         route_parameters({field: name}, ["04_sample"])  # -p: refused before any notebook runs
