@@ -52,7 +52,7 @@ def main(argv=None) -> None:
         full, small = (unet_dir / WEIGHTS_FILE).stat().st_size / 1e6, (half / WEIGHTS_FILE).stat().st_size / 1e6
     identical = sum(int(d.max() == 0) for d in diffs)
     print(f"run {cfg.run_name} ({cfg.profile}), {setting.label()}, {len(prompts)} prompts, {model.device}")
-    print(f"| U-Net fp32 MB | fp16 MB | PNGs identical | max diff (uint8) | mean diff | pixels differing |")
+    print("| U-Net fp32 MB | fp16 MB | PNGs identical | max diff (uint8) | mean diff | pixels differing |")
     print(f"| {full:.1f} | {small:.1f} | {identical}/{len(prompts)} | {diffs.max()} | {diffs.mean():.4f} | "
           f"{(diffs.max(axis=-1) > 0).mean():.2%} |")
 
