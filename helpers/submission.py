@@ -52,9 +52,9 @@ def write_test_set(model, prompts: list[Prompt], results_dir, setting, weights: 
     keeps a copy of the final manifest (the run's own record, which 05_eval checks the folder's manifest against)."""
     results_dir = Path(results_dir)
     partial = results_dir.with_name(results_dir.name + ".partial")
-    for folder in (results_dir, partial):
+    for folder in (results_dir, partial, _history(results_dir)):
         if folder.exists() and not folder.is_dir():
-            raise NotADirectoryError(f"{folder}: is a file, not a results folder; move it away and run again")
+            raise NotADirectoryError(f"{folder}: is a file where the test set needs a folder; move it away, run again")
     check_prompt_names(prompts)
     setting.checked()
     check_honoured(setting, model.scheduler_config)  # before anything is moved: a bad value fails, the old set stays
@@ -66,7 +66,7 @@ def write_test_set(model, prompts: list[Prompt], results_dir, setting, weights: 
     if target is partial:
         print(f"{results_dir} holds {len(ours)} images of another setting ({'; '.join(changed)}): writing the new "
               f"set beside it in {partial}; the earlier one stays in place until the new one is complete and valid")
-        _keep_other_partial(partial, prompts, want)
+        _keep_other_partial(partial, prompts, want, _history(results_dir))
     elif have is not None:
         recorded = have.get("images") or {}
         altered = [n for n, d in recorded.items() if n in ours and sha256_bytes((results_dir / n).read_bytes()) != d]
@@ -101,14 +101,14 @@ def _trusted_manifest(results_dir: Path, want: dict, record) -> tuple[dict | Non
     return have, changed
 
 
-def _keep_other_partial(partial: Path, prompts: list[Prompt], want: dict) -> None:
+def _keep_other_partial(partial: Path, prompts: list[Prompt], want: dict, history: Path) -> None:
     """An interrupted new set of another setting in `partial`: moved to results.history/<n>/, never mixed."""
     if not partial.is_dir():
         return
     have = read_manifest(partial)
     theirs = [p.image_name for p in prompts if (partial / p.image_name).exists()]
     if (theirs or have) and manifest_differences(have, want):
-        kept = keep_aside(partial, theirs + ([MANIFEST] if have is not None else []))
+        kept = keep_aside(partial, theirs + ([MANIFEST] if have is not None else []), history)
         print(f"{partial} held an unfinished set of another setting: moved its {len(theirs)} images to {kept}")
 
 
@@ -140,9 +140,10 @@ def _check_writable(folders: tuple[Path, ...]) -> None:
                           "chattr -i) and run again: nothing was sampled or moved") from None
 
 
-def keep_aside(results_dir: Path, names: list[str]) -> Path:
-    """Move `names` (files the project wrote) from `results_dir` to a new results.history/<n>/; other files stay."""
-    history = results_dir.with_name(results_dir.name + ".history")
+def keep_aside(results_dir: Path, names: list[str], history: Path | None = None) -> Path:
+    """Move `names` (files the project wrote) from `results_dir` to a new <history>/<n>/ (default: results.history
+    beside it); other files stay."""
+    history = history or _history(results_dir)
     if history.exists() and not history.is_dir():
         raise NotADirectoryError(f"{history}: is a file; the earlier test set cannot be kept there: move it away")
     n = 1 + max((int(p.name) for p in history.glob("*") if p.name.isdigit()), default=0)
@@ -151,6 +152,10 @@ def keep_aside(results_dir: Path, names: list[str]) -> Path:
     for name in names:
         os.replace(results_dir / name, target / name)
     return target
+
+
+def _history(results_dir: Path) -> Path:
+    return results_dir.with_name(results_dir.name + ".history")
 
 
 def _megabytes(folder: Path) -> str:

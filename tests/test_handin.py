@@ -348,3 +348,30 @@ def test_the_fp16_copy_is_half_the_size_and_its_pngs_are_within_the_stated_diffe
                     - np.asarray(Image.open(tmp_path / "fp32" / p.image_name), dtype=int)).max() for p in prompts]
     print(f"fp16 vs fp32 PNGs: max difference {max(diffs)} uint8 levels over {len(prompts)} images")
     assert max(diffs) <= 2
+
+
+def test_an_unfinished_set_of_another_setting_beside_results_is_kept_in_results_history(fresh, model, prompts,
+                                                                                        monkeypatch, capsys):
+    import torch
+
+    import helpers.submission as submission
+
+    submission.write_run_test_set(fresh, model, prompts, GOOD)
+    real = submission.sample_images
+    partial = fresh.layout.results.with_name("results.partial")
+
+    def nan_once_a_batch_is_written(*a, **k):
+        images = real(*a, **k)
+        return torch.full_like(images, float("nan")) if list(partial.glob("*.png")) else images
+
+    monkeypatch.setattr(submission, "sample_images", nan_once_a_batch_is_written)
+    with pytest.raises(FloatingPointError):  # guidance 2.0: one batch written beside results/, then it stops
+        submission.write_run_test_set(fresh, model, prompts, GOOD.replace(guidance=2.0))
+    monkeypatch.setattr(submission, "sample_images", real)
+    submission.write_run_test_set(fresh, model, prompts, GOOD.replace(guidance=3.0))
+    out = capsys.readouterr().out
+    assert "held an unfinished set of another setting: moved its 2 images to" in out
+    history = fresh.layout.results_history
+    assert read_manifest(history / "1")["guidance"] == 2.0 and len(list((history / "1").glob("*.png"))) == 2
+    assert read_manifest(history / "2")["guidance"] == 1.0 and read_manifest(fresh.layout.results)["guidance"] == 3.0
+    assert not fresh.run_dir.joinpath("results.partial.history").exists()
