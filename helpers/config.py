@@ -562,13 +562,22 @@ def save_config(cfg: RunConfig) -> Path:
     return atomic_write_text(cfg.layout.config, cfg.to_json())
 
 
-def open_run(run_name: str, profile: str | None = None, outputs_dir: str = "outputs", **overrides) -> RunConfig:
-    """The config of run `run_name`: read from its folder if it exists, else made from `profile`.
+def open_run(run_name: str, profile: str | None = None, outputs_dir: str = "outputs", create: bool = True,
+             **overrides) -> RunConfig:
+    """The config of run `run_name`: read from its folder if it exists, else made from `profile` (with `create`;
+    without it a missing run is a FileNotFoundError naming it, and nothing is created).
 
     Notebook parameters left as None keep the stored value. The result is saved back, so the run
     folder always holds the config that was actually used.
     """
+    bad_name = _run_name(run_name) if isinstance(run_name, str) else "must be a string"
+    if bad_name:  # before the name is joined to a path
+        raise ValueError(f"run_name={run_name!r} {bad_name}")
     path = resolve_path(outputs_dir) / "runs" / run_name / "config.json"
+    if not path.exists() and not create:
+        runs = sorted(p.parent.name for p in path.parent.parent.glob("*/config.json"))
+        raise FileNotFoundError(f"run {run_name!r} does not exist: {path.parent} has no config.json (runs here: "
+                                f"{', '.join(runs) or 'none'}); start it with 01_data, or pass profile= to make it")
     if path.exists():
         cfg = load_config(path)
         if profile is not None and profile != cfg.profile:

@@ -21,7 +21,7 @@ from pathlib import Path
 from .progress import progress_bar
 
 from .config import RunConfig
-from .files import json_safe, read_json
+from .files import json_safe, read_json, safetensors_problem
 from .layout import WEIGHTS_FILE
 from .sample import sample_images
 from .setting import FINAL, FIRST_SNAPSHOT, NO_GUIDE, Setting
@@ -39,6 +39,9 @@ def unet_folder(cfg: RunConfig, snapshot: str) -> Path:
         raise FileNotFoundError(f"snapshot {snapshot!r}: no U-Net weights in {folder} (run {cfg.run_name!r} has "
                                 f"{', '.join(known) or 'none yet: train it first with 03_train_cfg'})"
                                 + (f"; did you mean {close[0]!r}?" if close else ""))
+    damaged = safetensors_problem(folder / WEIGHTS_FILE)
+    if damaged:
+        raise ValueError(f"snapshot {snapshot!r}: {folder / WEIGHTS_FILE}: {damaged} (an interrupted copy or write?)")
     return folder
 
 
