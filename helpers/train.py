@@ -34,12 +34,14 @@ from .progress import progress_bar
 from .cache import LatentCache, load_cache, read_split
 from .checkpoint import (CheckpointsDamagedError, checkpoint_config, checkpoint_name, latest_checkpoint,
                          list_checkpoints, save_checkpoint)
-from .config import RunConfig, as_bool, load_config, resolve_length, resolve_path, save_config, warmup_steps_for
-from .disk import RESERVE_BYTES, NotEnoughDiskError, Plan, WriteSizes, check_room, gb, room_for, snapshot_count
+from .config import RunConfig, as_bool, count_argument, load_config, resolve_length, resolve_path, save_config, warmup_steps_for
+from .disk import (RESERVE_BYTES, NotEnoughDiskError, Plan, WriteSizes, check_room, gb, room_for, snapshot_count,
+                   store_count)
 from .diffusion import EMA, diffusion_loss
 from .files import atomic_save_image, atomic_write_json, os_errors_end_in_one_line
 from .model import noise_scheduler, save_model
-from .phema import PowerEMA
+from .phema import PowerEMA, stores_at
+from .repair import repair_run
 from .resume import IncompatibleResumeError, check_resume, retarget_optimizer
 from .runlock import RunLockedError, run_lock
 from .unet import build_unet
@@ -209,14 +211,8 @@ def check_disk_at_start(cfg: RunConfig, sizes: WriteSizes, start: int, accelerat
     return line
 
 
-def phema_every(cfg: RunConfig) -> int:
-    """How often the post-hoc EMA profiles are stored (besides max_steps): phema_every, 0 = at each snapshot."""
-    return cfg.phema_every or cfg.snapshot_every
-
-
 def stores_phema(cfg: RunConfig, done: int) -> bool:
-    every = phema_every(cfg)
-    return bool(cfg.phema_sigma_rels) and (done == cfg.max_steps or (every > 0 and done % every == 0))
+    return bool(cfg.phema_sigma_rels) and stores_at(done, cfg.max_steps, cfg.snapshot_every, cfg.phema_every)
 
 
 def stop_unless_room_now(cfg: RunConfig, sizes: WriteSizes, accelerator, done: int, checkpoint: bool,
@@ -244,7 +240,7 @@ def stop_unless_room_ahead(cfg: RunConfig, sizes: WriteSizes, accelerator, done:
     upto = min(end, (done // cfg.checkpoint_every + 1) * cfg.checkpoint_every)
     need = (snapshot_count(done, upto, cfg.max_steps, cfg.snapshot_every) * sizes.snapshot + sizes.checkpoint
             + (sizes.model if upto == cfg.max_steps else 0)
-            + snapshot_count(done, upto, cfg.max_steps, phema_every(cfg)) * sizes.phema)
+            + store_count(done, upto, cfg.max_steps, cfg.snapshot_every, cfg.phema_every) * sizes.phema)
     stop_unless_room(cfg, accelerator, need, lambda free, need: (
         f"Stopped after step {done} with a resumable checkpoint {checkpoint}: the disk holding {cfg.run_dir} has "
         f"{gb(free)} free, and steps {done + 1}-{upto} would write {gb(need)} (and {gb(RESERVE_BYTES)} stays free). "
@@ -336,6 +332,7 @@ def _train(cfg: RunConfig, accelerator, resume: bool, progress: bool, stop_at: i
         start, position = load_training_state(found[1], unet, ema, optimizer, lr_schedule, accelerator)
         resume_phema(phema, unet, found[1]["state"], start * images_per_step, verbose=main)
         retarget_optimizer(optimizer, lr_schedule, cfg.lr, cfg.weight_decay)  # this config's lr, not the saved one
+    repair_run(cfg, found, unet, save_snapshot, write=main)  # what writes cut off at or before the checkpoint left
     end = min(cfg.max_steps, stop_at or cfg.max_steps)
     sizes = WriteSizes.of(unet, len(cfg.phema_sigma_rels))
     disk = check_disk_at_start(cfg, sizes, start, accelerator)
@@ -608,7 +605,7 @@ def main(argv: list[str] | None = None) -> TrainResult:
     parser.add_argument("--run", required=True, help="run folder, or run name under <outputs-dir>/runs")
     parser.add_argument("--outputs-dir", default="outputs")
     parser.add_argument("--max-steps", type=int, default=None, help="override the run's max_steps")
-    parser.add_argument("--stop-at", type=int, default=None, help="pause at this step (with a checkpoint)")
+    parser.add_argument("--stop-at", type=count_argument(1), default=None, help="pause at this step (with a checkpoint)")
     parser.add_argument("--no-resume", action="store_true", help="start from scratch, ignoring checkpoints")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
