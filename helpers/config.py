@@ -73,7 +73,7 @@ class RunConfig:
     ema_halflife_images: float = 10_000.0
     ema_rampup: float = 0.125
     # post-hoc EMA (helpers.phema; Karras et al. 2024, EDM2): power-function EMAs of these lengths (sigma_rel) are
-    # tracked and stored (fp16) in phema/ with every snapshot and every phema_every steps besides (0 = no others), so that
+    # tracked and stored (fp16) in phema/ with every snapshot and every phema_every steps besides (0: no others), so
     # any other length can be reconstructed afterwards; [] = off. The demo stores every 100 steps (9 x 18 MB):
     # with its 3 snapshots alone, sigma_rel 0.025 would be 30 % off in profile, 14 % at every 100 steps
     phema_sigma_rels: list = field(default_factory=lambda: [0.05, 0.10])

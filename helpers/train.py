@@ -34,7 +34,8 @@ from .progress import progress_bar
 from .cache import LatentCache, load_cache, read_split
 from .checkpoint import (CheckpointsDamagedError, checkpoint_config, checkpoint_name, latest_checkpoint,
                          list_checkpoints, save_checkpoint)
-from .config import RunConfig, as_bool, count_argument, load_config, resolve_length, resolve_path, save_config, warmup_steps_for
+from .config import (RunConfig, as_bool, count_argument, load_config, resolve_length, resolve_path, save_config,
+                     warmup_steps_for)
 from .disk import (RESERVE_BYTES, NotEnoughDiskError, Plan, WriteSizes, check_room, gb, room_for, snapshot_count,
                    store_count)
 from .diffusion import EMA, diffusion_loss
@@ -605,7 +606,8 @@ def main(argv: list[str] | None = None) -> TrainResult:
     parser.add_argument("--run", required=True, help="run folder, or run name under <outputs-dir>/runs")
     parser.add_argument("--outputs-dir", default="outputs")
     parser.add_argument("--max-steps", type=int, default=None, help="override the run's max_steps")
-    parser.add_argument("--stop-at", type=count_argument(1), default=None, help="pause at this step (with a checkpoint)")
+    parser.add_argument("--stop-at", type=count_argument(1), default=None,
+                        help="pause at this step (with a checkpoint)")
     parser.add_argument("--no-resume", action="store_true", help="start from scratch, ignoring checkpoints")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)

@@ -244,7 +244,8 @@ def test_a_missing_own_store_is_fitted_at_the_snapshots_step_and_refused_above_t
 
     _, _, stored = random_walk_run(tmp_path, n_steps=120, store_every=10)
     exact = plan_rebuild(stored, 0.05, step=120)
-    assert exact.error < 1e-6 and "step 120 rebuilt from 24 stored profiles: its weight profile is 0.0% off" in exact.line()
+    assert exact.error < 1e-6
+    assert "step 120 rebuilt from 24 stored profiles: its weight profile is 0.0% off" in exact.line()
     shutil.rmtree(tmp_path / "step-000120")
     stored = stored_profiles(tmp_path)
     loose = plan_rebuild(stored, 0.05, step=120, max_error=None)
@@ -262,7 +263,8 @@ def test_a_missing_own_store_is_fitted_at_the_snapshots_step_and_refused_above_t
     # the numbers MAX_PROFILE_ERROR's comment states
     def fit(times, t, s):
         return profile_error([x for x in times for _ in (0, 1)], [0.05, 0.10] * len(times), t, s)
-    assert fit([10], 10, 0.025) == pytest.approx(0.345, abs=0.001) and fit([10], 10, 0.07) == pytest.approx(0.056, abs=0.001)
+    assert fit([10], 10, 0.025) == pytest.approx(0.345, abs=0.001)
+    assert fit([10], 10, 0.07) == pytest.approx(0.056, abs=0.001)
     assert fit(range(100, 501, 100), 600, 0.05) == pytest.approx(1.45, abs=0.01)
 
 
@@ -276,7 +278,8 @@ def test_a_store_file_in_another_steps_folder_or_under_another_name_is_refused_b
                                          r"10, sigma_rel 0.05, not the one its folder and name say"):
         stored_profiles(tmp_path)
     shutil.copy(tmp_path / "step-000010" / "phema-0.100.safetensors", copied)  # same step, other length's name
-    shutil.copy(tmp_path / "step-000010" / "phema-0.100.safetensors", tmp_path / "step-000010" / "phema-0.050.safetensors")
+    own = tmp_path / "step-000010"
+    shutil.copy(own / "phema-0.100.safetensors", own / "phema-0.050.safetensors")
     with pytest.raises(ValueError, match=r"step-000010/phema-0.050.safetensors: holds .* step 10, sigma_rel 0.1,"):
         stored_profiles(tmp_path)
 
