@@ -22,9 +22,23 @@ class NotEnoughDiskError(RuntimeError):
     """The run's writes do not fit on its disk; the message gives the numbers and what to do."""
 
 
+# Folders whose owner caps what they may hold below what the filesystem reports: Kaggle keeps 20 GB of /kaggle/working
+QUOTAS = {Path("/kaggle/working"): 20 * 10**9}
+
+
 def free_bytes(path: str | Path) -> int:
-    """Bytes an ordinary user may still write on the filesystem holding `path` (tests replace this)."""
-    return shutil.disk_usage(path).free
+    """Bytes an ordinary user may still write on the filesystem holding `path`, within a known quota of the folder
+    it lies in (QUOTAS); tests replace this."""
+    free = shutil.disk_usage(path).free
+    for root, quota in QUOTAS.items():
+        if Path(path).resolve().is_relative_to(root):
+            free = min(free, max(0, quota - folder_bytes(root)))
+    return free
+
+
+def folder_bytes(root: Path) -> int:
+    """What the files under `root` hold (a quota counts them, not the filesystem's free space)."""
+    return sum(f.stat().st_size for f in root.rglob("*") if f.is_file() and not f.is_symlink())
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
+import math
 import os
 import re
 import sys
@@ -116,3 +117,16 @@ def check_can_write(path: str | Path) -> None:
         probe.unlink()
     except OSError as e:
         raise type(e)(e.errno, e.strerror, str(folder)) from None
+
+
+def json_safe(obj):
+    """Tensors and numpy scalars to numbers, NaN/inf to None (JSON has no NaN)."""
+    if isinstance(obj, dict):
+        return {str(k): json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    if hasattr(obj, "item") and callable(obj.item) and getattr(obj, "ndim", 0) == 0:
+        obj = obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj

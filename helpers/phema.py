@@ -327,3 +327,29 @@ def reconstruct(stored: list[StoredProfile], sigma_rel: float, step: int | None 
     """The weights (fp32, by parameter name) of the EMA of length `sigma_rel` at training step `step` (None: the
     last stored one), from the stored profiles of steps <= step (see `plan_rebuild`)."""
     return plan_rebuild(stored, sigma_rel, step, max_error).weights()
+
+
+# ---------------------------------------------------------------- a training run's post-hoc EMA bookkeeping
+
+
+def stores_phema(cfg, done: int) -> bool:
+    """Whether step `done` stores the profiles (helpers.phema.stores_at: with every snapshot, so each snapshot's own
+    EMA lengths can be rebuilt exactly at its step, every phema_every steps besides, and at max_steps)."""
+    return bool(cfg.phema_sigma_rels) and stores_at(done, cfg.max_steps, cfg.snapshot_every, cfg.phema_every)
+
+
+def resume_phema(phema, unet, state: dict, images_seen: int, verbose: bool) -> None:
+    """Restore the post-hoc EMA profiles from a checkpoint's state. A checkpoint without the lengths asked for
+    (written with phema off, or other phema_sigma_rels) restarts them from the resumed weights, as if the weights
+    had been these since step 0, and says so."""
+    if phema is None:
+        return
+    try:
+        if state.get("phema") is None:
+            raise ValueError("the checkpoint has none")
+        phema.load_state_dict(state["phema"])
+    except ValueError as e:
+        phema.restart(unet, images_seen)
+        if verbose:
+            print(f"Post-hoc EMA profiles {phema.sigma_rels} start at this step ({e}): they count the steps before "
+                  f"it as if the weights had been the resumed ones")

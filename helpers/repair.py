@@ -24,14 +24,15 @@ from .config import RunConfig
 from .disk import NotEnoughDiskError, WriteSizes, gb, room_for
 from .layout import WEIGHTS_FILE
 from .phema import FILE_PREFIX, key, store_state, stores_at
+from .saves import save_snapshot
 
 
-def repair_run(cfg: RunConfig, found: tuple[Path, dict] | None, unet, save_snapshot, write: bool = True) -> dict:
+def repair_run(cfg: RunConfig, found: tuple[Path, dict] | None, unet, write: bool = True) -> dict:
     """Clean stale temp folders and rewrite what checkpoint `found` (path, contents) promised; returns
     {"removed": [...], "rewritten": [...], "unrecoverable": [...]} (each printed as one line).
 
-    `unet`: the U-Net being trained (a template for the snapshot's module); `save_snapshot(cfg, ema_unet, step)`:
-    the training loop's snapshot writer. `write` False (processes other than the main one): nothing is done."""
+    `unet`: the U-Net being trained (a template for the snapshot's module). `write` False (processes other than the
+    main one): nothing is done."""
     report = {"removed": [], "rewritten": [], "unrecoverable": []}
     if not write:
         return report
@@ -46,7 +47,7 @@ def repair_run(cfg: RunConfig, found: tuple[Path, dict] | None, unet, save_snaps
             check_room_for(cfg, unet, promised, fixable)
         for kind, step in fixable:
             ckpt = found[1] if kept[step] == found[0] else load_checkpoint(kept[step])
-            if rewrite(cfg, promised, kind, step, ckpt, unet, save_snapshot):
+            if rewrite(cfg, promised, kind, step, ckpt, unet):
                 report["rewritten"].append(f"{kind} {checkpoint_name(step)}")
             else:
                 report["unrecoverable"].append(f"{kind} {checkpoint_name(step)}")
@@ -80,7 +81,7 @@ def missing_writes(cfg: RunConfig, promised: RunConfig, upto: int) -> list[tuple
     return missing
 
 
-def rewrite(cfg: RunConfig, promised: RunConfig, kind: str, step: int, ckpt: dict, unet, save_snapshot) -> bool:
+def rewrite(cfg: RunConfig, promised: RunConfig, kind: str, step: int, ckpt: dict, unet) -> bool:
     """Write the snapshot or store of `step` from `ckpt`, the checkpoint of that step; False if it lacks the state."""
     if kind == SNAPSHOT:
         save_snapshot(cfg, ema_unet(unet, ckpt["ema"]), step)

@@ -16,13 +16,12 @@ import difflib
 import hashlib
 import itertools
 import json
-import random
 from pathlib import Path
 
 from .progress import progress_bar
 
 from .config import RunConfig
-from .files import read_json
+from .files import json_safe, read_json
 from .layout import WEIGHTS_FILE
 from .sample import sample_images
 from .setting import FINAL, FIRST_SNAPSHOT, NO_GUIDE, Setting
@@ -324,13 +323,6 @@ def _example(field: str) -> str:
             "guide_weight": "[1.5, 2]"}[field]
 
 
-def seeded_subset(n: int, count: int, seed: int) -> list[int]:
-    """A fixed, seeded choice of `count` of n indices (all if count is 0 or >= n), in order."""
-    if not count or count >= n:
-        return list(range(n))
-    return sorted(random.Random(seed).sample(range(n), count))
-
-
 # ---------------------------------------------------------------- the sweep
 
 
@@ -423,7 +415,6 @@ def _setting_problem(setting) -> str | None:
 
 def append_cell(path: Path, row: dict) -> None:
     """Add one finished cell; a cut last line (no newline at the end) is closed first, so the new cell stays whole."""
-    from .metrics import json_safe
 
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("ab+") as f:

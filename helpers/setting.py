@@ -27,7 +27,7 @@ class Setting:
     snapshot: str = FINAL  # a folder under <run>/snapshots/ ("step-000900"), or FINAL
     guidance: float = 3.0  # classifier-free guidance weight: 1 = the plain conditional model
     steps: int = 20
-    scheduler: str = "dpm++2m"  # a key of helpers.sample.SCHEDULERS
+    scheduler: str = "dpm++2m"  # a key of helpers.schedulers.SCHEDULERS
     guidance_interval: tuple = EVERY_STEP  # (sigma_lo, sigma_hi): guide only where sigma is in (lo, hi]
     guidance_rescale: float = 0.0  # Lin et al. 2023: pull the guided prediction's std back towards the conditional
     # autoguidance (Karras et al. 2024, "Guiding a Diffusion Model with a Bad Version of Itself"): steer away from the
@@ -99,7 +99,7 @@ class Setting:
 
     def problems(self) -> list[str]:
         """Every value the sampler cannot use, one message each (empty: fine)."""
-        from .sample import SCHEDULERS
+        from .schedulers import SCHEDULERS
 
         problems = []
         if not isinstance(self.snapshot, str) or not self.snapshot.strip():
