@@ -156,6 +156,7 @@ class RunConfig:
                 problem = check(getattr(self, name))
                 if problem:
                     problems.append(f"{name}={getattr(self, name)!r} {problem}")
+        problems += [] if problems else pair_problems(self)
         if problems:
             raise ValueError("Bad run config:\n  " + "\n  ".join(problems))
         return self
@@ -345,6 +346,16 @@ FIELD_CHECKS = {
 }
 
 
+def pair_problems(cfg: "RunConfig") -> list[str]:
+    """Values each valid alone that do not fit together."""
+    problems = []
+    if cfg.micro_splits > cfg.batch_size:
+        problems.append(f"micro_splits={cfg.micro_splits} is more than batch_size={cfg.batch_size}: each chunk of a "
+                        f"batch holds at least one image, so at most {cfg.batch_size} splits (batch_size is per "
+                        f"process and micro-batch; grad_accum adds micro-batches)")
+    return problems
+
+
 def as_bool(value, name: str) -> bool:
     """A notebook parameter meant as a bool: True/False, 0/1, or the strings true/false/yes/no/on/off/1/0.
 
@@ -369,6 +380,18 @@ def as_count(value, name: str, minimum: int = 0) -> int:
     if number < minimum:
         raise ValueError(f"{name}={value!r} should be a whole number >= {minimum}")
     return int(number)
+
+
+def count_argument(minimum: int):
+    """An argparse `type` for a whole number >= minimum, whose refusal argparse prints as the message itself."""
+    import argparse
+
+    def count(value: str) -> int:
+        try:
+            return as_count(value, "", minimum)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{value!r} should be a whole number >= {minimum}") from None
+    return count
 
 
 _BOOL_WORDS = {"true": True, "yes": True, "on": True, "1": True, "false": False, "no": False, "off": False, "0": False}

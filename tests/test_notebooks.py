@@ -76,8 +76,6 @@ def test_papermill_reads_every_parameter_of_every_notebook(name):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="issue 24 item 4 (branch i24b): the sweep's EMA-length axis keeps only "
-                                       "lengths every candidate snapshot can rebuild; remove this mark once merged")
 def test_the_short_run_command_ends_with_a_zip_in_the_course_layout(tmp_path):
     """The one-way issue's short run (`-p max_steps=20 -p snapshot_every=10 -p sweep_prompts=8 -p make_zip=True` on
     the demo), on the tiny profile: the demo's EMA-length axis [0, 0.05] and its stores every 100 steps, so the
