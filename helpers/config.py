@@ -160,25 +160,10 @@ class RunConfig:
                 problem = check(getattr(self, name))
                 if problem:
                     problems.append(f"{name}={getattr(self, name)!r} {problem}")
-        problems += [] if typed & {"prediction_type", "min_snr_gamma", "scheduler"} else self._objective_problems()
+        problems += [] if problems else pair_problems(self)
         if problems:
             raise ValueError("Bad run config:\n  " + "\n  ".join(problems))
         return self
-
-    def _objective_problems(self) -> list[str]:
-        """What a flow-matching run cannot combine with (checked across fields, after each field's own check)."""
-        if self.prediction_type != "flow_prediction":
-            return []
-        from .schedulers import FLOW_SCHEDULERS
-
-        problems = []
-        if self.min_snr_gamma:
-            problems.append(f"min_snr_gamma={self.min_snr_gamma!r} weights epsilon / v_prediction losses: set 0 with "
-                            "prediction_type='flow_prediction' (its timestep_density does the weighting)")
-        if self.scheduler not in FLOW_SCHEDULERS:
-            problems.append(f"scheduler={self.scheduler!r} cannot sample prediction_type='flow_prediction'; "
-                            f"choose one of {', '.join(FLOW_SCHEDULERS)}")
-        return problems
 
     def replace(self, **overrides) -> "RunConfig":
         """A copy with `overrides` applied; None values mean 'keep' (papermill's unset parameters).
@@ -368,6 +353,32 @@ FIELD_CHECKS = {
 }
 
 
+def flow_problems(cfg: "RunConfig") -> list[str]:
+    """What a flow-matching run cannot combine with."""
+    if cfg.prediction_type != "flow_prediction":
+        return []
+    from .schedulers import FLOW_SCHEDULERS
+
+    problems = []
+    if cfg.min_snr_gamma:
+        problems.append(f"min_snr_gamma={cfg.min_snr_gamma!r} weights epsilon / v_prediction losses: set 0 with "
+                        "prediction_type='flow_prediction' (its timestep_density does the weighting)")
+    if cfg.scheduler not in FLOW_SCHEDULERS:
+        problems.append(f"scheduler={cfg.scheduler!r} cannot sample prediction_type='flow_prediction'; "
+                        f"choose one of {', '.join(FLOW_SCHEDULERS)}")
+    return problems
+
+
+def pair_problems(cfg: "RunConfig") -> list[str]:
+    """Values each valid alone that do not fit together."""
+    problems = []
+    if cfg.micro_splits > cfg.batch_size:
+        problems.append(f"micro_splits={cfg.micro_splits} is more than batch_size={cfg.batch_size}: each chunk of a "
+                        f"batch holds at least one image, so at most {cfg.batch_size} splits (batch_size is per "
+                        f"process and micro-batch; grad_accum adds micro-batches)")
+    return problems + flow_problems(cfg)
+
+
 def as_bool(value, name: str) -> bool:
     """A notebook parameter meant as a bool: True/False, 0/1, or the strings true/false/yes/no/on/off/1/0.
 
@@ -392,6 +403,18 @@ def as_count(value, name: str, minimum: int = 0) -> int:
     if number < minimum:
         raise ValueError(f"{name}={value!r} should be a whole number >= {minimum}")
     return int(number)
+
+
+def count_argument(minimum: int):
+    """An argparse `type` for a whole number >= minimum, whose refusal argparse prints as the message itself."""
+    import argparse
+
+    def count(value: str) -> int:
+        try:
+            return as_count(value, "", minimum)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{value!r} should be a whole number >= {minimum}") from None
+    return count
 
 
 _BOOL_WORDS = {"true": True, "yes": True, "on": True, "1": True, "false": False, "no": False, "off": False, "0": False}
@@ -585,13 +608,22 @@ def save_config(cfg: RunConfig) -> Path:
     return atomic_write_text(cfg.layout.config, cfg.to_json())
 
 
-def open_run(run_name: str, profile: str | None = None, outputs_dir: str = "outputs", **overrides) -> RunConfig:
-    """The config of run `run_name`: read from its folder if it exists, else made from `profile`.
+def open_run(run_name: str, profile: str | None = None, outputs_dir: str = "outputs", create: bool = True,
+             **overrides) -> RunConfig:
+    """The config of run `run_name`: read from its folder if it exists, else made from `profile` (with `create`;
+    without it a missing run is a FileNotFoundError naming it, and nothing is created).
 
     Notebook parameters left as None keep the stored value. The result is saved back, so the run
     folder always holds the config that was actually used.
     """
+    bad_name = _run_name(run_name) if isinstance(run_name, str) else "must be a string"
+    if bad_name:  # before the name is joined to a path
+        raise ValueError(f"run_name={run_name!r} {bad_name}")
     path = resolve_path(outputs_dir) / "runs" / run_name / "config.json"
+    if not path.exists() and not create:
+        runs = sorted(p.parent.name for p in path.parent.parent.glob("*/config.json"))
+        raise FileNotFoundError(f"run {run_name!r} does not exist: {path.parent} has no config.json (runs here: "
+                                f"{', '.join(runs) or 'none'}); start it with 01_data, or pass profile= to make it")
     if path.exists():
         cfg = load_config(path)
         if profile is not None and profile != cfg.profile:

@@ -9,8 +9,9 @@ from __future__ import annotations
 import torch
 
 from .checkpoint import list_checkpoints
-from .disk import RESERVE_BYTES, NotEnoughDiskError, Plan, WriteSizes, check_room, gb, room_for, snapshot_count
-from .phema import stores_phema, phema_every
+from .disk import (RESERVE_BYTES, NotEnoughDiskError, Plan, WriteSizes, check_room, gb, room_for, snapshot_count,
+                   store_count)
+from .phema import stores_phema
 
 RESUME_HINT = ("Free space (or set a larger snapshot_every or a smaller keep_checkpoints), then resume: "
                "python -m helpers.train --run {run} (or run 03_train_cfg again)")
@@ -61,7 +62,7 @@ class DiskGuard:
         upto = min(end, (done // cfg.checkpoint_every + 1) * cfg.checkpoint_every)
         need = (snapshot_count(done, upto, cfg.max_steps, cfg.snapshot_every) * sizes.snapshot + sizes.checkpoint
                 + (sizes.model if upto == cfg.max_steps else 0)
-                + snapshot_count(done, upto, cfg.max_steps, phema_every(cfg)) * sizes.phema)
+                + store_count(done, upto, cfg.max_steps, cfg.snapshot_every, cfg.phema_every) * sizes.phema)
         self._stop_unless_room(need, lambda free, need: (
             f"Stopped after step {done} with a resumable checkpoint {checkpoint}: the disk holding {cfg.run_dir} has "
             f"{gb(free)} free, and steps {done + 1}-{upto} would write {gb(need)} (and {gb(RESERVE_BYTES)} stays "

@@ -115,6 +115,9 @@ def check_can_write(path: str | Path) -> None:
     try:
         probe.touch()
         probe.unlink()
+    except FileNotFoundError:  # the folder is there, yet a file in it is "not found": /proc, /sys
+        raise OSError(f"{folder}: takes no new files (a virtual file system such as /proc?) — choose another "
+                      "folder") from None
     except OSError as e:
         raise type(e)(e.errno, e.strerror, str(folder)) from None
 
@@ -130,3 +133,23 @@ def json_safe(obj):
     if isinstance(obj, float) and not math.isfinite(obj):
         return None
     return obj
+
+
+def safetensors_problem(path: str | Path) -> str | None:
+    """Why a .safetensors file is not whole (None: it is as long as its header says): a truncated copy or an
+    interrupted write would otherwise reach the loader's bare "Unable to load weights"."""
+    path = Path(path)
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        length = int.from_bytes(head, "little") if len(head) == 8 else None
+        if length is None or 8 + length > size:
+            return f"truncated: {size} bytes, too short for its own header"
+        try:
+            header = json.loads(f.read(length))
+            end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+        except (ValueError, KeyError, TypeError, IndexError):
+            return "not a safetensors file (its header cannot be read)"
+    if 8 + length + end > size:
+        return f"truncated: {size:,} bytes where its header promises {8 + length + end:,}"
+    return None

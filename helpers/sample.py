@@ -153,6 +153,7 @@ def sample_images(model, prompts, seeds, setting: Setting, *, batch_size: int = 
     if len(prompts) != len(seeds):
         raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
     setting.checked()
+    check_honoured(setting, model.scheduler_config)
     check_holds(model, setting)
     sampler = make_scheduler(setting.scheduler, model.scheduler_config)
     device = model.device
@@ -169,6 +170,34 @@ def sample_images(model, prompts, seeds, setting: Setting, *, batch_size: int = 
         with precision.autocast(device):
             out.append(model.autoencoder.decode(latents).float().cpu())
     return torch.cat(out) if out else torch.zeros(0, 3, *model.latent_shape[1:])
+
+
+MAX_GUIDANCE_WEIGHT = 1e4  # beyond this the guidance term dwarfs the prediction 10,000-fold: images are noise, and
+# well before float32's 3.4e38 the difference times the weight overflows to inf/NaN
+
+
+def unhonoured(setting: Setting, scheduler_config: dict) -> list[str]:
+    """Values the model cannot honour although the sampler accepts them, one message each (empty: fine)."""
+    problems = []
+    trained = scheduler_config.get("num_train_timesteps")
+    if trained and isinstance(setting.steps, int) and setting.steps > trained:
+        problems.append(f"steps={setting.steps} is more than the {trained} timesteps the model was trained with "
+                        f"(at most {trained})")
+    for name in ("guidance", "guide_weight"):
+        value = getattr(setting, name)
+        if isinstance(value, float) and value > MAX_GUIDANCE_WEIGHT:
+            problems.append(f"{name}={value:g} is above {MAX_GUIDANCE_WEIGHT:g}: the guidance term would swamp the "
+                            "prediction (and overflow float32 into NaN)")
+    if setting.autoguided and setting.guide == setting.snapshot and not setting.ema_length:
+        problems.append(f"guide={setting.guide!r} is the snapshot itself: a network guiding itself changes nothing "
+                        "(name an earlier snapshot, or guide='')")
+    return problems
+
+
+def check_honoured(setting: Setting, scheduler_config: dict) -> None:
+    problems = unhonoured(setting, scheduler_config)
+    if problems:
+        raise ValueError("Bad sampling setting: " + "; ".join(problems))
 
 
 def check_holds(model, setting: Setting) -> None:

@@ -104,6 +104,11 @@ class Setting:
         problems = []
         if not isinstance(self.snapshot, str) or not self.snapshot.strip():
             problems.append(f"snapshot={self.snapshot!r} should be a snapshot name such as 'step-000900' or {FINAL!r}")
+        for name in ("snapshot", "guide"):  # names a user passes never lead outside the run
+            value = getattr(self, name)
+            if isinstance(value, str) and ("/" in value or "\\" in value or ".." in value):
+                problems.append(f"{name}={value!r} should be a snapshot name of this run such as 'step-000900' or "
+                                f"{FINAL!r}, without path separators or '..'")
         if not _number(self.guidance) or self.guidance < 0:
             problems.append(f"guidance={self.guidance!r} should be a finite number >= 0")
         if not _number(self.guidance_rescale) or not 0 <= self.guidance_rescale <= 1:

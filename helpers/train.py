@@ -27,7 +27,8 @@ from .progress import progress_bar
 
 from .cache import load_cache
 from .checkpoint import CheckpointsDamagedError, checkpoint_config, latest_checkpoint, save_checkpoint
-from .config import RunConfig, as_bool, load_config, resolve_length, resolve_path, save_config, warmup_steps_for
+from .config import (RunConfig, as_bool, count_argument, load_config, resolve_length, resolve_path, save_config,
+                     warmup_steps_for)
 from .diffusion import EMA
 from .disk import NotEnoughDiskError
 from .disk_guard import DiskGuard, any_process
@@ -37,6 +38,7 @@ from .model import noise_scheduler, save_model, training_objective
 from .phema import PowerEMA, resume_phema, stores_phema
 from .precision import LossScaleWatch, decide
 from .previews import Previewer
+from .repair import repair_run
 from .resume import IncompatibleResumeError, check_resume, retarget_optimizer
 from .runlock import RunLockedError, run_lock
 from .saves import load_training_state, no_partial_write, retire_checkpoints, save_snapshot, training_state
@@ -142,6 +144,8 @@ def _train(cfg: RunConfig, accelerator, resume: bool, progress: bool, stop_at: i
     cfg, main = run.cfg, accelerator.is_main_process
     # ---- resume: weights, optimizer, LR schedule, data position and post-hoc EMA profiles of the last checkpoint
     start, position = resume_from(run, accelerator)
+    # ---- repair: stale .tmp- folders; snapshots and post-hoc EMA stores that writes cut off at or before the checkpoint
+    repair_run(cfg, run.found, run.unet, write=main)
     end = min(cfg.max_steps, stop_at or cfg.max_steps)
     guard, clock, scale = DiskGuard(cfg, run.unet, accelerator), SessionClock(cfg.checkpoint_minutes,
                                                                               cfg.session_hours), LossScaleWatch(accelerator)
@@ -341,7 +345,8 @@ def main(argv: list[str] | None = None) -> TrainResult:
     parser.add_argument("--run", required=True, help="run folder, or run name under <outputs-dir>/runs")
     parser.add_argument("--outputs-dir", default="outputs")
     parser.add_argument("--max-steps", type=int, default=None, help="override the run's max_steps")
-    parser.add_argument("--stop-at", type=int, default=None, help="pause at this step (with a checkpoint)")
+    parser.add_argument("--stop-at", type=count_argument(1), default=None,
+                        help="pause at this step (with a checkpoint)")
     parser.add_argument("--no-resume", action="store_true", help="start from scratch, ignoring checkpoints")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)

@@ -11,7 +11,7 @@ LAYERS = [  # lowest first; a module may import from its own layer or below
      "precision", "session", "trainlog"},
     {"setting", "layout", "checkpoint", "data", "text", "autoencoder", "phema", "resume"},
     {"config"},
-    {"model", "cache", "demo_data", "step", "saves", "disk_guard", "probe", "results"},
+    {"model", "cache", "demo_data", "step", "saves", "disk_guard", "repair", "probe", "results", "handin"},
     {"sample", "fit", "metrics", "score"},
     {"previews", "train", "baseline", "export", "grids", "selection"},
     {"judges", "panel_controls", "panel", "plots", "submission"},
