@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .config import RunConfig
@@ -33,6 +34,7 @@ class ProbeJudge:
     attributes: list[dict]  # what each prompt asks for
     real: torch.Tensor  # real pictures of the same prompts (test_reference/), [N, 3, R, R] in [-1, 1]
     key: str = "probe"
+    _reference: dict | None = field(default=None, repr=False)
     columns = ["accuracy.color", "accuracy.shape", "accuracy.eyes", "accuracy.extra", "accuracy.action",
                "mean_accuracy", "frechet_distance"]
     rule = ("highest mean probe accuracy over colour, shape and action; ties: lower probe Fréchet distance, "
@@ -40,12 +42,30 @@ class ProbeJudge:
     plot_axes = (("frechet_distance", "probe Fréchet distance to real (lower = more realistic)"),
                  ("mean_accuracy", "mean probe accuracy: colour, shape, action"))
 
-    def evaluate(self, images: torch.Tensor) -> dict:
-        from .probe import attribute_accuracy, mean_accuracy, probe_frechet_distance
+    kind = "probe"
 
-        accuracy = attribute_accuracy(self.probe, images, self.attributes)
-        return {"accuracy": accuracy, "mean_accuracy": mean_accuracy(accuracy),
-                "frechet_distance": probe_frechet_distance(self.probe, self.real, images)}
+    def evaluate(self, images: torch.Tensor) -> dict:
+        from .estimators import scores_from
+
+        return scores_from(self.kind, self.reference, self.per_prompt(images))
+
+    def per_prompt(self, images: torch.Tensor) -> dict:
+        """Per image (one per prompt, in order): probe features and whether each attribute reads as asked."""
+        from .estimators import PROBE_ATTRIBUTES
+        from .probe import label_indices
+
+        if len(images) != len(self.attributes):
+            raise ValueError(f"{len(images)} images but {len(self.attributes)} attribute entries")
+        pred, labels = self.probe.predict(images), label_indices(self.attributes)
+        correct = torch.stack([pred[a] == labels[a] for a in PROBE_ATTRIBUTES], 1)
+        return {"features": self.probe.features(images).double().numpy(), "correct": correct.numpy()}
+
+    @property
+    def reference(self) -> dict:
+        """Probe features of the real pictures of the judged prompts (computed once)."""
+        if self._reference is None:
+            self._reference = {"real_features": self.probe.features(self.real).double().numpy()}
+        return self._reference
 
     def rank(self, row: dict) -> tuple:
         return (-row["mean_accuracy"], row["frechet_distance"], *_tie_break(row))
@@ -75,13 +95,36 @@ class CourseJudge:
     def plot_axes(self):
         return (("fid", "FID, course scorer (lower = closer to real)"), ("clip_t", "CLIP-T (higher = follows the prompt)"))
 
-    def evaluate(self, images: torch.Tensor) -> dict:
-        from .sample import to_output_pils
-        from .score import score_images
+    kind = "course"
 
-        scores = score_images(to_output_pils(images, self.output_size), self.prompts,
-                              reference_stats=self.reference_stats, inception=self.inception, clip=self.clip)
-        return {k: v for k, v in scores.items() if k in ("fid", "clip_t")}
+    def evaluate(self, images: torch.Tensor) -> dict:
+        from .estimators import scores_from
+
+        return scores_from(self.kind, self.reference, self.per_prompt(images))
+
+    def per_prompt(self, images: torch.Tensor) -> dict:
+        """Per image (one per prompt, in order), scored as the PNGs that would be handed in: Inception features
+        (when FID can be computed here) and the CLIP cosine to its prompt (when CLIP-T can)."""
+        from .sample import to_output_pils
+        from .score import inception_features
+
+        if len(images) != len(self.prompts):
+            raise ValueError(f"{len(images)} images but {len(self.prompts)} prompts")
+        pils, out = to_output_pils(images, self.output_size), {}
+        if "fid" not in self.skipped and self.inception is not None and self.reference_stats is not None \
+                and len(pils) >= 2:
+            out["inception"] = inception_features(pils, self.inception, progress=False)
+        if "clip_t" not in self.skipped and self.clip is not None:
+            cosine = (self.clip.image_embeddings(pils).double() * self.clip.text_embeddings(self.prompts).double())
+            out["clip_t"] = cosine.sum(-1).cpu().numpy()
+        return out
+
+    @property
+    def reference(self) -> dict:
+        if self.reference_stats is None:
+            return {}
+        return {"mu": np.asarray(self.reference_stats[0], np.float64),
+                "sigma": np.asarray(self.reference_stats[1], np.float64)}
 
     def rank(self, row: dict) -> tuple:
         if "fid" in row:
