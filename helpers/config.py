@@ -125,13 +125,19 @@ class RunConfig:
     guidance_sweep: list = field(default_factory=lambda: [1.0, 2.0, 3.0])
     sweep_steps: list = field(default_factory=lambda: [10, 20])
     sweep_intervals: list = field(default_factory=lambda: [[0.3, 5.0]])  # e.g. [[], [0.3, 5.0]]: try both
-    sweep_prompts: int = 120
+    sweep_prompts: int = 0
     sweep_snapshots: int = 3  # at most this many snapshots, spread evenly, the last always included (0 = all)
     # more axes of the sweep: EMA lengths (0 = the stored half-life EMA), guides ("" = none) x guide weights (a guide
     # is only tried at weights != 1, no guide only at 1); the demo's defaults keep its sweep at one value each
     sweep_ema_lengths: list = field(default_factory=lambda: [0.0])
     sweep_guides: list = field(default_factory=lambda: [""])
     sweep_guide_weights: list = field(default_factory=lambda: [1.0])
+    # staged selection (helpers.staged): every cell is screened on the first sweep_stage_prompts[0] prompts of a
+    # fixed seeded order, the best sweep_keep share moves on to the next size, and the finalists are judged on all
+    # sweep_prompts by the leaderboard's rule ([] = every cell on every prompt: the full sweep)
+    sweep_stage_prompts: list = field(default_factory=lambda: [24, 80])
+    sweep_keep: float = 0.33
+    select_budget_hours: float = 0.0  # > 0: 04 drops cells (older snapshots, costlier cells first) to fit; says which
     clip_model: str = "openai/clip-vit-base-patch32"
     eval_max_images: int = 0  # 0 = the whole validation split / test set
 
@@ -286,6 +292,11 @@ def _step_list(v):
         return "must be a non-empty list of step counts >= 1"
 
 
+def _stage_list(v):
+    if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 2 for n in v) or v != sorted(set(v)):
+        return "must be a list of increasing prompt counts >= 2 ([] = the full sweep)"
+
+
 def _unet_presets():
     from .unet import PRESETS  # imported here: helpers.unet imports torch
 
@@ -358,6 +369,9 @@ FIELD_CHECKS = {
     "sweep_ema_lengths": _ema_length_list,
     "sweep_guides": _guide_list,
     "sweep_guide_weights": _guidance_list,
+    "sweep_stage_prompts": _stage_list,
+    "sweep_keep": _fraction(top_included=True),
+    "select_budget_hours": _finite_at_least(0.0),
 }
 
 

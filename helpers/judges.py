@@ -49,14 +49,16 @@ class ProbeJudge:
 
         return scores_from(self.kind, self.reference, self.per_prompt(images))
 
-    def per_prompt(self, images: torch.Tensor) -> dict:
-        """Per image (one per prompt, in order): probe features and whether each attribute reads as asked."""
+    def per_prompt(self, images: torch.Tensor, positions: list[int] | None = None) -> dict:
+        """Per image (one per judged prompt at `positions`, default all, in order): probe features and whether
+        each attribute reads as its prompt asked."""
         from .estimators import PROBE_ATTRIBUTES
         from .probe import label_indices
 
-        if len(images) != len(self.attributes):
-            raise ValueError(f"{len(images)} images but {len(self.attributes)} attribute entries")
-        pred, labels = self.probe.predict(images), label_indices(self.attributes)
+        attributes = self.attributes if positions is None else [self.attributes[p] for p in positions]
+        if len(images) != len(attributes):
+            raise ValueError(f"{len(images)} images but {len(attributes)} attribute entries")
+        pred, labels = self.probe.predict(images), label_indices(attributes)
         correct = torch.stack([pred[a] == labels[a] for a in PROBE_ATTRIBUTES], 1)
         return {"features": self.probe.features(images).double().numpy(), "correct": correct.numpy()}
 
@@ -102,20 +104,20 @@ class CourseJudge:
 
         return scores_from(self.kind, self.reference, self.per_prompt(images))
 
-    def per_prompt(self, images: torch.Tensor) -> dict:
-        """Per image (one per prompt, in order), scored as the PNGs that would be handed in: Inception features
-        (when FID can be computed here) and the CLIP cosine to its prompt (when CLIP-T can)."""
+    def per_prompt(self, images: torch.Tensor, positions: list[int] | None = None) -> dict:
+        """Per image (one per judged prompt at `positions`, default all, in order), scored as the PNGs that would
+        be handed in: Inception features (when FID can be computed here) and the CLIP cosine to its prompt."""
         from .sample import to_output_pils
         from .score import inception_features
 
-        if len(images) != len(self.prompts):
-            raise ValueError(f"{len(images)} images but {len(self.prompts)} prompts")
+        prompts = self.prompts if positions is None else [self.prompts[p] for p in positions]
+        if len(images) != len(prompts):
+            raise ValueError(f"{len(images)} images but {len(prompts)} prompts")
         pils, out = to_output_pils(images, self.output_size), {}
-        if "fid" not in self.skipped and self.inception is not None and self.reference_stats is not None \
-                and len(pils) >= 2:
+        if "fid" not in self.skipped and self.inception is not None and self.reference_stats is not None:
             out["inception"] = inception_features(pils, self.inception, progress=False)
         if "clip_t" not in self.skipped and self.clip is not None:
-            cosine = (self.clip.image_embeddings(pils).double() * self.clip.text_embeddings(self.prompts).double())
+            cosine = (self.clip.image_embeddings(pils).double() * self.clip.text_embeddings(prompts).double())
             out["clip_t"] = cosine.sum(-1).cpu().numpy()
         return out
 

@@ -26,6 +26,7 @@ from .files import atomic_save_image, atomic_write, atomic_write_json
 from .layout import RunLayout
 from .results import MANIFEST, check_results, manifest_differences, read_manifest, results_manifest, sha256_bytes
 from .sample import sample_images, to_output_pils
+from .shards import Shards
 
 
 def check_prompt_names(prompts: list[Prompt]) -> None:
@@ -47,6 +48,23 @@ def write_test_set(model, prompts: list[Prompt], results_dir, setting, weights: 
     if results_dir.exists() and not results_dir.is_dir():
         raise NotADirectoryError(f"{results_dir}: is a file, not a results folder; move it away and run again")
     want = results_manifest(setting, weights, prompts, seed=seed, size=size)
+    shards = Shards.current()
+    if shards.is_main:  # under accelerate launch: one process tidies the folder, all of them sample
+        _prepare_results(results_dir, prompts, want)
+        print(f"Test set: {setting.label()}, seed {seed}, {size}px, {len(prompts)} prompts -> {results_dir}"
+              + (f" ({shards.world} processes)" if shards.world > 1 else ""))
+    shards.barrier()
+    stats = generate_test_set(model, prompts, results_dir, setting, batch_size=batch_size, seed=seed, size=size)
+    if shards.is_main:
+        images = {p.image_name: sha256_bytes((results_dir / p.image_name).read_bytes()) for p in prompts}
+        atomic_write_json(results_dir / MANIFEST, {**want, "complete": True, "commit": project_commit(),
+                                                   "images": images})
+    shards.barrier()
+    return stats
+
+
+def _prepare_results(results_dir: Path, prompts: list[Prompt], want: dict) -> None:
+    """Move aside images of another setting (or altered since written); mark the manifest incomplete."""
     have = read_manifest(results_dir)
     ours = [p.image_name for p in prompts if (results_dir / p.image_name).exists()]
     changed = manifest_differences(have, want)
@@ -63,11 +81,6 @@ def write_test_set(model, prompts: list[Prompt], results_dir, setting, weights: 
             print(f"{len(altered)} image(s) differ from what manifest.json recorded (e.g. {altered[0]}): moved them "
                   f"to {kept} and writing them again")
     atomic_write_json(results_dir / MANIFEST, {**want, "complete": False, "commit": project_commit()})
-    print(f"Test set: {setting.label()}, seed {seed}, {size}px, {len(prompts)} prompts -> {results_dir}")
-    stats = generate_test_set(model, prompts, results_dir, setting, batch_size=batch_size, seed=seed, size=size)
-    images = {p.image_name: sha256_bytes((results_dir / p.image_name).read_bytes()) for p in prompts}
-    atomic_write_json(results_dir / MANIFEST, {**want, "complete": True, "commit": project_commit(), "images": images})
-    return stats
 
 
 def keep_aside(results_dir: Path, names: list[str]) -> Path:
@@ -105,9 +118,12 @@ def generate_test_set(model, prompts: list[Prompt], out_dir, setting, *, batch_s
     check_prompt_names(prompts)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    shards = Shards.current()
     todo = [(i, p) for i, p in enumerate(prompts) if not (out_dir / p.image_name).exists()]
+    shards.barrier()  # every process has seen the same folder before any writes to it
     skipped = len(prompts) - len(todo)
-    if skipped:
+    todo = [todo[i] for i in shards.share(len(todo))]  # each process writes its own share of the PNGs
+    if skipped and shards.is_main:
         print(f"Skipping {skipped} of {len(prompts)} images already in {out_dir} (written earlier with the same setting)")
     start = time.perf_counter()
     for b in progress_bar(range(0, len(todo), batch_size), desc="test set", unit="batch", disable=not todo):
@@ -121,6 +137,7 @@ def generate_test_set(model, prompts: list[Prompt], out_dir, setting, *, batch_s
         for (_, p), im in zip(batch, to_output_pils(images, size)):
             atomic_save_image(im, out_dir / p.image_name)
     seconds = time.perf_counter() - start
+    shards.barrier()
     return dict(written=len(todo), skipped=skipped, seconds=round(seconds, 2),
                 images_per_s=round(len(todo) / seconds, 2) if todo and seconds > 0 else None)
 
