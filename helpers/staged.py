@@ -168,7 +168,7 @@ def _duration(seconds: float) -> str:
 class CellRecords:
     """One cell's per-prompt judge records for the judged prompts it has sampled so far (`<folder>/<id>.npz`).
     Arrays hold one row per judged prompt; `sampled` marks the rows that are real (the rest are zeros and
-    compress to nothing). Features are stored as float32: what the networks computed, so nothing is lost."""
+    compress to nothing). float64 features that are float32 values (what the networks computed) are stored as float32."""
 
     def __init__(self, folder: Path, cell_id: str, n_prompts: int):
         self.path, self.n = folder / f"{cell_id}.npz", n_prompts
@@ -205,9 +205,18 @@ class CellRecords:
     def save(self) -> None:
         from .files import atomic_write
 
-        stored = {k: v.astype(np.float32) if v.dtype == np.float64 else v for k, v in self.arrays.items()}
+        stored = {k: _compact(v) for k, v in self.arrays.items()}
         # np.savez appends ".npz" to a name without it: write through an open file instead
         atomic_write(self.path, lambda tmp: _savez(tmp, sampled=self.sampled, **stored))
+
+
+def _compact(v: np.ndarray) -> np.ndarray:
+    """float32 where that loses nothing (network features are float32 made float64), else as it is."""
+    if v.dtype == np.float64:
+        small = v.astype(np.float32)
+        if np.array_equal(small, v):
+            return small
+    return v
 
 
 def _savez(path: Path, **arrays) -> None:
@@ -248,15 +257,12 @@ def staged_sweep(model, cfg: RunConfig, judge, settings: list[Setting], prompts:
                      model.scheduler_config)
     loaded = _Loaded(model, cfg)
 
-    # the cost, measured on the first cell's first-stage images (which the sweep needs anyway)
-    first = plan.settings[0]
-    t0 = time.perf_counter()
-    fresh = _fill(loaded, first, records[first], order[:plan.sizes[0]], prompts, seeds, judge, batch_size, shards)
-    seconds = time.perf_counter() - t0
-    per_eval = seconds / max(fresh * plan.evals_per_image[0], 1) if fresh else None
+    # the cost, measured on the first-stage images of the first cell that lacks them (which the sweep needs anyway),
+    # or read back from the interrupted sweep's stages.json
+    per_eval = _measure(loaded, plan, records, order, prompts, seeds, judge, batch_size, shards, model.device)
+    if per_eval is None:
+        per_eval = _earlier_measurement(cfg.layout.selection / "stages.json", context)
     if per_eval:
-        print(f"measured: {seconds / fresh:.3g} s per image at {plan.evals_per_image[0]} U-Net evaluations per image "
-              f"({first.label()}) on {model.device} x {shards.world} process(es): {per_eval:.3g} s per evaluation")
         plan = trim_to_budget(plan, per_eval, budget_hours, cfg.layout.snapshot_names(), keep)
         if plan.dropped:
             print(f"select_budget_hours={budget_hours:g}: dropped {len(plan.dropped)} cell(s) to fit: "
@@ -266,7 +272,8 @@ def staged_sweep(model, cfg: RunConfig, judge, settings: list[Setting], prompts:
     kind, reference = judge.kind, judge.reference
     alive = list(plan.settings)
     summary = {"plan": {"sizes": plan.sizes, "counts": plan.counts, "keep": keep, "images": plan.images,
-                        "screen": judge.kind, "dropped": [s.to_dict() for s in plan.dropped]},
+                        "screen": judge.kind, "dropped": [s.to_dict() for s in plan.dropped],
+                        "seconds_per_eval": per_eval},
                "context": context, "stages": []}
     from .progress import progress_bar
 
@@ -294,6 +301,34 @@ def staged_sweep(model, cfg: RunConfig, judge, settings: list[Setting], prompts:
         rows.append(row)
     shards.barrier()
     return rows, summary
+
+
+def _measure(loaded, plan: Plan, records: dict, order, prompts, seeds, judge, batch_size, shards, device):
+    """Seconds per U-Net evaluation per image, timed on the first cell that still lacks its stage-1 images."""
+    for s, evals in zip(plan.settings, plan.evals_per_image):
+        if records[s].missing(order[:plan.sizes[0]]):
+            t0 = time.perf_counter()
+            fresh = _fill(loaded, s, records[s], order[:plan.sizes[0]], prompts, seeds, judge, batch_size, shards)
+            seconds = time.perf_counter() - t0
+            print(f"measured: {seconds / fresh:.3g} s per image at {evals} U-Net evaluations per image "
+                  f"({s.label()}) on {device} x {shards.world} process(es): {seconds / fresh / evals:.3g} s per "
+                  "evaluation (weights loading and judging included)")
+            return seconds / fresh / evals
+    return None
+
+
+def _earlier_measurement(path: Path, context: dict) -> float | None:
+    from .files import read_json
+
+    try:
+        earlier = read_json(path)
+        if earlier.get("context") == context and earlier["plan"].get("seconds_per_eval"):
+            print(f"stage 1 was sampled earlier; its measurement: {earlier['plan']['seconds_per_eval']:.3g} s per "
+                  f"evaluation ({path})")
+            return float(earlier["plan"]["seconds_per_eval"])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        pass
+    return None
 
 
 class _Loaded:

@@ -1,0 +1,170 @@
+"""Staged selection: successive halving over prompts, its screening estimator, its cost, and its replay."""
+import numpy as np
+import pytest
+import torch
+
+import helpers.sample
+from helpers.estimators import kid_to_gaussian, scores_from, screen_score
+from helpers.model import load_model
+from helpers.score import feature_statistics, frechet_distance
+from helpers.selection import read_cells, selection_sweep, sweep_settings
+from helpers.setting import Setting
+from helpers.staged import (Plan, best, cells_per_stage, halving, prompt_order, stage_sizes, staged_sweep,
+                            trim_to_budget)
+from helpers.train import train
+from test_train import make_run
+
+
+class BrightJudge:
+    """A stand-in course judge: each image's mean brightness as its "CLIP-T" (a per-prompt mean, higher is better)."""
+
+    key, kind, columns, reference = "bright", "course", ["clip_t"], {}
+
+    def per_prompt(self, images, positions=None):
+        return {"clip_t": images.double().mean((1, 2, 3)).numpy()}
+
+    def evaluate(self, images):
+        return scores_from(self.kind, self.reference, self.per_prompt(images))
+
+    def rank(self, row):
+        return (-row["clip_t"], row["setting"]["guidance"])
+
+
+class FreshBrightJudge(BrightJudge):
+    key = "bright-full"
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    from conftest import write_course_dataset
+
+    root = tmp_path_factory.mktemp("staged")
+    cfg = make_run(root, write_course_dataset(root / "course"), max_steps=4, snapshot_every=2, checkpoint_every=4)
+    train(cfg, progress=False)
+    return cfg
+
+
+REAL_SAMPLE = helpers.sample.sample_images
+PROMPTS = [f"a monster number {i}." for i in range(8)]
+SEEDS = [100 + i for i in range(8)]
+
+
+def test_the_plan_halves_the_cells_and_ends_on_every_prompt():
+    assert stage_sizes([24, 80], 240) == [24, 80, 240] and stage_sizes([24, 80], 60) == [24, 60]
+    assert stage_sizes([], 240) == [240]
+    assert cells_per_stage(36, 3, 0.33) == [36, 12, 4] and cells_per_stage(3, 3, 0.33) == [3, 1, 1]
+    assert best([3.0, 1.0, 2.0, 1.0], 2) == [1, 3]  # the two smallest, ties to the earlier, in original order
+    assert prompt_order(10, 0) == prompt_order(10, 0) != prompt_order(10, 1) and sorted(prompt_order(10, 0)) == list(
+        range(10))
+    true = [0.1 * c for c in range(9)]  # cell 0 is best
+    stages = halving(9, [3, 6, 12], 0.34, lambda c, n: true[c])
+    assert stages == [list(range(9)), [0, 1, 2, 3], [0, 1]]
+    plan = Plan([Setting()] * 9, [3, 6, 12], [9, 4, 2], [10] * 9)
+    assert plan.images == [27, 12, 12] and plan.full_images == 108 and sum(plan.evals()) == 510
+
+
+def test_budget_drops_the_oldest_snapshots_costliest_cells_first_and_says_so():
+    settings = [Setting(snapshot=s, guidance=g, steps=n) for s in ("step-000002", "step-000004")
+                for g in (1.0, 3.0) for n in (2, 3)]
+    evals = [n * (1 if g == 1.0 else 2) for s in (0, 1) for g in (1.0, 3.0) for n in (2, 3)]
+    plan = Plan(settings, [2, 8], cells_per_stage(8, 2, 0.5), evals)
+    cost = sum(plan.evals())  # seconds at 1 s per evaluation
+    assert trim_to_budget(plan, 1.0, 0, ["step-000002", "step-000004"], 0.5) is plan  # no budget
+    assert trim_to_budget(plan, 1.0, cost / 3600, ["step-000002", "step-000004"], 0.5).dropped == []
+    trimmed = trim_to_budget(plan, 1.0, 0.6 * cost / 3600, ["step-000002", "step-000004"], 0.5)
+    assert sum(trimmed.evals()) <= 0.6 * cost and trimmed.dropped
+    assert trimmed.dropped[0] == Setting(snapshot="step-000002", guidance=3.0, steps=3)  # oldest, costliest
+    assert all(s.snapshot == "step-000002" for s in trimmed.dropped)
+    assert len(trimmed.settings) + len(trimmed.dropped) == 8
+    assert len(trim_to_budget(plan, 1.0, 1e-9, ["step-000002", "step-000004"], 0.5).settings) == 1
+
+
+def test_kid_to_the_reference_gaussian_is_unbiased_at_any_n_while_fid_is_not():
+    rng = np.random.default_rng(0)
+    d, mu, sigma = 3, np.zeros(3), np.eye(3)
+    # the self term of the reference Gaussian, closed form vs Monte Carlo: KID of the reference itself is 0
+    draws = [kid_to_gaussian(rng.normal(size=(200, d)), mu, sigma) for _ in range(300)]
+    assert abs(np.mean(draws)) < 3 * np.std(draws) / np.sqrt(len(draws))
+
+    def mean_at(n, spread, metric, reps=400):
+        return np.mean([metric(rng.normal(0.3, spread, size=(n, d))) for _ in range(reps)])
+
+    kid = lambda x: kid_to_gaussian(x, mu, sigma)  # noqa: E731
+    fid = lambda x: frechet_distance(*feature_statistics(x), mu, sigma)  # noqa: E731
+    for spread in (0.5, 1.5):  # a low- and a high-diversity setting
+        small, large = mean_at(8, spread, kid), mean_at(128, spread, kid, reps=100)
+        assert abs(small - large) < 0.15 * max(abs(large), 0.05) + 0.02, (spread, small, large)
+    # FID's bias at small N grows with the spread: at N=8 it flips the order of these two settings
+    gap = lambda n: mean_at(n, 1.5, fid) - mean_at(n, 0.5, fid)  # noqa: E731
+    bias = lambda spread: mean_at(8, spread, fid) - mean_at(256, spread, fid, reps=50)  # noqa: E731
+    assert bias(1.5) > 2 * bias(0.5) > 0
+
+
+def test_screening_is_the_mean_accuracy_for_the_probe_and_kid_for_the_course():
+    rng = np.random.default_rng(1)
+    correct = rng.random((6, 5)) < 0.5
+    probe = {"correct": correct, "features": rng.normal(size=(6, 4))}
+    real = {"real_features": rng.normal(size=(6, 4))}
+    row = scores_from("probe", real, probe)
+    assert screen_score("probe", real, probe) == pytest.approx(-row["mean_accuracy"])
+    assert row["mean_accuracy"] == pytest.approx(correct[:, [0, 1, 4]].mean())
+    assert scores_from("probe", real, probe, [0, 2, 4])["accuracy"]["color"] == pytest.approx(correct[[0, 2, 4], 0].mean())
+    course = {"inception": rng.normal(size=(6, 4)), "clip_t": rng.random(6)}
+    ref = {"mu": np.zeros(4), "sigma": np.eye(4)}
+    assert screen_score("course", ref, course) == pytest.approx(kid_to_gaussian(course["inception"], ref["mu"], ref["sigma"]))
+    assert screen_score("course", {}, {"clip_t": course["clip_t"]}) == pytest.approx(-course["clip_t"].mean())
+
+
+class Interrupted(Exception):
+    """Stands for Ctrl-C or an ended session in the middle of a sweep."""
+
+
+def _counting(monkeypatch, fail_after=None):
+    calls, real = [], REAL_SAMPLE
+
+    def sample(model, prompts, seeds, setting, **kw):
+        if fail_after is not None and len(calls) >= fail_after:
+            raise Interrupted("stopped by the test")
+        calls.append((setting, list(prompts), list(seeds)))
+        return real(model, prompts, seeds, setting, **kw)
+
+    monkeypatch.setattr(helpers.sample, "sample_images", sample)
+    return calls
+
+
+def test_staged_sweep_reuses_stage_images_resumes_and_matches_the_full_sweep(run, monkeypatch, capsys):
+    model, judge = load_model(run), BrightJudge()
+    settings = sweep_settings(Setting(scheduler="ddim", steps=2), snapshot=run.layout.snapshot_names(),
+                              guidance=[1.0, 2.0, 4.0])
+    kw = dict(batch_size=4, stage_prompts=[2, 4], keep=0.5, budget_hours=0, progress=False)
+    # interrupted in stage 2: the cells finished so far are kept on disk
+    calls = _counting(monkeypatch, fail_after=7)
+    with pytest.raises(Interrupted):
+        staged_sweep(model, run, judge, settings, PROMPTS, SEEDS, **kw)
+    assert len(calls) == 7
+    order = prompt_order(8, run.seed)
+    assert len({c[0] for c in calls[:6]}) == 6  # stage 1: every cell on the same first two prompts and seeds
+    assert all(c[1] == [PROMPTS[p] for p in order[:2]] and c[2] == [SEEDS[p] for p in order[:2]] for c in calls[:6])
+    calls = _counting(monkeypatch)
+    rows, summary = staged_sweep(model, run, judge, settings, PROMPTS, SEEDS, **kw)
+    out = capsys.readouterr().out
+    assert "stage 1 was sampled earlier" in out and "the full sweep it replaces: 6 cells x 8 prompts = 48 images" in out
+    assert [len(s["cells"]) for s in summary["stages"]] == [6, 3, 2] and summary["plan"]["images"] == [12, 6, 8]
+    assert len(calls) == 2 + 2  # stage 2's last two cells, then the two finalists' last 4 prompts each
+    # later stages sample only the prompts a cell lacked
+    assert all(c[1] == [PROMPTS[p] for p in order[2:4]] and c[2] == [SEEDS[p] for p in order[2:4]] for c in calls[:2])
+    assert all(c[1] == [PROMPTS[p] for p in order[4:8]] and c[2] == [SEEDS[p] for p in order[4:8]] for c in calls[2:])
+    # the finalists' rows are those of the full sweep over the same cells (stage images are the final ones)
+    winners = [Setting.from_dict(r["setting"]) for r in rows]
+    fresh = FreshBrightJudge()  # its own cells, not the staged sweep's rows
+    full = selection_sweep(model, run, fresh, winners, PROMPTS, SEEDS, batch_size=8, progress=False)
+    assert [r["clip_t"] for r in rows] == pytest.approx([r["clip_t"] for r in full], abs=1e-5)
+    # and the halving kept the best of the screened cells: the full sweep's winner over all six is among them
+    everything = selection_sweep(model, run, fresh, settings, PROMPTS, SEEDS, batch_size=8, progress=False)
+    assert min(everything, key=judge.rank)["setting"] in [r["setting"] for r in rows]
+    # a second run samples nothing and adds no duplicate rows to cells.jsonl
+    calls = _counting(monkeypatch)
+    before = len(read_cells(run.layout.cells))
+    again, _ = staged_sweep(model, run, judge, settings, PROMPTS, SEEDS, **kw)
+    assert calls == [] and again == rows and len(read_cells(run.layout.cells)) == before
+    assert (run.layout.selection / "stages.json").exists()
