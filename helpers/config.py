@@ -453,6 +453,9 @@ PROFILES: dict[str, dict] = {
         # post-hoc EMA lengths and autoguidance, untried on hw6 (README): EDM2-S's best lengths are 0.025 with CFG and
         # 0.070 with autoguidance; the guide is the first snapshot (~1/9 of training; the paper's default is ~1/16)
         sweep_ema_lengths=[0.0, 0.025, 0.07], sweep_guides=["", "first"], sweep_guide_weights=[2.0],
+        # staged: 225 cells x 48 prompts, the best 45 x 192, the best 9 x all 1,063: with the test set 15 % of
+        # training's FLOP (20 % if the costliest cells move on); the full sweep is 136 % (helpers.selection_cost)
+        sweep_stage_prompts=[48, 192], sweep_keep=0.2,
     ),
     "sd-baseline": dict(
         data_dir="data/hw6", resolution=256, text_encoder="CompVis/stable-diffusion-v1-4", max_tokens=77,

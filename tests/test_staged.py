@@ -168,3 +168,21 @@ def test_staged_sweep_reuses_stage_images_resumes_and_matches_the_full_sweep(run
     again, _ = staged_sweep(model, run, judge, settings, PROMPTS, SEEDS, **kw)
     assert calls == [] and again == rows and len(read_cells(run.layout.cells)) == before
     assert (run.layout.selection / "stages.json").exists()
+
+
+def test_hw6_default_selection_and_test_set_cost_at_most_a_fifth_of_training():
+    from helpers.config import profile_config
+    from helpers.selection_cost import HW6_TEST_PROMPTS, HW6_TRAIN_STEPS, flop_report, flop_totals, selection_cost
+
+    cfg = profile_config("hw6")
+    cost = selection_cost(cfg, 9, HW6_TEST_PROMPTS)
+    assert len(cost.plan.settings) == 225  # issue 22's count: 135 unguided + 90 autoguided cells
+    assert cost.plan.sizes == [48, 192, 1063] and cost.plan.counts == [225, 45, 9]
+    assert cost.test_evals_per_image == 30  # 15 steps, CFG at every one
+    # the U-Net's and the SD decoder's GFLOP, as torch's counter gives them on the meta device (selection_cost
+    # measures them; the test passes them in to stay fast)
+    _, f = flop_totals(cfg, 9, HW6_TRAIN_STEPS, HW6_TEST_PROMPTS, gflop=89.22, decode_gflop=622.2)
+    assert (f["selection_max"] + f["test_set"]) / f["training"] <= 0.20
+    assert 1.3 < f["full_sweep"] / f["training"] < 1.4  # the issue's 1.36x
+    report = flop_report(cfg, 9, HW6_TRAIN_STEPS, HW6_TEST_PROMPTS, gflop=89.22, decode_gflop=622.2)
+    assert "225 cells" in report and "of training" in report
