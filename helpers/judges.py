@@ -28,6 +28,19 @@ def _tie_break(row: dict) -> tuple:
     return (s["guidance"], s["steps"], s["snapshot"])
 
 
+def probe_rank(row: dict) -> tuple:
+    return (-row["mean_accuracy"], row["frechet_distance"], *_tie_break(row))
+
+
+def course_rank(row: dict) -> tuple:
+    if "fid" in row:
+        return (row["fid"], -row.get("clip_t", 0.0), *_tie_break(row))
+    return (-row["clip_t"], *_tie_break(row))
+
+
+RANKS = {"probe": probe_rank, "course": course_rank}  # by judge kind: the rule's order of rows, smaller first
+
+
 @dataclass
 class ProbeJudge:
     probe: object  # helpers.probe.Probe
@@ -70,7 +83,7 @@ class ProbeJudge:
         return self._reference
 
     def rank(self, row: dict) -> tuple:
-        return (-row["mean_accuracy"], row["frechet_distance"], *_tie_break(row))
+        return probe_rank(row)
 
 
 @dataclass
@@ -129,9 +142,7 @@ class CourseJudge:
                 "sigma": np.asarray(self.reference_stats[1], np.float64)}
 
     def rank(self, row: dict) -> tuple:
-        if "fid" in row:
-            return (row["fid"], -row.get("clip_t", 0.0), *_tie_break(row))
-        return (-row["clip_t"], *_tie_break(row))
+        return course_rank(row)
 
 
 @dataclass

@@ -170,8 +170,8 @@ class CellRecords:
     Arrays hold one row per judged prompt; `sampled` marks the rows that are real (the rest are zeros and
     compress to nothing). float64 features that are float32 values (what the networks computed) are stored as float32."""
 
-    def __init__(self, folder: Path, cell_id: str, n_prompts: int):
-        self.path, self.n = folder / f"{cell_id}.npz", n_prompts
+    def __init__(self, folder: Path, cell_id: str, n_prompts: int, meta: dict | None = None):
+        self.path, self.n, self.meta = folder / f"{cell_id}.npz", n_prompts, meta or {}
         self.arrays: dict[str, np.ndarray] = {}
         self.sampled = np.zeros(n_prompts, bool)
         if self.path.exists():
@@ -185,6 +185,7 @@ class CellRecords:
             print(f"{self.path}: unreadable ({type(e).__name__}: {e}); this cell's prompts are sampled again")
             return
         sampled = arrays.pop("sampled", None)
+        self.meta = json.loads(str(arrays.pop("meta"))) if "meta" in arrays else self.meta
         if sampled is None or len(sampled) != self.n or any(len(v) != self.n for v in arrays.values()):
             print(f"{self.path}: not {self.n} judged prompts; this cell's prompts are sampled again")
             return
@@ -207,7 +208,9 @@ class CellRecords:
 
         stored = {k: _compact(v) for k, v in self.arrays.items()}
         # np.savez appends ".npz" to a name without it: write through an open file instead
-        atomic_write(self.path, lambda tmp: _savez(tmp, sampled=self.sampled, **stored))
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(self.path, lambda tmp: _savez(tmp, sampled=self.sampled, meta=np.array(json.dumps(self.meta)),
+                                                   **stored))
 
 
 def _compact(v: np.ndarray) -> np.ndarray:
@@ -224,6 +227,18 @@ def _savez(path: Path, **arrays) -> None:
         np.savez_compressed(f, **arrays)
 
 
+def context_id(context: dict) -> str:
+    return hashlib.sha256(json.dumps(context, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def save_reference(folder: Path, context: dict, kind: str, reference: dict) -> None:
+    from .files import atomic_write
+
+    folder.mkdir(parents=True, exist_ok=True)
+    meta = np.array(json.dumps({"kind": kind, "context": context}))
+    atomic_write(folder / f"reference-{context_id(context)}.npz", lambda tmp: _savez(tmp, meta=meta, **reference))
+
+
 def cell_id(setting: Setting, weights: str, context: dict) -> str:
     return hashlib.sha256(json.dumps([setting.to_dict(), weights, context], sort_keys=True).encode()).hexdigest()[:20]
 
@@ -233,12 +248,12 @@ def cell_id(setting: Setting, weights: str, context: dict) -> str:
 
 def staged_sweep(model, cfg: RunConfig, judge, settings: list[Setting], prompts: list[str], seeds: list[int], *,
                  batch_size: int, stage_prompts: list[int] | None = None, keep: float | None = None,
-                 budget_hours: float | None = None, progress: bool = True) -> tuple[list[dict], dict]:
+                 budget_hours: float | None = None, progress: bool = True, folder=None) -> tuple[list[dict], dict]:
     """(rows of the finalists judged on every prompt, the stage record written to selection/stages.json).
 
     `judge` needs `per_prompt(images, positions)`, `reference`, `kind` and `key` (helpers.judges). Every process of
     an `accelerate launch` calls this: each samples its share of every cell's missing prompts (helpers.shards) and
-    the main process writes the records."""
+    the main process writes the records. `folder`: where the per-cell records go (default selection/staged)."""
     from .files import atomic_write_json
     from .selection import append_cell, read_cells, setting_weights_id
     from .shards import Shards
@@ -249,9 +264,12 @@ def staged_sweep(model, cfg: RunConfig, judge, settings: list[Setting], prompts:
     budget_hours = cfg.select_budget_hours if budget_hours is None else budget_hours
     n = len(prompts)
     context = {"prompts": hashlib.sha256(json.dumps([prompts, seeds]).encode()).hexdigest()[:16], "judge": judge.key}
-    folder = cfg.layout.selection / "staged"
+    folder = Path(folder) if folder else cfg.layout.selection / "staged"
     weights = {s: setting_weights_id(cfg, s) for s in settings}
-    records = {s: CellRecords(folder, cell_id(s, weights[s], context), n) for s in settings}
+    records = {s: CellRecords(folder, cell_id(s, weights[s], context), n,
+                              {"setting": s.to_dict(), "weights": weights[s], "context": context}) for s in settings}
+    if shards.is_main:  # what replay needs to judge the records again (helpers.replay)
+        save_reference(folder, context, judge.kind, judge.reference)
     order = prompt_order(n, cfg.seed)
     plan = make_plan(settings, n, cfg.replace(sweep_stage_prompts=stage_prompts, sweep_keep=keep),
                      model.scheduler_config)
@@ -358,5 +376,5 @@ def _fill(loaded: _Loaded, s: Setting, records: CellRecords, positions, prompts,
         records.save()
     shards.barrier()
     if not shards.is_main:
-        records.__init__(records.path.parent, records.path.stem, records.n)  # read what the main process wrote
+        records.__init__(records.path.parent, records.path.stem, records.n)  # what the main process wrote
     return len(todo)

@@ -168,6 +168,17 @@ def test_staged_sweep_reuses_stage_images_resumes_and_matches_the_full_sweep(run
     again, _ = staged_sweep(model, run, judge, settings, PROMPTS, SEEDS, **kw)
     assert calls == [] and again == rows and len(read_cells(run.layout.cells)) == before
     assert (run.layout.selection / "stages.json").exists()
+    # the full sweep on the same records (only the prompts the staged sweep skipped are sampled), then its replay
+    from helpers.replay import load_full_sweep, replay_table
+
+    calls = _counting(monkeypatch)
+    full_rows, _ = staged_sweep(model, run, judge, settings, PROMPTS, SEEDS, **{**kw, "stage_prompts": []})
+    assert len(full_rows) == 6 and sum(len(c[1]) for c in calls) == 48 - 26
+    sweep = load_full_sweep(run.layout.selection / "staged")
+    assert sweep.n == 8 and len(sweep.settings) == 6 and sweep.kind == "course"
+    assert sweep.settings[sweep.winner()] == min(full_rows, key=judge.rank)["setting"]
+    table, results = replay_table(sweep, [([2, 4], 0.5)], orders=5, bootstrap=10)
+    assert results[0]["images"] == 26 and "full sweep: 6 cells x 8 prompts" in table
 
 
 def test_hw6_default_selection_and_test_set_cost_at_most_a_fifth_of_training():
@@ -186,3 +197,34 @@ def test_hw6_default_selection_and_test_set_cost_at_most_a_fifth_of_training():
     assert 1.3 < f["full_sweep"] / f["training"] < 1.4  # the issue's 1.36x
     report = flop_report(cfg, 9, HW6_TRAIN_STEPS, HW6_TEST_PROMPTS, gflop=89.22, decode_gflop=622.2)
     assert "225 cells" in report and "of training" in report
+
+
+def synthetic_probe_sweep(accuracies, n=240, seed=0):
+    """A full sweep of the probe judge: cell c reads each attribute right with probability accuracies[c]."""
+    from helpers.replay import FullSweep
+
+    rng = np.random.default_rng(seed)
+    real = rng.normal(size=(n, 4))
+    records = [{"correct": rng.random((n, 5)) < a, "features": real + rng.normal(0, 0.3, size=(n, 4))}
+               for a in accuracies]
+    settings = [Setting(guidance=1.0 + c, steps=10).to_dict() for c in range(len(accuracies))]
+    return FullSweep("probe", {"real_features": real}, settings, records, n)
+
+
+def test_replay_on_a_synthetic_sweep_finds_the_winner_or_a_near_tie_and_counts_images():
+    from helpers.replay import plan_images, replay, replay_table, within_noise
+
+    sweep = synthetic_probe_sweep([0.5, 0.6, 0.7, 0.8, 0.9, 0.895] + [0.55] * 10)
+    winner, near = within_noise(sweep, bootstrap=60, alpha=0.05)
+    assert winner in (4, 5) and near >= {4, 5} and 0 not in near and 3 not in near
+    picks = replay(sweep, [24, 80], 0.33, orders=40)
+    assert all(p in near for p in picks)
+    table, results = replay_table(sweep, [([24, 80], 0.33), ([], 1.0)], orders=20, bootstrap=40)
+    assert results[1]["images"] == 16 * 240 and results[1]["exact"] == 1.0  # no screening: the full sweep itself
+    assert results[0]["images"] == plan_images(16, 240, [24, 80], 0.33) == 16 * 24 + 6 * 56 + 2 * 160
+    assert results[0]["within_noise"] == 1.0 and "| 24 / 80 / 240 | 0.33 |" in table
+    # a screen on too few prompts of nearly equal cells drops the winner in some orders: replay can tell
+    close = synthetic_probe_sweep([0.70, 0.71, 0.72, 0.73, 0.74, 0.75], n=400, seed=1)
+    w, near = within_noise(close, bootstrap=60, alpha=0.05)
+    picks = replay(close, [4], 0.2, orders=40)
+    assert len(set(picks)) > 1
