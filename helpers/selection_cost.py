@@ -156,3 +156,19 @@ def hw6_flop_report(n_snapshots: int = 9, **overrides) -> str:
 
 if __name__ == "__main__":
     print(hw6_flop_report())
+
+
+def run_flop_report(cfg: RunConfig, model) -> str:
+    """flop_report for a trained run as 04 sees it: its snapshots, its training steps, its U-Net measured by
+    torch's FLOP counter, and the SD VAE's decode (nothing for pixel-space profiles)."""
+    from .data import load_prompts
+    from .selection import snapshot_step
+    from .unet import forward_gflops
+
+    names = cfg.layout.snapshot_names()
+    steps = max([snapshot_step(n) for n in names] + [cfg.max_steps if not cfg.max_epochs else 0])
+    latent = model.latent_shape
+    gflop = forward_gflops(model.unet, latent[-1], cfg.max_tokens)
+    decode = sd_vae_decode_gflop(latent[-1]) if cfg.autoencoder != "identity" else 0.0
+    n_test = len(load_prompts(cfg.data_path / "test.json"))
+    return flop_report(cfg, max(len(names), 1), steps, n_test, gflop=gflop, decode_gflop=decode)

@@ -378,3 +378,60 @@ def _fill(loaded: _Loaded, s: Setting, records: CellRecords, positions, prompts,
     if not shards.is_main:
         records.__init__(records.path.parent, records.path.stem, records.n)  # what the main process wrote
     return len(todo)
+
+
+# ---------------------------------------------------------------- 04's selection and test set, for accelerate launch
+
+
+def main(argv=None) -> int:
+    """What 04_sample's selection and test-set cells do, as a command that `accelerate launch` can split over GPUs:
+
+        accelerate launch --num_processes 2 -m helpers.staged --run hw6     # Kaggle's 2 x T4
+        python -m helpers.staged --run demo                                  # one process: the same images
+    """
+    import argparse
+
+    from .config import open_run
+    from .data import load_prompts
+    from .judges import judge_for_run
+    from .metrics import write_metrics
+    from .selection import choose, load_for_setting, setting_weights_id, sweep_axes, sweep_settings, with_setting
+    from .shards import Shards
+    from .submission import write_test_set
+
+    p = argparse.ArgumentParser(prog="python -m helpers.staged", description=main.__doc__.split("\n\n")[0])
+    p.add_argument("--run", required=True)
+    p.add_argument("--outputs-dir", default="outputs")
+    p.add_argument("--no-test-set", action="store_true", help="choose only; write no test set")
+    p.add_argument("--probe-steps", type=int, default=400)
+    args = p.parse_args(argv)
+    shards = Shards.current()  # before any model is placed: each process on its own GPU
+    cfg = open_run(args.run, None, args.outputs_dir)
+    axes = sweep_axes(cfg)
+    base = Setting.from_config(cfg, snapshot=axes["snapshot"][-1])
+    model, _ = load_for_setting(cfg, base)
+    if not shards.is_main:
+        shards.barrier()  # the main process trains (or reads) the cached probe / reference statistics first
+    judged, skipped = judge_for_run(cfg, cfg.sweep_prompts, probe_steps=args.probe_steps)
+    if shards.is_main:
+        shards.barrier()
+    if judged is None:
+        raise SystemExit(f"no judge for run {cfg.run_name}: {skipped}")
+    rows, stages = staged_sweep(model, cfg, judged.judge, sweep_settings(base, **axes), judged.texts, judged.seeds,
+                                batch_size=cfg.sample_batch_size, progress=shards.is_main)
+    choice = choose(rows, judged.judge)
+    if shards.is_main:
+        write_metrics(cfg.run_dir, {"selection": {"rule": judged.judge.rule, "judge": judged.judge.key,
+                                                  "prompts": judged.note, "sweep_prompts": cfg.sweep_prompts,
+                                                  "stages": stages["plan"], "table": rows, "choice": choice}})
+        print(f"chosen: {Setting.from_dict(choice['setting']).label()} ({judged.judge.rule})")
+    if not args.no_test_set:
+        setting = Setting.from_dict(choice["setting"])
+        write_test_set(with_setting(model, cfg, setting), load_prompts(cfg.data_path / "test.json"),
+                       cfg.layout.results, setting, setting_weights_id(cfg, setting), seed=cfg.seed,
+                       size=cfg.output_size, batch_size=cfg.sample_batch_size)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
