@@ -156,7 +156,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m helpers.replay", description=__doc__.split("\n\n")[0])
     p.add_argument("--run", required=True, help="the run's name (outputs/runs/<run>)")
     p.add_argument("--outputs-dir", default="outputs")
-    p.add_argument("--records", default=None, help="folder of the full sweep's records (default <run>/selection/staged)")
+    p.add_argument("--records", default=None,
+                   help="folder of the full sweep's records (default <run>/selection/staged)")
     p.add_argument("--plan", action="append", type=parse_plan, default=None,
                    help="stage sizes:keep, e.g. 24,80:0.33 (repeat; default: the run config's)")
     p.add_argument("--orders", type=int, default=200)

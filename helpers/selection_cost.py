@@ -128,10 +128,11 @@ def flop_report(cfg: RunConfig, n_snapshots: int, train_steps: int, n_test_promp
     plan = cost.plan
     train, sel, sel_max, test, full = f["training"], f["selection"], f["selection_max"], f["test_set"], f["full_sweep"]
     mean_evals = sum(plan.evals_per_image) / len(plan.evals_per_image)
-    stages = "; ".join(f"stage {k + 1}: {c} cells x {n} prompts" for k, (c, n) in enumerate(zip(plan.counts, plan.sizes)))
+    stages = "; ".join(f"stage {k + 1}: {c} cells x {n} prompts"
+                       for k, (c, n) in enumerate(zip(plan.counts, plan.sizes)))
     return "\n".join([
-        f"{cfg.profile}: {len(plan.settings)} cells ({n_snapshots} snapshots, {len(set(s.snapshot for s in plan.settings))}"
-        f" swept), {mean_evals:.1f} U-Net evaluations per image on average; U-Net {gflop:.2f} GFLOP per evaluation, "
+        f"{cfg.profile}: {len(plan.settings)} cells ({n_snapshots} snapshots, "
+        f"{len(set(s.snapshot for s in plan.settings))} swept), {mean_evals:.1f} U-Net evaluations per image on average; U-Net {gflop:.2f} GFLOP per evaluation, "
         f"decode {decode_gflop:.0f} GFLOP per image",
         f"training: {train_steps:,} steps x {cfg.batch_size} images x 3 x {gflop:.2f} GFLOP = {train:.3g} FLOP",
         f"staged selection ({stages}; keep {cfg.sweep_keep:g}): {plan.images} = {cost.selection_images:,} new images,"

@@ -46,6 +46,16 @@ class Shards:
 
             dist.barrier()
 
+    def broadcast(self, obj):
+        """The main process's `obj` on every process (decisions that must agree, e.g. a measured cost)."""
+        if self.world == 1:
+            return obj
+        import torch.distributed as dist
+
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
     def gather(self, local: list, n: int) -> list:
         """Every process's `local` items (its share of n) back in the original order, on every process."""
         if self.world == 1:

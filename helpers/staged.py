@@ -105,9 +105,11 @@ class Plan:
         return [c * (n - (self.sizes[k - 1] if k else 0)) for k, (c, n) in enumerate(zip(self.counts, self.sizes))]
 
     def evals(self) -> list[float]:
-        """Per stage, assuming the cells that move on cost the sweep's average per image."""
+        """Per stage: exact for the first (every cell); later ones at the sweep's average per image (which cells
+        move on is not known before)."""
         mean = sum(self.evals_per_image) / max(len(self.evals_per_image), 1)
-        return [mean * i for i in self.images]
+        return [sum(self.evals_per_image) * self.sizes[0] if k == 0 and self.counts[0] == len(self.evals_per_image)
+                else mean * i for k, i in enumerate(self.images)]
 
     @property
     def full_images(self) -> int:
@@ -168,7 +170,8 @@ def _duration(seconds: float) -> str:
 class CellRecords:
     """One cell's per-prompt judge records for the judged prompts it has sampled so far (`<folder>/<id>.npz`).
     Arrays hold one row per judged prompt; `sampled` marks the rows that are real (the rest are zeros and
-    compress to nothing). float64 features that are float32 values (what the networks computed) are stored as float32."""
+    compress to nothing). float64 features that are float32 values (what the networks computed) are stored as
+    float32."""
 
     def __init__(self, folder: Path, cell_id: str, n_prompts: int, meta: dict | None = None):
         self.path, self.n, self.meta = folder / f"{cell_id}.npz", n_prompts, meta or {}
@@ -280,12 +283,14 @@ def staged_sweep(model, cfg: RunConfig, judge, settings: list[Setting], prompts:
     per_eval = _measure(loaded, plan, records, order, prompts, seeds, judge, batch_size, shards, model.device)
     if per_eval is None:
         per_eval = _earlier_measurement(cfg.layout.selection / "stages.json", context)
+    per_eval = shards.broadcast(per_eval)  # every process must drop the same cells
     if per_eval:
         plan = trim_to_budget(plan, per_eval, budget_hours, cfg.layout.snapshot_names(), keep)
-        if plan.dropped:
+        if plan.dropped and shards.is_main:
             print(f"select_budget_hours={budget_hours:g}: dropped {len(plan.dropped)} cell(s) to fit: "
                   + "; ".join(s.label() for s in plan.dropped[:8]) + (" ..." if len(plan.dropped) > 8 else ""))
-    print(plan.table(per_eval))
+    if shards.is_main:
+        print(plan.table(per_eval))
 
     kind, reference = judge.kind, judge.reference
     alive = list(plan.settings)
@@ -309,7 +314,8 @@ def staged_sweep(model, cfg: RunConfig, judge, settings: list[Setting], prompts:
         if shards.is_main:
             atomic_write_json(cfg.layout.selection / "stages.json", summary)
 
-    done = {json.dumps([r["setting"], r["weights"], r["context"]], sort_keys=True) for r in read_cells(cfg.layout.cells)}
+    done = {json.dumps([r["setting"], r["weights"], r["context"]], sort_keys=True)
+            for r in read_cells(cfg.layout.cells)}
     rows = []
     for s in alive:
         row = {"setting": s.to_dict(), "weights": weights[s], "context": context,
@@ -328,9 +334,10 @@ def _measure(loaded, plan: Plan, records: dict, order, prompts, seeds, judge, ba
             t0 = time.perf_counter()
             fresh = _fill(loaded, s, records[s], order[:plan.sizes[0]], prompts, seeds, judge, batch_size, shards)
             seconds = time.perf_counter() - t0
-            print(f"measured: {seconds / fresh:.3g} s per image at {evals} U-Net evaluations per image "
-                  f"({s.label()}) on {device} x {shards.world} process(es): {seconds / fresh / evals:.3g} s per "
-                  "evaluation (weights loading and judging included)")
+            if shards.is_main:
+                print(f"measured: {seconds / fresh:.3g} s per image at {evals} U-Net evaluations per image "
+                      f"({s.label()}) on {device} x {shards.world} process(es): {seconds / fresh / evals:.3g} s "
+                      "per evaluation (weights loading and judging included)")
             return seconds / fresh / evals
     return None
 

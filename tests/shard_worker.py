@@ -25,4 +25,22 @@ if shards.is_main:
     torch.save(images, f"{out}/images.pt")
 write_test_set(model, prompts, f"{out}/results", setting, setting_weights_id(cfg, setting), seed=cfg.seed,
                size=cfg.output_size, batch_size=3)
+
+
+class BrightJudge:
+    key, kind, reference = "bright", "course", {}
+
+    def per_prompt(self, images, positions=None):
+        return {"clip_t": images.double().mean((1, 2, 3)).numpy()}
+
+
+from helpers.selection import sweep_settings  # noqa: E402
+from helpers.staged import staged_sweep  # noqa: E402
+
+cells = sweep_settings(setting, guidance=[1.0, 2.0, 3.0])
+rows, _ = staged_sweep(model, cfg, BrightJudge(), cells, [p.text for p in prompts],
+                       [cfg.seed + i for i in range(len(prompts))], batch_size=3, stage_prompts=[4], keep=0.5,
+                       budget_hours=0, progress=False, folder=f"{out}/staged")
+if shards.is_main:
+    torch.save(rows, f"{out}/rows.pt")
 print(f"rank {shards.rank} of {shards.world} done")

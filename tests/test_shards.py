@@ -59,5 +59,9 @@ def test_two_processes_write_the_same_pngs_as_one(tmp_path, monkeypatch):
     same = [(tmp_path / "one" / "results" / n).read_bytes() == (tmp_path / "two" / "results" / n).read_bytes()
             for n in pngs]
     assert all(same), f"{same.count(False)} of {len(pngs)} PNGs differ"
+    # the staged sweep split over both processes: the same finalists with the same scores
+    rows1, rows2 = torch.load(tmp_path / "one" / "rows.pt"), torch.load(tmp_path / "two" / "rows.pt")
+    assert [r["setting"] for r in rows1] == [r["setting"] for r in rows2] and len(rows1) == 2
+    assert [r["clip_t"] for r in rows1] == [r["clip_t"] for r in rows2]
     manifest = lambda d: (d / "results" / "manifest.json").read_text()  # noqa: E731
     assert '"complete": true' in manifest(tmp_path / "two")

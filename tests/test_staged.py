@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import helpers.sample
-from helpers.estimators import kid_to_gaussian, scores_from, screen_score
+from helpers.estimators import kid, kid_to_gaussian, scores_from, screen_score
 from helpers.model import load_model
 from helpers.score import feature_statistics, frechet_distance
 from helpers.selection import read_cells, selection_sweep, sweep_settings
@@ -94,6 +94,10 @@ def test_kid_to_the_reference_gaussian_is_unbiased_at_any_n_while_fid_is_not():
     for spread in (0.5, 1.5):  # a low- and a high-diversity setting
         small, large = mean_at(8, spread, kid), mean_at(128, spread, kid, reps=100)
         assert abs(small - large) < 0.15 * max(abs(large), 0.05) + 0.02, (spread, small, large)
+    # the two-sample KID (the probe's screen) is unbiased too: the same expectation at 8 and 128 images
+    two = lambda n: np.mean([kid(rng.normal(0.3, 1.5, size=(n, d)), rng.normal(size=(n, d)))  # noqa: E731
+                             for _ in range(300)])
+    assert abs(two(8) - two(128)) < 0.15 * abs(two(128)) + 0.02
     # FID's bias at small N grows with the spread: at N=8 it flips the order of these two settings
     gap = lambda n: mean_at(n, 1.5, fid) - mean_at(n, 0.5, fid)  # noqa: E731
     bias = lambda spread: mean_at(8, spread, fid) - mean_at(256, spread, fid, reps=50)  # noqa: E731
@@ -106,12 +110,16 @@ def test_screening_is_the_mean_accuracy_for_the_probe_and_kid_for_the_course():
     probe = {"correct": correct, "features": rng.normal(size=(6, 4))}
     real = {"real_features": rng.normal(size=(6, 4))}
     row = scores_from("probe", real, probe)
-    assert screen_score("probe", real, probe) == pytest.approx(-row["mean_accuracy"])
+    screen = screen_score("probe", real, probe)
+    assert screen[0] == pytest.approx(-row["mean_accuracy"])
+    assert screen[1] == pytest.approx(kid(probe["features"], real["real_features"]))
     assert row["mean_accuracy"] == pytest.approx(correct[:, [0, 1, 4]].mean())
-    assert scores_from("probe", real, probe, [0, 2, 4])["accuracy"]["color"] == pytest.approx(correct[[0, 2, 4], 0].mean())
+    subset = scores_from("probe", real, probe, [0, 2, 4])
+    assert subset["accuracy"]["color"] == pytest.approx(correct[[0, 2, 4], 0].mean())
     course = {"inception": rng.normal(size=(6, 4)), "clip_t": rng.random(6)}
     ref = {"mu": np.zeros(4), "sigma": np.eye(4)}
-    assert screen_score("course", ref, course) == pytest.approx(kid_to_gaussian(course["inception"], ref["mu"], ref["sigma"]))
+    kid_course = kid_to_gaussian(course["inception"], ref["mu"], ref["sigma"])
+    assert screen_score("course", ref, course) == pytest.approx(kid_course)
     assert screen_score("course", {}, {"clip_t": course["clip_t"]}) == pytest.approx(-course["clip_t"].mean())
 
 
