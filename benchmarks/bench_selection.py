@@ -1,7 +1,8 @@
 """Staged selection against the full sweep on one trained run, on the same machine in one run.
 
     python benchmarks/bench_selection.py --run demo                       # after `make demo` (or 01-03 of it)
-    python benchmarks/bench_selection.py --run sel --outputs-dir /tmp/o --orders 50 --bootstrap 50   # a quick look
+    python benchmarks/bench_selection.py --run sel --outputs-dir /tmp/o --prompts 48 --stages 8,16 --orders 50
+                                                                          # a quick look at a short run
 
 1. The staged sweep of 04_sample (the run config's stages and keep share, or --stages/--keep), timed.
 2. The full sweep over the same cells on every judged prompt (demo: all 240), timed: the ground truth.
@@ -33,6 +34,8 @@ def main(argv=None) -> int:
                    help="more plans to replay, e.g. 16,48:0.25 (repeatable)")
     p.add_argument("--orders", type=int, default=200)
     p.add_argument("--bootstrap", type=int, default=200)
+    p.add_argument("--prompts", type=int, default=None,
+                   help="judge this many test prompts (a seeded subset) instead of the config's sweep_prompts (0 = all)")
     p.add_argument("--probe-steps", type=int, default=400)
     p.add_argument("--torch-threads", type=int, default=None)
     args = p.parse_args(argv)
@@ -55,7 +58,8 @@ def main(argv=None) -> int:
     base = Setting.from_config(cfg, snapshot=axes["snapshot"][-1])
     settings = sweep_settings(base, **axes)
     model, _ = load_for_setting(cfg, base)
-    judged, skipped = judge_for_run(cfg, cfg.sweep_prompts, probe_steps=args.probe_steps)
+    count = cfg.sweep_prompts if args.prompts is None else args.prompts
+    judged, skipped = judge_for_run(cfg, count, probe_steps=args.probe_steps)
     if judged is None:
         raise SystemExit(f"no judge for run {cfg.run_name}: {skipped}")
     bench = cfg.layout.selection / f"bench-{time.strftime('%Y%m%d-%H%M%S')}"

@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from helpers.shards import Shards
@@ -62,6 +63,7 @@ def test_two_processes_write_the_same_pngs_as_one(tmp_path, monkeypatch):
     # the staged sweep split over both processes: the same finalists with the same scores
     rows1, rows2 = torch.load(tmp_path / "one" / "rows.pt"), torch.load(tmp_path / "two" / "rows.pt")
     assert [r["setting"] for r in rows1] == [r["setting"] for r in rows2] and len(rows1) == 2
-    assert [r["clip_t"] for r in rows1] == [r["clip_t"] for r in rows2]
+    # float rounding of other batch shapes (the PNGs above, after uint8 rounding, are identical)
+    assert [r["clip_t"] for r in rows1] == pytest.approx([r["clip_t"] for r in rows2], abs=1e-6)
     manifest = lambda d: (d / "results" / "manifest.json").read_text()  # noqa: E731
     assert '"complete": true' in manifest(tmp_path / "two")
