@@ -292,6 +292,11 @@ def _step_list(v):
         return "must be a non-empty list of step counts >= 1"
 
 
+def _share(v):
+    if not (math.isfinite(v) and 0 < v <= 1):
+        return "must be a share in (0, 1]: the part of the cells that moves on to the next stage"
+
+
 def _stage_list(v):
     if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 2 for n in v) or v != sorted(set(v)):
         return "must be a list of increasing prompt counts >= 2 ([] = the full sweep)"
@@ -370,7 +375,7 @@ FIELD_CHECKS = {
     "sweep_guides": _guide_list,
     "sweep_guide_weights": _guidance_list,
     "sweep_stage_prompts": _stage_list,
-    "sweep_keep": _fraction(top_included=True),
+    "sweep_keep": _share,
     "select_budget_hours": _finite_at_least(0.0),
 }
 
