@@ -235,3 +235,14 @@ def test_replay_on_a_synthetic_sweep_finds_the_winner_or_a_near_tie_and_counts_i
     w, near = within_noise(close, bootstrap=60, alpha=0.05)
     picks = replay(close, [4], 0.2, orders=40)
     assert len(set(picks)) > 1
+
+
+def test_stage_fields_are_checked_with_one_line_naming_them():
+    from helpers.config import profile_config
+
+    cfg = profile_config("demo")
+    for field, bad in (("sweep_stage_prompts", [80, 24]), ("sweep_stage_prompts", [1]), ("sweep_keep", 0.0),
+                       ("sweep_keep", 1.5), ("select_budget_hours", -1.0)):
+        with pytest.raises(ValueError, match=field):
+            cfg.replace(**{field: bad})
+    assert cfg.replace(sweep_stage_prompts=[]).sweep_stage_prompts == []  # the full sweep
