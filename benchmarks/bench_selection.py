@@ -36,6 +36,8 @@ def main(argv=None) -> int:
     p.add_argument("--bootstrap", type=int, default=200)
     p.add_argument("--prompts", type=int, default=None,
                    help="judge this many test prompts (a seeded subset) instead of the config's sweep_prompts (0 = all)")
+    p.add_argument("--snapshots", default=None, help="sweep these snapshots, e.g. step-000030,step-000060")
+    p.add_argument("--ema-lengths", default=None, help="sweep these EMA lengths, e.g. 0 (default: the config's)")
     p.add_argument("--probe-steps", type=int, default=400)
     p.add_argument("--torch-threads", type=int, default=None)
     args = p.parse_args(argv)
@@ -54,7 +56,8 @@ def main(argv=None) -> int:
     cfg = open_run(args.run, None, args.outputs_dir)
     stages = cfg.sweep_stage_prompts if args.stages is None else [int(x) for x in args.stages.split(",") if x]
     keep = cfg.sweep_keep if args.keep is None else args.keep
-    axes = sweep_axes(cfg)
+    axes = sweep_axes(cfg, snapshots=args.snapshots.split(",") if args.snapshots else None,
+                      ema_lengths=[float(x) for x in args.ema_lengths.split(",")] if args.ema_lengths else None)
     base = Setting.from_config(cfg, snapshot=axes["snapshot"][-1])
     settings = sweep_settings(base, **axes)
     model, _ = load_for_setting(cfg, base)
