@@ -195,7 +195,7 @@ class Panel(_widgets().VBox):
         self.source.value = (f'<span style="color:{GREY}">chosen setting, from {html.escape(source)}: '
                              f'{html.escape(chosen.label())}</span>')
         try:
-            rows, _ = read_rows(self.values(), self.n)
+            rows, _ = read_rows(self.values(), self.n, self.model.scheduler_config)
             self.guided.value = f'<span style="color:{GREY}">{guided_note(self.model.scheduler_config, rows)}</span>'
         except BadSetting as e:
             self.guided.value = f'<span style="color:{AMBER}">{html.escape(str(e))}</span>'
@@ -233,7 +233,7 @@ class Panel(_widgets().VBox):
             return
         self.show_error("")
         try:
-            rows, seeds = read_rows(self.values(), self.n)
+            rows, seeds = read_rows(self.values(), self.n, self.model.scheduler_config)
         except BadSetting as e:
             self.show_error(f"Cannot sample: {e}")
             return

@@ -64,9 +64,11 @@ def config_settings(cfg: RunConfig, n_snapshots: int) -> list[Setting]:
     return sweep_settings(Setting.from_config(cfg), **axes)
 
 
-def selection_cost(cfg: RunConfig, n_snapshots: int, n_test_prompts: int | None = None) -> SelectionCost:
+def selection_cost(cfg: RunConfig, n_snapshots: int, n_test_prompts: int | None = None, *, settings=None,
+                   n_judged: int | None = None, stage_prompts: list[int] | None = None) -> SelectionCost:
     """The staged selection and the test set of a run of `cfg` with `n_snapshots` snapshots, counted in images and
-    U-Net evaluations. `n_test_prompts`: the test set's size (None: read from <data_dir>/test.json)."""
+    U-Net evaluations. `n_test_prompts`: the test set's size (None: read from <data_dir>/test.json); `settings`,
+    `n_judged`, `stage_prompts`: what 04 was given instead of the config's axes, sweep_prompts and stages."""
     from .sample import guided_steps
     from .staged import train_scheduler_config
 
@@ -76,9 +78,9 @@ def selection_cost(cfg: RunConfig, n_snapshots: int, n_test_prompts: int | None 
         n_test_prompts = len(load_prompts(cfg.data_path / "test.json"))
     schedule = train_scheduler_config(cfg)
     evals = lambda s: unet_evals(s, *guided_steps(schedule, s))  # noqa: E731
-    settings = config_settings(cfg, n_snapshots)
-    judged = min(cfg.sweep_prompts, n_test_prompts) if cfg.sweep_prompts else n_test_prompts
-    sizes = stage_sizes(cfg.sweep_stage_prompts, judged)
+    settings = config_settings(cfg, n_snapshots) if settings is None else list(settings)
+    judged = n_judged or (min(cfg.sweep_prompts, n_test_prompts) if cfg.sweep_prompts else n_test_prompts)
+    sizes = stage_sizes(cfg.sweep_stage_prompts if stage_prompts is None else stage_prompts, judged)
     plan = Plan(settings, sizes, cells_per_stage(len(settings), len(sizes), cfg.sweep_keep),
                 [evals(s) for s in settings])
     return SelectionCost(plan, n_test_prompts, evals(Setting.from_config(cfg)))
@@ -110,9 +112,10 @@ def sd_vae_decode_gflop(latent_size: int) -> float:
 
 
 def flop_totals(cfg: RunConfig, n_snapshots: int, train_steps: int, n_test_prompts: int, *, gflop: float,
-                decode_gflop: float) -> tuple[SelectionCost, dict]:
-    """(the counts, FLOP of training, selection (at the average and the costliest cells), test set, full sweep)."""
-    cost = selection_cost(cfg, n_snapshots, n_test_prompts)
+                decode_gflop: float, **given) -> tuple[SelectionCost, dict]:
+    """(the counts, FLOP of training, selection (at the average and the costliest cells), test set, full sweep);
+    `given`: selection_cost's settings / n_judged / stage_prompts."""
+    cost = selection_cost(cfg, n_snapshots, n_test_prompts, **given)
     g, dec = gflop * 1e9, decode_gflop * 1e9
     return cost, {"training": train_steps * cfg.batch_size * 3 * g,
                   "selection": cost.selection_unet_evals * g + cost.selection_images * dec,
@@ -122,9 +125,10 @@ def flop_totals(cfg: RunConfig, n_snapshots: int, train_steps: int, n_test_promp
 
 
 def flop_report(cfg: RunConfig, n_snapshots: int, train_steps: int, n_test_prompts: int, *, gflop: float,
-                decode_gflop: float) -> str:
+                decode_gflop: float, **given) -> str:
     """The selection and the test set against training, in FLOP, with every count and product shown."""
-    cost, f = flop_totals(cfg, n_snapshots, train_steps, n_test_prompts, gflop=gflop, decode_gflop=decode_gflop)
+    cost, f = flop_totals(cfg, n_snapshots, train_steps, n_test_prompts, gflop=gflop, decode_gflop=decode_gflop,
+                          **given)
     plan = cost.plan
     train, sel, sel_max, test, full = f["training"], f["selection"], f["selection_max"], f["test_set"], f["full_sweep"]
     mean_evals = sum(plan.evals_per_image) / len(plan.evals_per_image)
@@ -159,9 +163,11 @@ if __name__ == "__main__":
     print(hw6_flop_report())
 
 
-def run_flop_report(cfg: RunConfig, model) -> str:
-    """flop_report for a trained run as 04 sees it: its snapshots, its training steps, its U-Net measured by
-    torch's FLOP counter, and the SD VAE's decode (nothing for pixel-space profiles)."""
+def run_flop_report(cfg: RunConfig, model, settings=None, n_judged: int | None = None,
+                    stage_prompts: list[int] | None = None) -> str:
+    """flop_report for a trained run as 04 sees it: its snapshots, its training steps, its sweep (`settings` on
+    `n_judged` prompts; None: the config's), its U-Net measured by torch's FLOP counter, and the SD VAE's decode
+    (nothing for pixel-space profiles)."""
     from .data import load_prompts
     from .selection import snapshot_step
     from .unet import forward_gflops
@@ -172,4 +178,5 @@ def run_flop_report(cfg: RunConfig, model) -> str:
     gflop = forward_gflops(model.unet, latent[-1], cfg.max_tokens)
     decode = sd_vae_decode_gflop(latent[-1]) if cfg.autoencoder != "identity" else 0.0
     n_test = len(load_prompts(cfg.data_path / "test.json"))
-    return flop_report(cfg, max(len(names), 1), steps, n_test, gflop=gflop, decode_gflop=decode)
+    return flop_report(cfg, max(len(names), 1), steps, n_test, gflop=gflop, decode_gflop=decode, settings=settings,
+                       n_judged=n_judged, stage_prompts=stage_prompts)
