@@ -13,9 +13,9 @@ LAYERS = [  # lowest first; a module may import from its own layer or below
     {"config"},
     {"model", "cache", "demo_data", "step", "saves", "disk_guard", "repair", "probe", "results", "handin"},
     {"sample", "fit", "metrics", "score", "estimators", "shards"},
-    {"previews", "train", "baseline", "export", "grids", "selection"},
+    {"previews", "baseline", "export", "grids", "selection"},
     {"judges", "panel_controls", "panel", "plots", "submission", "staged", "selection_cost", "replay"},
-    {"runs"},
+    {"train", "runs"},
 ]
 
 
