@@ -50,7 +50,9 @@ class TextEncoder:
         return torch.cat(out) if out else torch.zeros(0, self.max_tokens, self.hidden_size)
 
     def token_lengths(self, captions: list[str]) -> list[int]:
-        return [len(ids) for ids in self.tokenizer(list(captions), truncation=False)["input_ids"]]
+        # verbose=False: counting a long prompt is the point here (the panel says it will be cut, in its own
+        # words); transformers' "will result in indexing errors" warning would only repeat that, in red
+        return [len(ids) for ids in self.tokenizer(list(captions), truncation=False, verbose=False)["input_ids"]]
 
 
 def minilm_path() -> Path:
