@@ -252,7 +252,7 @@ def test_the_snapshot_picker(model, recorder, tmp_path):
     assert p.models[("step-000004", 0.0, "")] is run_model
     p.c["guidance"].value = "1, 3"
     click(p)  # two fields vary: a grid, snapshots down, guidance across, both axes labelled
-    assert len(recorder.calls) == 5 and len(captions(p.rows.value)) == 4
+    assert len(recorder.calls) == 7 and len(captions(p.rows.value)) == 4
     headers = [html.unescape(h) for h in re.findall(r"<th [^>]*>([^<]*)</th>", p.rows.value)]
     assert headers == ["guidance 1 (no guidance)", "guidance 3", "step-000002", "step-000004"]
 
