@@ -2,7 +2,10 @@
 
 A notebook executed headless (papermill / nbclient) has no browser to move a widget bar, so the saved copy
 would show every bar frozen at 0 %. There, and wherever `MONSTER_PROGRESS=text`, a bar prints one plain text
-line every `TEXT_INTERVAL_S` seconds (and at the end) instead: the executed notebook then reads like a log.
+line every `TEXT_INTERVAL_S` seconds (and at the end) instead: the executed notebook then reads like a log. A line
+is never cut at a width, and a line that would only repeat the one before (tqdm redraws the last state on close)
+is not printed again. Libraries' own bars (transformers' "Loading weights", diffusers' loaders) are switched off by
+`quiet_library_bars`: they would show as a frozen 0 % line in an executed notebook.
 """
 from __future__ import annotations
 
@@ -33,12 +36,14 @@ class _LineWriter:
     """A file for tqdm that turns each carriage-return redraw into its own line."""
 
     def __init__(self, stream):
-        self.stream = stream
+        self.stream, self.last = stream, None
 
     def write(self, text: str) -> None:
         text = text.replace("\r", "").strip()
-        if text:
+        state = text.split("[", 1)[0]  # description, percentage and count: what a repeated line does not change
+        if text and state != self.last:
             self.stream.write(text + "\n")
+            self.last = state
 
     def flush(self) -> None:
         self.stream.flush()
@@ -51,8 +56,20 @@ def progress_bar(iterable=None, **kwargs):
 
         kwargs.setdefault("mininterval", TEXT_INTERVAL_S)
         kwargs.setdefault("maxinterval", TEXT_INTERVAL_S * 6)
-        return tqdm(iterable, file=_LineWriter(sys.stdout), ascii=True, ncols=100, dynamic_ncols=False,
+        # no ncols: tqdm would cut a long description or postfix at that width; without a terminal its bar is
+        # 10 characters wide and the line as long as its text
+        return tqdm(iterable, file=_LineWriter(sys.stdout), ascii=True, dynamic_ncols=False,
                     **{**kwargs, "leave": True})
     from tqdm.auto import tqdm
 
     return tqdm(iterable, **kwargs)
+
+
+def quiet_library_bars() -> None:
+    """Switch off transformers' and diffusers' own progress bars (each weight load would leave a frozen
+    "Loading weights 0%" line in an executed notebook; our own bars say what is slow)."""
+    for module in ("transformers.utils.logging", "diffusers.utils.logging"):
+        try:
+            __import__(module, fromlist=["disable_progress_bar"]).disable_progress_bar()
+        except ImportError:
+            pass

@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from .progress import progress_bar
+from .progress import progress_bar, quiet_library_bars
 
 from .hub import load_pretrained
 
@@ -79,6 +79,8 @@ def tiny_clip_text(max_tokens: int = 16, hidden: int = 32, seed: int = 0):
 
 def load_text_encoder(name: str, max_tokens: int = 77, device="cpu") -> TextEncoder:
     from transformers import AutoModel, AutoTokenizer, CLIPTextModel, CLIPTokenizer
+
+    quiet_library_bars()
 
     if name == "minilm":
         tokenizer, model = AutoTokenizer.from_pretrained(minilm_path()), AutoModel.from_pretrained(minilm_path())
