@@ -38,3 +38,23 @@ def test_the_best_settings_get_their_own_axes_and_labels_do_not_overlap():
     assert len(boxes) == 6 and {t.get_text() for t in close.texts} == {"1", "2", "3"}
     assert not any(a.overlaps(b) for a, b in itertools.combinations(boxes, 2))
     assert any(line.get_label() == "chosen" for line in close.lines)
+
+
+def test_the_y_axis_is_the_score_that_still_discriminates_and_each_series_is_one_weights_and_steps():
+    rows = []
+    for snapshot, ema, g in itertools.product(["step-000300", "step-000900"], [0.0, 0.05], [1.0, 2.0, 3.0]):
+        rows.append({"setting": {"snapshot": snapshot, "steps": 10, "guidance": g, "ema_length": ema},
+                     "frechet_distance": 50 - 5 * g + 10 * ema, "mean_accuracy": 1.0,
+                     "accuracy": {"color": 1.0, "eyes": 0.6 + 0.05 * g + ema}})
+    judge = types.SimpleNamespace(
+        plot_axes=(("frechet_distance", "FD"), ("mean_accuracy", "mean accuracy")),
+        columns=["accuracy.color", "accuracy.eyes", "mean_accuracy", "frechet_distance"],
+        rank=lambda r: (-r["mean_accuracy"], r["frechet_distance"]))
+    fig = sweep_plot(rows, judge, rows[-1])
+    full, close = fig.axes
+    assert full.get_ylabel().startswith("probe accuracy: eyes")
+    series = [line for line in full.lines if line.get_label() != "chosen"]
+    assert len(series) == 4 and all(len(line.get_xdata()) == 3 for line in series)  # never σ_rel 0 and 0.05 joined
+    assert {line.get_label() for line in series} == {
+        f"{s}, {e}, 10 steps" for s in ("step-000300", "step-000900") for e in ("half-life EMA", "EMA σ_rel 0.05")}
+    assert all(t.get_fontsize() >= 10 for t in close.texts)
