@@ -75,9 +75,10 @@ def run_path(cfg, path) -> str:
     """A path as text relative to the outputs folder ("runs/demo/results"); other paths as they are."""
     path = Path(path)
     try:
-        return f"runs/{cfg.run_name}/" + path.relative_to(cfg.run_dir).as_posix()
+        inside = path.relative_to(cfg.run_dir).as_posix()
     except ValueError:
         return str(path)
+    return f"runs/{cfg.run_name}" + ("" if inside == "." else f"/{inside}")
 
 
 def varying(rows: list[dict], keys: list[str]) -> list[str]:

@@ -58,3 +58,42 @@ def test_the_y_axis_is_the_score_that_still_discriminates_and_each_series_is_one
     assert {line.get_label() for line in series} == {
         f"{s}, {e}, 10 steps" for s in ("step-000300", "step-000900") for e in ("half-life EMA", "EMA σ_rel 0.05")}
     assert all(t.get_fontsize() >= 10 for t in close.texts)
+
+
+def test_real_vs_generated_names_every_probed_attribute_and_stays_crisp():
+    import torch
+
+    from helpers.data import Prompt
+    from helpers.judges import probe_verdict_grid
+    from helpers.probe import CLASSES
+
+    n = 5
+    probe = types.SimpleNamespace(predict=lambda x: {a: torch.zeros(len(x), dtype=torch.long) for a in CLASSES})
+    attributes = [{a: CLASSES[a][i % len(CLASSES[a])] for a in CLASSES} for i in range(n)]
+    judge = types.SimpleNamespace(probe=probe, attributes=attributes, real=torch.rand(n, 3, 16, 16) * 2 - 1)
+    judged = types.SimpleNamespace(judge=judge, prompts=[Prompt(f"k{i}", f"{i}.png", "x") for i in range(n)])
+    fig = probe_verdict_grid(judged, torch.rand(n, 3, 16, 16) * 2 - 1, n=n)
+    shown = [ax for ax in fig.axes if ax.images]
+    assert len(shown) == n
+    label = shown[1].get_xlabel()
+    assert all(f"{a}: " in label for a in CLASSES) and "eyes" in CLASSES and "✗ (asked:" in label
+    assert shown[0].images[0].get_interpolation() == "nearest" and shown[0].xaxis.label.get_fontsize() >= 10
+
+
+def test_the_data_grid_is_crisp_and_never_breaks_a_word(tmp_path):
+    from PIL import Image
+
+    from helpers.grids import data_grid
+
+    records = []
+    for i in range(3):
+        path = tmp_path / f"m{i}.png"
+        Image.new("RGB", (16, 16), (40 * i, 0, 0)).save(path)
+        records.append(types.SimpleNamespace(path=path, captions=[
+            "a red round monster with big eyes and horns, moving to the left while it jumps up high"]))
+    fig = data_grid(records, 16, n=3, cols=3)
+    titles = [ax.get_title() for ax in fig.axes if ax.images]
+    words = set(records[0].captions[0].replace(",", "").split())
+    assert len(titles) == 3 and all(w.strip(",…") in words | {""} for t in titles
+                                    for line in t.splitlines()[1:] for w in line.split())
+    assert all(ax.images[0].get_interpolation() == "nearest" for ax in fig.axes if ax.images)
