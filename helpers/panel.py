@@ -59,27 +59,31 @@ GRID_FIELDS = ("snapshot", "ema_length", "steps", "guidance")  # the fields a cl
 
 
 def rows_html(rows: list[tuple], cell: int = ROW_CELL) -> str:
-    """The rows of one click, (images, caption, setting) each: one under the other when a single field varies
-    (or none), else a grid whose columns are the last varying field and whose rows are the others, both axes
-    labelled with the values."""
+    """The rows of one click, (images, caption, setting) each: one under the other, labelled with the value of the
+    field that varies (if one does); with two or more varying fields a grid whose columns are the last of them and
+    whose rows are the others, both axes labelled with the values."""
     varying = [f for f in GRID_FIELDS if len({getattr(s, f) for _, _, s in rows}) > 1]
-    if len(varying) < 2:
+    if not varying:
         return '<div class="monster-rows">' + "".join(row_html(im, text, cell) for im, text, _ in rows) + "</div>"
-    across = varying[-1]
-    columns = list(dict.fromkeys(getattr(s, across) for _, _, s in rows))
+    across = varying[-1] if len(varying) > 1 else None  # one varying field: one column, rows labelled
+    columns = list(dict.fromkeys(getattr(s, across) for _, _, s in rows)) if across else [None]
     down = [f for f in varying if f != across]
     lines = {}
     for images, text, s in rows:
-        lines.setdefault(tuple(getattr(s, f) for f in down), {})[getattr(s, across)] = (images, text, s)
+        lines.setdefault(tuple(getattr(s, f) for f in down), {})[getattr(s, across) if across else None] = \
+            (images, text, s)
     th = 'style="font:12px sans-serif;padding:2px 6px;text-align:left;white-space:nowrap"'
-    head = "<tr><th></th>" + "".join(
-        f"<th {th}>{html.escape(setting_words(Setting(**{across: v}), across))}</th>" for v in columns) + "</tr>"
+    head = ""
+    if across:
+        head = "<tr><th></th>" + "".join(
+            f"<th {th}>{html.escape(setting_words(Setting(**{across: v}), across))}</th>" for v in columns) + "</tr>"
+        cell = GRID_CELL
     body = []
     for key, cells in lines.items():
         any_setting = next(iter(cells.values()))[2]
         label = ", ".join(setting_words(any_setting, f) for f in down)
         body.append(f"<tr><th {th}>{html.escape(label)}</th>" + "".join(
-            f"<td>{row_html(cells[v][0], cells[v][1], GRID_CELL) if v in cells else ''}</td>" for v in columns)
+            f"<td>{row_html(cells[v][0], cells[v][1], cell) if v in cells else ''}</td>" for v in columns)
             + "</tr>")
     return ('<div class="monster-rows"><table class="monster-grid" style="border-collapse:collapse">'
             + head + "".join(body) + "</table></div>")

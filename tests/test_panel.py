@@ -100,6 +100,8 @@ def test_the_compare_button_and_the_history_strip(model, recorder):
             for t in captions(p.rows.value)] == ["guidance 1 (no guidance)", "guidance 2",
                                                  "chosen setting but 2 steps ·", "guidance 5"]
     assert p.c["guidance"].value == "3"  # Compare leaves the box as typed: the next Generate makes one row
+    assert [html.unescape(h) for h in re.findall(r"<th [^>]*>([^<]*)</th>", p.rows.value)] == [
+        "guidance 1 (no guidance)", "guidance 2", "guidance 3", "guidance 5"]  # each row labelled with its value
     assert captions(p.history_box.value) == first  # the earlier row, with its caption, smaller
     assert row_images(p.history_box.value)[0].size == (2 * 48, 48)
     for _ in range(3):
