@@ -1,6 +1,5 @@
 """The panel opens at the run's whole choice (EMA length and autoguide included), Reset restores every field, and
 its first sample at that setting is the very PNG the test set holds for the same prompt and seed."""
-import dataclasses
 import html
 import io
 import json
