@@ -58,3 +58,13 @@ def test_library_bars_are_switched_off():
     helpers.progress.quiet_library_bars()
     assert not transformers.utils.logging.is_progress_bar_enabled()
     assert not diffusers.utils.logging.is_progress_bar_enabled()
+
+
+def test_a_long_bar_prints_about_one_line_per_tenth(monkeypatch, capsys):
+    monkeypatch.setenv("MONSTER_PROGRESS", "text")
+    for _ in progress_bar(range(1000), desc="train", mininterval=0, miniters=1):
+        pass
+    lines = capsys.readouterr().out.splitlines()
+    counts = [int(line.split("/1000")[0].split()[-1]) for line in lines]
+    assert len(lines) == 11 and counts[0] == 0 and counts[-1] == 1000 and "100%" in lines[-1]
+    assert all(99 <= b - a <= 101 for a, b in zip(counts[:-1], counts[1:-1]))  # one per tenth
