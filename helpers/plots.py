@@ -46,14 +46,19 @@ def y_label(judge, key: str) -> str:
 
 def sweep_plot(rows: list[dict], judge, choice: dict | None = None, zoom: int = ZOOM):
     """matplotlib Figure: realism (x, the judge's first plot axis) against `discriminating_key` (y), all settings
-    left and the best `zoom` right; labels give the guidance (and the σ interval when the sweep has several)."""
+    left and the best `zoom` right (one panel when there are no more); labels give the guidance (and the σ interval
+    when the sweep has several)."""
     import matplotlib.pyplot as plt
 
     y_key = discriminating_key(rows, judge, zoom)
     best = sorted(rows, key=judge.rank)[:zoom]
     with plt.rc_context({"font.size": FONT, "axes.titlesize": FONT + 1, "legend.fontsize": FONT - 1}):
-        fig, (full, close) = plt.subplots(1, 2, figsize=(12, 6))
-        panels = ((full, rows, "every setting"), (close, best, f"the best {len(best)} (by the judge's rule)"))
+        if len(rows) > zoom:
+            fig, (full, close) = plt.subplots(1, 2, figsize=(12, 6))
+            panels = ((full, rows, "every setting"), (close, best, f"the best {len(best)} (by the judge's rule)"))
+        else:  # the best `zoom` are every setting: one panel
+            fig, full = plt.subplots(figsize=(9, 6))
+            close, panels = full, ((full, rows, f"every setting ({len(rows)})"),)
         styles = _styles(rows)
         for ax, shown, title in panels:
             _draw(ax, shown, judge, y_key, choice, styles)
@@ -64,7 +69,7 @@ def sweep_plot(rows: list[dict], judge, choice: dict | None = None, zoom: int = 
         rows_of_legend = -(-len(labels) // 3)
         fig.tight_layout(rect=(0, 0.045 * rows_of_legend + 0.02, 1, 1))  # before the labels: final axes
         for ax, shown, _ in panels:
-            if ax is close or len(rows) <= zoom:
+            if ax is close:
                 _label(ax, shown, judge, y_key)
     return fig
 

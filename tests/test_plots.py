@@ -51,7 +51,7 @@ def test_the_y_axis_is_the_score_that_still_discriminates_and_each_series_is_one
         columns=["accuracy.color", "accuracy.eyes", "mean_accuracy", "frechet_distance"],
         rank=lambda r: (-r["mean_accuracy"], r["frechet_distance"]))
     fig = sweep_plot(rows, judge, rows[-1])
-    full, close = fig.axes
+    (full,) = close, = fig.axes  # 12 settings, the best 12: one panel
     assert full.get_ylabel().startswith("probe accuracy: eyes")
     series = [line for line in full.lines if line.get_label() != "chosen"]
     assert len(series) == 4 and all(len(line.get_xdata()) == 3 for line in series)  # never σ_rel 0 and 0.05 joined
