@@ -6,7 +6,7 @@ choice (EMA length included) and that Reset restores it, compares guidance value
 bad values, cancels and interrupts. The executed 04 and 05 are opened as a reader would at 1400 px: no frozen 0 %
 progress line, no table row wrapped. Screenshots go to $BROWSER_SCREENSHOTS (default: a folder under /tmp named in the output).
 Needs `chromium` (apt-get install -y chromium; .ci/run installs it) and the `playwright` package: no browser
-download (never `playwright install`).
+download (never `playwright install`). BROWSER_RUN_DIR=<a finished tiny run of all five notebooks> reuses that run.
 """
 import json
 import os
@@ -33,6 +33,7 @@ CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 if not Path(CHROMIUM).exists():
     pytest.skip(f"no chromium at {CHROMIUM} (apt-get install -y chromium; .ci/run installs it where apt can)",
                 allow_module_level=True)
+from playwright.sync_api import TimeoutError as PlaywrightTimeout  # noqa: E402
 from playwright.sync_api import expect, sync_playwright  # noqa: E402 - a requirement; only the browser may be absent
 
 TIMEOUT_MS = 180_000  # two shared cores can be slow to start a kernel and load torch
@@ -44,15 +45,18 @@ def workdir(tmp_path_factory):
     """A tiny trained run (two EMA snapshots) and the notebooks JupyterLab serves."""
     root = tmp_path_factory.mktemp("browser")
     (root / "data").mkdir()
-    run_dir = run_pipeline("ui", "tiny", str(root / "outputs"),
-                           parameters=dict(data_dir=str(root / "data"), demo_monsters=8, demo_test_monsters=2,
-                                           demo_frames=1))
+    if os.environ.get("BROWSER_RUN_DIR"):  # a finished tiny run of all five notebooks, reused: no 6-minute pipeline
+        run_dir = Path(os.environ["BROWSER_RUN_DIR"])
+    else:
+        run_dir = run_pipeline("ui", "tiny", str(root / "outputs"),
+                               parameters=dict(data_dir=str(root / "data"), demo_monsters=8, demo_test_monsters=2,
+                                               demo_frames=1))
     lab = root / "lab"
     lab.mkdir()
     shutil.copy(PROJECT_ROOT / "notebooks" / "04_sample.ipynb", lab / "04_committed.ipynb")
     for name in ("04_sample", "05_eval"):  # as the run left them: executed, with outputs
         shutil.copy(run_dir / "notebooks" / f"{name}.ipynb", lab / f"{name[:2]}_executed.ipynb")
-    (lab / "04_panel.ipynb").write_text(json.dumps(panel_notebook(run_dir, root / "outputs")))
+    (lab / "04_panel.ipynb").write_text(json.dumps(panel_notebook(run_dir, run_dir.parent.parent)))
     (lab / "choice.json").write_text(json.dumps(json.loads((run_dir / "metrics.json").read_text())
                                                 ["selection"]["choice"]["setting"]))
     return lab
@@ -150,8 +154,17 @@ def open_notebook(browser, lab_url, name: str):
 
 
 def run_all(page):
-    """Run every cell (not awaited: the command's promise settles only when all cells have run)."""
-    page.evaluate("() => { window.jupyterapp.commands.execute('notebook:run-all-cells'); }")
+    """Run every cell (not awaited: the command's promise settles only when all cells have run). Asked again when
+    no cell has started after a while: a command issued while the kernel session settles can be lost."""
+    for _ in range(4):
+        page.evaluate("() => { window.jupyterapp.commands.execute('notebook:run-all-cells'); }")
+        try:
+            page.wait_for_function("() => [...document.querySelectorAll('.jp-InputPrompt')]"
+                                   ".some(p => /\\[[*0-9]/.test(p.textContent))", timeout=20_000)
+            return
+        except PlaywrightTimeout:
+            time.sleep(2)
+    pytest.fail("JupyterLab did not start running the notebook's cells")
 
 
 def box(page, label: str):
@@ -198,7 +211,7 @@ def check_panel(page, shots, choice: Setting):
     assert opened["guidance"] == f"{choice.guidance:g}" and opened["steps"] == str(choice.steps), opened
     assert opened["snapshot"].startswith(choice.snapshot) and opened["snapshot"].endswith("← chosen"), opened
     assert opened["EMA length"] == setting_words(choice, "ema_length") and opened["scheduler"] == choice.scheduler
-    expect(page.get_by_text("chosen by 04's sweep (runs/ui/metrics.json)")).to_be_visible()
+    expect(page.get_by_text(re.compile(r"^chosen by 04's sweep \(runs/\w+/metrics\.json\)$"))).to_be_visible()
     expect(page.get_by_text(re.compile(r"^Generate: 1 row × 4 seeds"))).to_be_visible()  # said before the click
 
     box(page, "prompt").fill("this is a really cute little creature and it is a red round monster with two eyes "
