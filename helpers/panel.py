@@ -219,7 +219,7 @@ class Panel(_widgets().VBox):
             everywhere=w.Checkbox(value=not chosen.guidance_interval, description="guide at every step",
                                   indent=False, layout=w.Layout(width="auto")),
             sigma_lo=w.Text(value=as_text(chosen.guidance_interval[0] if chosen.guidance_interval else lo),
-                            description="else only for noise σ from", style={"description_width": "auto"},
+                            description="or only for noise σ from", style={"description_width": "auto"},
                             layout=w.Layout(width="260px")),
             sigma_hi=w.Text(value=as_text(chosen.guidance_interval[1] if chosen.guidance_interval else hi),
                             description="to", style={"description_width": "auto"}, layout=w.Layout(width="120px")),

@@ -41,6 +41,8 @@ def fmt(value) -> str:
     if isinstance(value, bool) or value is None:
         return "–" if value is None else str(value)
     if isinstance(value, float):
+        if 1e3 <= abs(value) < 1e7:  # 3870, not 3.87e+03
+            return f"{float(f'{value:.3g}'):.0f}"
         return f"{value:.3g}"
     if isinstance(value, (list, tuple)):
         if not value:

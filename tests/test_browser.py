@@ -194,7 +194,7 @@ def shown_setting(page) -> dict:
     """What the panel's setting controls show: box texts, and the selected option's text of each list."""
     fields = {name: box(page, name).input_value() for name in ("guidance", "steps", "rescale")}
     for name in ("snapshot", "EMA length", "scheduler", "autoguide by"):
-        fields[name] = dropdown(page, name).evaluate("s => s.options[s.selectedIndex].text")
+        fields[name] = dropdown(page, name).evaluate("s => s.options[s.selectedIndex].text").replace("\xa0", " ")
     return fields
 
 
@@ -302,7 +302,7 @@ def test_the_executed_notebooks_read_cleanly_at_a_laptop_width(browser, lab_url,
             bar = re.match(r"^(.+?):\s+(\d+)%\|", line)
             if bar:
                 bars.setdefault(bar.group(1), []).append(int(bar.group(2)))
-        assert bars, "no progress lines found"
+        assert bars or not name.startswith("04"), "no progress lines found"  # 04 samples; 05 may reuse all
         frozen = [desc for desc, percents in bars.items() if max(percents) == 0]
         assert not frozen, f"progress stuck at 0 %: {frozen}"
         assert not [d for d, p in bars.items() if any(a == b for a, b in zip(p, p[1:]))], bars  # none twice
