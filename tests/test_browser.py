@@ -239,6 +239,10 @@ def check_panel(page, shots, choice: Setting):
     dropdown(page, "scheduler").select_option("euler")
     page.get_by_role("button", name="reset to chosen").click()
     expect(box(page, "guidance")).to_have_value(opened["guidance"])
+    for _ in range(60):  # each control's new value reaches the page in its own message
+        if shown_setting(page) == opened:
+            break
+        time.sleep(0.5)
     assert shown_setting(page) == opened  # Reset restores every field
 
     box(page, "steps").fill("0")
