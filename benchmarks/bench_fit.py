@@ -26,7 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from helpers import fit  # noqa: E402
 from helpers.config import profile_config  # noqa: E402
-from helpers.train import DeviceCache, unet_for_cache  # noqa: E402
+from helpers.step import DeviceCache, unet_for_cache  # noqa: E402
 from helpers.unet import count_params, forward_gflops  # noqa: E402
 
 SHAPES = {"tiny": (16, 16, 32)}  # preset -> (latent size, tokens, text width); every other preset: the course's

@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from helpers.config import profile_config  # noqa: E402
 from helpers.model import noise_scheduler  # noqa: E402
 from helpers.diffusion import EMA, diffusion_loss  # noqa: E402
-from helpers.train import DeviceCache, step_generator  # noqa: E402
+from helpers.step import DeviceCache, step_generator  # noqa: E402
 from helpers.unet import build_unet, count_params, forward_gflops  # noqa: E402
 
 

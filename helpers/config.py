@@ -20,126 +20,107 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 @dataclass
 class RunConfig:
-    """Everything that decides what a run does. Paths are relative to the project root."""
+    """Everything that decides what a run does, grouped by stage in the order the notebooks use it.
 
+    One flat namespace (papermill's `-p name=value`); paths are relative to the project root. Why each default is
+    what it is: README "Configuration" and docs/design.md."""
+
+    # ---- the run
     profile: str = "demo"  # a key of PROFILES: demo | hw6 | sd-baseline | tiny
-    run_name: str = "demo"
-    outputs_dir: str = "outputs"  # runs go to <outputs_dir>/runs/<run_name>, caches to <outputs_dir>/cache
-    seed: int = 0
+    run_name: str = "demo"  # the folder <outputs_dir>/runs/<run_name>
+    outputs_dir: str = "outputs"  # runs and caches (<outputs_dir>/cache) live here
+    seed: int = 0  # every random draw of the run (split, init, data stream, sampling seeds) follows from it
 
-    # data
-    data_dir: str = "data/demo"  # holds train_info.json, train/, test.json (course format) ...
+    # ---- data (01_data)
+    data_dir: str = "data/demo"  # train_info.json, train/, test.json in the course's format ...
     manifest: str = ""  # ... or a JSONL manifest of {"image", "caption"} rows instead
     resolution: int = 16  # images are resized to this square size before encoding
     val_fraction: float = 0.1  # share of monsters (groups) held out for validation
-    caption_dropout: float = 0.1  # share of captions replaced by "" so one model learns CFG
+    caption_dropout: float = 0.1  # share of captions replaced by "" so one model learns CFG's unconditional score
     max_images: int = 0  # 0 = all; >0 keeps the first N training images (quick trials)
-    # crop each image (on white) to the box of its non-white pixels before padding to a square: sprites
-    # fill the frame instead of floating in margins (helpers.images.crop_to_content)
-    crop_to_content: bool = False
-    # mirror training images at random (the latent cache holds both orientations). Off by default, as in
-    # diffusers' examples: sprites usually face one way, and a mirrored "attacking" demo monster reads as another action
-    hflip: bool = False
+    crop_to_content: bool = False  # crop sprites to their non-white box before padding (helpers.images)
+    hflip: bool = False  # random mirroring; off: sprites face one way, and a mirrored attack reads as another action
 
-    # frozen parts
+    # ---- frozen parts (01_data)
     text_encoder: str = "minilm"  # minilm | tiny | a CLIP id or path | any HF text-encoder id
     max_tokens: int = 32  # captions are padded/truncated to this many tokens (CLIP: 77)
     autoencoder: str = "identity"  # identity (pixel space) | tiny | an AutoencoderKL id or path
     autoencoder_subfolder: str = ""  # e.g. "vae" for CompVis/stable-diffusion-v1-4
 
-    # U-Net
-    unet_preset: str = "demo"  # tiny | demo | hw6-base | hw6-large | hw6-recipe
+    # ---- model (02_unet_arch)
+    unet_preset: str = "demo"  # tiny | demo | hw6-base | hw6-large | hw6-recipe (helpers.unet.PRESETS)
 
-    # training
-    max_steps: int = 900  # demo: ~7 min on 2 CPU cores (docs/design.md#measured-figures); measured in the README
-    # >0 = this many passes over the training images (total_steps), instead of max_steps; 0 = train max_steps.
-    # Setting max_steps (notebook, -p, train(max_steps=), --max-steps) sets this to 0: the value you set wins
-    max_epochs: int = 0
+    # ---- diffusion (03_train_cfg)
+    num_train_timesteps: int = 1000
+    beta_schedule: str = "squaredcos_cap_v2"  # linear | scaled_linear | squaredcos_cap_v2 | sigmoid
+    # v: on the cosine schedule an epsilon model's first step divides its error by sqrt(alpha_bar(T)) ~ 5e-5
+    prediction_type: str = "v_prediction"  # epsilon | v_prediction
+    min_snr_gamma: float = 5.0  # Min-SNR loss weighting (Hang et al. 2023); 0 = off
+    offset_noise: float = 0.0  # per-channel offset added to the noise: lets the model shift whole-image brightness
+
+    # ---- training (03_train_cfg)
+    max_steps: int = 900  # demo: ~7 min on 2 CPU cores (README)
+    max_epochs: int = 0  # >0: this many passes over the training images instead of max_steps (setting max_steps -> 0)
     batch_size: int = 64
     grad_accum: int = 1
     lr: float = 1e-3
     lr_schedule: str = "cosine"  # any name diffusers' get_scheduler knows
     warmup_steps: int = 50
-    warmup_fraction: float = 0.0  # >0 = this share of the steps instead of warmup_steps (which sets it to 0); 0 = off
+    warmup_fraction: float = 0.0  # >0: this share of the steps instead of warmup_steps (setting warmup_steps -> 0)
     weight_decay: float = 0.01
     max_grad_norm: float = 1.0
-    # v: on the cosine schedule alpha_bar(T) ~ 2e-9, so an epsilon model's first sampling step divides its
-    # error by sqrt(alpha_bar) ~ 5e-5 and pixel-space samples come out as saturated noise
-    prediction_type: str = "v_prediction"  # epsilon | v_prediction
-    min_snr_gamma: float = 5.0  # 0 = off; 5 is the paper's choice
-    offset_noise: float = 0.0
-    # EMA of the weights (helpers.diffusion.EMA): half-life in training images, ramped up as
-    # min(half-life, ema_rampup * images seen) so that a short run's average forgets the random start
-    ema_halflife_images: float = 10_000.0
-    ema_rampup: float = 0.125
-    # post-hoc EMA (helpers.phema; Karras et al. 2024, EDM2): power-function EMAs of these lengths (sigma_rel) are
-    # tracked and stored (fp16) in phema/ every phema_every steps (0 = at each snapshot) and at the end, so that
-    # any other length can be reconstructed afterwards; [] = off. The demo stores every 100 steps (9 x 18 MB):
-    # with its 3 snapshots alone, sigma_rel 0.025 would be 30 % off in profile, 14 % at every 100 steps
-    phema_sigma_rels: list = field(default_factory=lambda: [0.05, 0.10])
-    phema_every: int = 100
-    mixed_precision: str = "auto"  # auto (bf16 on CUDA) | no | bf16 | fp16
+
+    # ---- fit, precision and time (02/03: helpers.fit, helpers.precision, helpers.session)
+    mixed_precision: str = "auto"  # auto (by the card: bf16 on sm_80+, fp16 + loss scaling below) | no | bf16 | fp16
     compile: bool = False
     gradient_checkpointing: bool = False
-    # forward + backward each step's batch in this many chunks (gradients summed, one optimizer step): the same
-    # images per step and data stream, less activation memory (helpers.train.split_backward)
-    micro_splits: int = 1
-    # on CUDA, before step 1: if the step does not fit the GPU's memory, raise micro_splits and/or turn on
-    # gradient_checkpointing, whichever measures faster (helpers.fit). Never changes anything on a CPU
-    auto_fit: bool = True
-    # > 0: before step 1 of a new run, set max_steps so that training, checkpoints and snapshots end within this
-    # many hours at the measured speed (never longer than the configured run); a resume keeps that plan
-    time_budget_hours: float = 0.0
-    checkpoint_every: int = 200
-    keep_checkpoints: int = 2  # resumable checkpoints (weights + optimizer); older ones are pruned
-    # the EMA U-Net is kept in snapshots/ every N steps and always at max_steps (0 = only that final one): the
-    # selection's candidates, never pruned; helpers.disk counts them before a run starts
-    snapshot_every: int = 300
-    log_every: int = 10
-    preview_every: int = 200
-    num_train_timesteps: int = 1000
-    beta_schedule: str = "squaredcos_cap_v2"
+    micro_splits: int = 1  # forward + backward each batch in this many chunks: same step, less activation memory
+    auto_fit: bool = True  # CUDA: raise micro_splits / turn on checkpointing if the step does not fit (never on CPU)
+    time_budget_hours: float = 0.0  # >0: plan max_steps so training, selection and the test set end within this
+    session_hours: float = 0.0  # >0: stop with a checkpoint after this long in one session (Colab/Kaggle: 11.5)
+    checkpoint_minutes: float = 0.0  # >0: a checkpoint at least this often by the wall clock, besides checkpoint_every
 
-    # sampling
-    scheduler: str = "dpm++2m"  # see helpers.sample.SCHEDULERS (Karras sigmas suit SD's schedule, not cosine)
+    # ---- checkpoints, snapshots and EMA (03_train_cfg)
+    checkpoint_every: int = 200
+    keep_checkpoints: int = 2  # resumable checkpoints (weights + optimizer) kept; older ones are pruned (0 = all)
+    snapshot_every: int = 300  # EMA U-Net kept every N steps and at max_steps: the selection's candidates, never pruned
+    ema_halflife_images: float = 10_000.0  # EMA half-life in training images (helpers.diffusion.EMA)
+    ema_rampup: float = 0.125  # the half-life ramps up as min(half-life, ema_rampup * images seen)
+    phema_sigma_rels: list = field(default_factory=lambda: [0.05, 0.10])  # post-hoc EMA profiles tracked; [] = off
+    phema_every: int = 100  # store them every N steps (0 = at each snapshot); always at snapshots and max_steps
+    log_every: int = 10
+    preview_every: int = 200  # 0 turns previews off
+
+    # ---- sampling (04_sample)
+    scheduler: str = "dpm++2m"  # helpers.schedulers.SCHEDULERS (Karras sigmas suit SD's schedule, not cosine)
     sample_steps: int = 20
     guidance: float = 3.0
     guidance_rescale: float = 0.0
-    # [sigma_lo, sigma_hi]: guide only steps whose noise level sigma = sqrt((1 - alpha_bar) / alpha_bar) lies in
-    # (lo, hi], the plain conditional prediction elsewhere (Kynkaanniemi et al. 2024); [] = guide every step.
-    # The demo's (0.3, 5]: same probe accuracy as guiding every step, a lower probe FD (benchmarks/RESULTS.md)
-    guidance_interval: list = field(default_factory=lambda: [0.3, 5.0])
-    # autoguidance (Karras et al. 2024): guide = a snapshot name ("step-000300") whose U-Net the sample is steered
-    # away from with weight guide_weight (1 = off); ema_length: sigma_rel of a post-hoc EMA reconstruction of the
-    # snapshot (helpers.phema; 0 = its stored half-life EMA)
-    guide: str = ""
-    guide_weight: float = 1.0
-    ema_length: float = 0.0
+    guidance_interval: list = field(default_factory=lambda: [0.3, 5.0])  # guide only where sigma in (lo, hi]; [] = all
+    guide: str = ""  # autoguidance: a snapshot name ("first", "step-000300") to steer away from; "" = none
+    guide_weight: float = 1.0  # autoguidance weight (1 = off)
+    ema_length: float = 0.0  # sigma_rel of a post-hoc EMA rebuild of the snapshot (0 = its stored half-life EMA)
     sample_batch_size: int = 64
     use_ema: bool = True
     output_size: int = 256  # the course wants 256x256 PNGs
 
-    # evaluation
-    # the selection sweep of 04_sample: every snapshot x guidance_sweep x sweep_steps (x sweep_intervals) on
-    # sweep_prompts test prompts (a fixed seeded subset; 0 = all)
+    # ---- selection (04_sample): every snapshot x guidance_sweep x sweep_steps x ... on sweep_prompts prompts
     guidance_sweep: list = field(default_factory=lambda: [1.0, 2.0, 3.0])
     sweep_steps: list = field(default_factory=lambda: [10, 20])
     sweep_intervals: list = field(default_factory=lambda: [[0.3, 5.0]])  # e.g. [[], [0.3, 5.0]]: try both
-    sweep_prompts: int = 120
+    sweep_prompts: int = 120  # a fixed seeded subset of the test prompts (0 = all)
     sweep_snapshots: int = 3  # at most this many snapshots, spread evenly, the last always included (0 = all)
-    # more axes of the sweep: EMA lengths (0 = the stored half-life EMA), guides ("" = none) x guide weights (a guide
-    # is only tried at weights != 1, no guide only at 1); the demo's defaults keep its sweep at one value each
-    sweep_ema_lengths: list = field(default_factory=lambda: [0.0])
-    sweep_guides: list = field(default_factory=lambda: [""])
+    sweep_ema_lengths: list = field(default_factory=lambda: [0.0])  # post-hoc EMA lengths (0 = the half-life EMA)
+    sweep_guides: list = field(default_factory=lambda: [""])  # guides ("" = none), tried at weights != 1
     sweep_guide_weights: list = field(default_factory=lambda: [1.0])
+
+    # ---- evaluation (05_eval)
     clip_model: str = "openai/clip-vit-base-patch32"
     eval_max_images: int = 0  # 0 = the whole validation split / test set
 
-    # sd-baseline
+    # ---- a pretrained baseline (sd-baseline)
     sd_model: str = "CompVis/stable-diffusion-v1-4"  # the pretrained pipeline 04_sample can compare with
-    # a pretrained Stable Diffusion pipeline (id or folder) this run samples instead of a U-Net it trains
-    # ("" = it trains its own: every profile but sd-baseline); it has one setting's weights, no snapshots
-    pipeline: str = ""
+    pipeline: str = ""  # a pretrained SD pipeline this run samples instead of a U-Net it trains ("" = train one)
 
     @property
     def run_dir(self) -> Path:
@@ -175,6 +156,7 @@ class RunConfig:
                 problem = check(getattr(self, name))
                 if problem:
                     problems.append(f"{name}={getattr(self, name)!r} {problem}")
+        problems += [] if problems else pair_problems(self)
         if problems:
             raise ValueError("Bad run config:\n  " + "\n  ".join(problems))
         return self
@@ -199,6 +181,7 @@ class RunConfig:
 # diffusers.optimization.SchedulerType's values (a test keeps them in step; importing diffusers here costs 5 s)
 LR_SCHEDULES = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
                 "piecewise_constant")
+MIXED_PRECISION = ("auto", "no", "bf16", "fp16")  # helpers.precision.MODES (a test keeps them in step)
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid")
 
 
@@ -257,7 +240,7 @@ def _interval_list(v):
 
 
 def _sigma_rel_list(v):
-    from .phema import MAX_SIGMA_REL
+    from .setting import MAX_SIGMA_REL
 
     if not all(isinstance(s, (int, float)) and not isinstance(s, bool) and 0 < s < MAX_SIGMA_REL for s in v) \
             or len(set(v)) != len(v):
@@ -265,7 +248,7 @@ def _sigma_rel_list(v):
 
 
 def _ema_length(v):
-    from .phema import MAX_SIGMA_REL
+    from .setting import MAX_SIGMA_REL
 
     if not (v == 0 or 0 < v < MAX_SIGMA_REL):
         return f"must be 0 (the stored half-life EMA) or a post-hoc EMA length sigma_rel in (0, {MAX_SIGMA_REL:.4f})"
@@ -293,7 +276,7 @@ def _unet_presets():
 
 
 def _samplers():
-    from .sample import SCHEDULERS
+    from .schedulers import SCHEDULERS
 
     return list(SCHEDULERS)
 
@@ -319,6 +302,8 @@ FIELD_CHECKS = {
     "grad_accum": _at_least(1),
     "micro_splits": _at_least(1),
     "time_budget_hours": _finite_at_least(0.0),  # 0 = no budget
+    "session_hours": _finite_at_least(0.0),  # 0 = no session limit
+    "checkpoint_minutes": _finite_at_least(0.0),  # 0 = by steps only
     "lr": _finite_at_least(0.0, above=True),
     "lr_schedule": _one_of(lambda: LR_SCHEDULES),
     "warmup_steps": _at_least(0),
@@ -331,7 +316,7 @@ FIELD_CHECKS = {
     "ema_rampup": _finite_at_least(0.0),  # 0 = no ramp-up
     "phema_sigma_rels": _sigma_rel_list,
     "phema_every": _at_least(0),  # 0 = at each snapshot
-    "mixed_precision": _one_of(lambda: ("auto", "no", "bf16", "fp16")),
+    "mixed_precision": _one_of(lambda: MIXED_PRECISION),
     "checkpoint_every": _at_least(1),
     "keep_checkpoints": _at_least(0),  # 0 keeps them all
     "snapshot_every": _at_least(0),
@@ -361,6 +346,16 @@ FIELD_CHECKS = {
 }
 
 
+def pair_problems(cfg: "RunConfig") -> list[str]:
+    """Values each valid alone that do not fit together."""
+    problems = []
+    if cfg.micro_splits > cfg.batch_size:
+        problems.append(f"micro_splits={cfg.micro_splits} is more than batch_size={cfg.batch_size}: each chunk of a "
+                        f"batch holds at least one image, so at most {cfg.batch_size} splits (batch_size is per "
+                        f"process and micro-batch; grad_accum adds micro-batches)")
+    return problems
+
+
 def as_bool(value, name: str) -> bool:
     """A notebook parameter meant as a bool: True/False, 0/1, or the strings true/false/yes/no/on/off/1/0.
 
@@ -385,6 +380,18 @@ def as_count(value, name: str, minimum: int = 0) -> int:
     if number < minimum:
         raise ValueError(f"{name}={value!r} should be a whole number >= {minimum}")
     return int(number)
+
+
+def count_argument(minimum: int):
+    """An argparse `type` for a whole number >= minimum, whose refusal argparse prints as the message itself."""
+    import argparse
+
+    def count(value: str) -> int:
+        try:
+            return as_count(value, "", minimum)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{value!r} should be a whole number >= {minimum}") from None
+    return count
 
 
 _BOOL_WORDS = {"true": True, "yes": True, "on": True, "1": True, "false": False, "no": False, "off": False, "0": False}
@@ -426,6 +433,7 @@ PROFILES: dict[str, dict] = {
         # used when you set max_steps / warmup_steps (which turns max_epochs / warmup_fraction off)
         max_steps=40_000, warmup_steps=2_000,
         checkpoint_every=2000, preview_every=1000, log_every=50,
+        checkpoint_minutes=30,  # 2,000 steps are about an hour on a T4: an ended session loses at most 30 min
         snapshot_every=4000,  # each EMA snapshot of hw6-recipe is 1.2 GB (fp32) and snapshots are never pruned
         # post-hoc EMA profiles at each snapshot: 2 x 0.59 GB (fp16) per snapshot, ~12 GB over 60 epochs; every
         # 2000 steps would halve the reconstruction's profile error at sigma_rel 0.025 (8.6 % -> 3.4 %) for twice that
@@ -577,13 +585,22 @@ def save_config(cfg: RunConfig) -> Path:
     return atomic_write_text(cfg.layout.config, cfg.to_json())
 
 
-def open_run(run_name: str, profile: str | None = None, outputs_dir: str = "outputs", **overrides) -> RunConfig:
-    """The config of run `run_name`: read from its folder if it exists, else made from `profile`.
+def open_run(run_name: str, profile: str | None = None, outputs_dir: str = "outputs", create: bool = True,
+             **overrides) -> RunConfig:
+    """The config of run `run_name`: read from its folder if it exists, else made from `profile` (with `create`;
+    without it a missing run is a FileNotFoundError naming it, and nothing is created).
 
     Notebook parameters left as None keep the stored value. The result is saved back, so the run
     folder always holds the config that was actually used.
     """
+    bad_name = _run_name(run_name) if isinstance(run_name, str) else "must be a string"
+    if bad_name:  # before the name is joined to a path
+        raise ValueError(f"run_name={run_name!r} {bad_name}")
     path = resolve_path(outputs_dir) / "runs" / run_name / "config.json"
+    if not path.exists() and not create:
+        runs = sorted(p.parent.name for p in path.parent.parent.glob("*/config.json"))
+        raise FileNotFoundError(f"run {run_name!r} does not exist: {path.parent} has no config.json (runs here: "
+                                f"{', '.join(runs) or 'none'}); start it with 01_data, or pass profile= to make it")
     if path.exists():
         cfg = load_config(path)
         if profile is not None and profile != cfg.profile:

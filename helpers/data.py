@@ -296,3 +296,9 @@ def count_long_captions(captions, tokenizer, max_tokens: int) -> tuple[int, list
     lengths = [len(ids) for ids in tokenizer(list(captions), truncation=False)["input_ids"]]
     return sum(n > max_tokens for n in lengths), lengths
 
+
+def seeded_subset(n: int, count: int, seed: int) -> list[int]:
+    """A fixed, seeded choice of `count` of n indices (all if count is 0 or >= n), in order."""
+    if not count or count >= n:
+        return list(range(n))
+    return sorted(random.Random(seed).sample(range(n), count))

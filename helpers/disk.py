@@ -8,6 +8,7 @@ resumable checkpoint while there is still room for it. Sizes come from the U-Net
 """
 from __future__ import annotations
 
+import math
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,9 +22,23 @@ class NotEnoughDiskError(RuntimeError):
     """The run's writes do not fit on its disk; the message gives the numbers and what to do."""
 
 
+# Folders whose owner caps what they may hold below what the filesystem reports: Kaggle keeps 20 GB of /kaggle/working
+QUOTAS = {Path("/kaggle/working"): 20 * 10**9}
+
+
 def free_bytes(path: str | Path) -> int:
-    """Bytes an ordinary user may still write on the filesystem holding `path` (tests replace this)."""
-    return shutil.disk_usage(path).free
+    """Bytes an ordinary user may still write on the filesystem holding `path`, within a known quota of the folder
+    it lies in (QUOTAS); tests replace this."""
+    free = shutil.disk_usage(path).free
+    for root, quota in QUOTAS.items():
+        if Path(path).resolve().is_relative_to(root):
+            free = min(free, max(0, quota - folder_bytes(root)))
+    return free
+
+
+def folder_bytes(root: Path) -> int:
+    """What the files under `root` hold (a quota counts them, not the filesystem's free space)."""
+    return sum(f.stat().st_size for f in root.rglob("*") if f.is_file() and not f.is_symlink())
 
 
 @dataclass(frozen=True)
@@ -55,6 +70,19 @@ def snapshot_count(start: int, end: int, max_steps: int, every: int) -> int:
     return regular + int(final)
 
 
+def store_count(start: int, end: int, max_steps: int, snapshot_every: int, phema_every: int) -> int:
+    """Post-hoc EMA stores written by steps start+1..end: with every snapshot and every `phema_every` steps
+    (helpers.phema.stores_at), each step once."""
+    def multiples(every: int) -> int:
+        return end // every - start // every if every > 0 else 0
+
+    both = math.lcm(snapshot_every, phema_every) if snapshot_every > 0 and phema_every > 0 else 0
+    regular = multiples(snapshot_every) + multiples(phema_every) - multiples(both)
+    final = end == max_steps > start and not any(every > 0 and max_steps % every == 0
+                                                  for every in (snapshot_every, phema_every))
+    return regular + int(final)
+
+
 def checkpoint_count(start: int, end: int, every: int) -> int:
     """Checkpoints written by steps start+1..end: every `every` steps and at the session's last step."""
     return end // every - start // every + int(end % every != 0 and end > start)
@@ -70,13 +98,13 @@ class Plan:
     checkpoint_every: int
     keep_checkpoints: int  # 0 keeps them all
     existing_checkpoints: int = 0  # already on disk (a resume): pruned as new ones come
-    phema_every: int = 0  # post-hoc EMA profiles stored every N steps (0: with each snapshot) and at max_steps
+    phema_every: int = 0  # post-hoc EMA profiles stored with each snapshot and every N steps besides (0: no others)
 
     def snapshots(self) -> int:
         return snapshot_count(self.start, self.max_steps, self.max_steps, self.snapshot_every)
 
     def phema_stores(self) -> int:
-        return snapshot_count(self.start, self.max_steps, self.max_steps, self.phema_every or self.snapshot_every)
+        return store_count(self.start, self.max_steps, self.max_steps, self.snapshot_every, self.phema_every)
 
     def new_checkpoints(self) -> int:
         """How many more checkpoints are on disk at the peak (a new one is written before the oldest is pruned)."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
+import math
 import os
 import re
 import sys
@@ -114,5 +115,41 @@ def check_can_write(path: str | Path) -> None:
     try:
         probe.touch()
         probe.unlink()
+    except FileNotFoundError:  # the folder is there, yet a file in it is "not found": /proc, /sys
+        raise OSError(f"{folder}: takes no new files (a virtual file system such as /proc?) — choose another "
+                      "folder") from None
     except OSError as e:
         raise type(e)(e.errno, e.strerror, str(folder)) from None
+
+
+def json_safe(obj):
+    """Tensors and numpy scalars to numbers, NaN/inf to None (JSON has no NaN)."""
+    if isinstance(obj, dict):
+        return {str(k): json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    if hasattr(obj, "item") and callable(obj.item) and getattr(obj, "ndim", 0) == 0:
+        obj = obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+def safetensors_problem(path: str | Path) -> str | None:
+    """Why a .safetensors file is not whole (None: it is as long as its header says): a truncated copy or an
+    interrupted write would otherwise reach the loader's bare "Unable to load weights"."""
+    path = Path(path)
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        length = int.from_bytes(head, "little") if len(head) == 8 else None
+        if length is None or 8 + length > size:
+            return f"truncated: {size} bytes, too short for its own header"
+        try:
+            header = json.loads(f.read(length))
+            end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+        except (ValueError, KeyError, TypeError, IndexError):
+            return "not a safetensors file (its header cannot be read)"
+    if 8 + length + end > size:
+        return f"truncated: {size:,} bytes where its header promises {8 + length + end:,}"
+    return None

@@ -8,7 +8,7 @@
   would not do: at small batches it is set by the optimizer state, not by the step.
 - `plan_fit`: if the configured step does not fit, the smallest micro-batch split and the smallest split with
   gradient checkpointing that fit, each measured; the faster wins. Splitting keeps the images per optimizer step
-  and the data stream (helpers.train.split_backward), so results and exact resume do not change.
+  and the data stream (helpers.step.split_backward), so results and exact resume do not change.
 - `plan_budget`: the steps that end within `time_budget_hours` at the measured speed, with checkpoints,
   snapshots and previews (estimated) included, and the snapshot interval for that length.
 - `fit_run`: both, before step 1 of `helpers.train.train` (auto_fit acts on CUDA only; a resume keeps the
@@ -27,9 +27,10 @@ from time import perf_counter
 import torch
 
 from .config import RunConfig, total_steps
-from .diffusion import EMA, diffusion_loss
+from .diffusion import EMA
 from .model import noise_scheduler
-from .train import DeviceCache, data_rows, split_backward, step_generator, train_rows, unet_for_cache
+from .precision import decide
+from .step import DeviceCache, data_rows, loss_function, split_backward, step_generator, train_rows, unet_for_cache
 
 FIT_SHARE = 0.95  # a step "fits" when its peak plus one more copy of the weights stays under this share of memory
 DISK_BYTES_PER_S = 100e6  # assumed write speed for checkpoint/snapshot cost (Colab/Kaggle local disks: 100-200 MB/s)
@@ -85,15 +86,6 @@ def device_memory(device) -> tuple[int, str]:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), f"CPU ({torch.get_num_threads()} threads)"
 
 
-def autocast_for(cfg: RunConfig, device):
-    """The autocast training uses (helpers.train.make_accelerator): bf16 on CUDA for "auto", none on a CPU."""
-    precision = cfg.mixed_precision
-    if precision == "auto":
-        precision = "bf16" if on_cuda(device) else "no"
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-    return torch.autocast(torch.device(device).type, dtype=dtype, enabled=dtype is not None)
-
-
 def draw_batch(cfg: RunConfig, data: DeviceCache, rows: torch.Tensor) -> tuple:
     """A batch of the configured size from the cache, from a generator of its own (the training stream is untouched)."""
     gen = step_generator(cfg.seed, "fit", device=data.mean.device)
@@ -135,10 +127,12 @@ def measure_step(cfg: RunConfig, unet, batch: tuple, micro_splits: int = 1, grad
     params = set(p.untyped_storage().data_ptr() for p in unet.parameters())
     saved: list[int] = []
 
+    run_loss, precision = loss_function(cfg, unet, alphas_cumprod), decide(cfg.mixed_precision, device)
+
     def loss_of(*chunk):
         hooks = saved_for_backward(params, saved) if not saved and not on_cuda(device) else contextlib.nullcontext()
-        with hooks, autocast_for(cfg, device):
-            return diffusion_loss(unet, *chunk, alphas_cumprod, cfg.prediction_type, cfg.min_snr_gamma)
+        with hooks, precision.autocast(device):
+            return run_loss(*chunk)
 
     def step():
         split_backward(loss_of, batch, micro_splits)

@@ -18,8 +18,7 @@ from pathlib import Path
 import torch
 
 from .config import RunConfig
-from .data import Prompt, load_prompts
-from .selection import seeded_subset
+from .data import Prompt, load_prompts, seeded_subset
 
 
 def _tie_break(row: dict) -> tuple:

@@ -5,9 +5,9 @@
     snapshots/step-N/    model/{unet,unet_ema,scheduler}/                EMA U-Nets to choose from; the final model
     phema/step-N/                                                        post-hoc EMA profiles (helpers.phema)
     previews/  logs/train.csv  logs/tensorboard/                         what training looked like
-    selection/cells.jsonl  selection/…                                   04_sample's sweep, one line per setting
-    results/ (+ manifest.json)  results.history/<n>/                     the test set of the choice; earlier sets
-    metrics.json  score.json  submission.zip  notebooks/  *.png          choice and scores; the hand-in; plots
+    selection/cells.jsonl  selection/test_set.json  results.lock        04_sample's sweep; its record of results/
+    results/ (+ manifest.json)  results.partial/  results.history/<n>/  the test set; a new one being written; earlier
+    metrics.json  score.json  hw6_<student_id>.zip  notebooks/  *.png   choice and scores; the hand-in; plots
 """
 from __future__ import annotations
 
@@ -39,11 +39,16 @@ class RunLayout:
     notebooks = property(lambda self: self.root / "notebooks")
     selection = property(lambda self: self.root / "selection")
     cells = property(lambda self: self.root / "selection" / "cells.jsonl")
+    test_set_record = property(lambda self: self.root / "selection" / "test_set.json")  # the manifest 04 wrote
     metrics = property(lambda self: self.root / "metrics.json")
     results = property(lambda self: self.root / "results")
     results_history = property(lambda self: self.root / "results.history")
     score = property(lambda self: self.root / "score.json")
-    submission = property(lambda self: self.root / "submission.zip")
+    submission = property(lambda self: self.root / "submission.zip")  # before student_id: see hand_in()
+
+    def hand_in(self, student_id: str) -> Path:
+        """The course's zip, hw6_<student_id>.zip."""
+        return self.root / f"hw6_{student_id}.zip"
 
     def plot(self, name: str) -> Path:
         """A figure a notebook saves, e.g. plot("selection_sweep") -> <run>/selection_sweep.png."""

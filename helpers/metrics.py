@@ -6,7 +6,6 @@ computed by `helpers.score`; which setting wins is decided in `helpers.selection
 """
 from __future__ import annotations
 
-import math
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,8 +13,8 @@ from pathlib import Path
 import torch
 from .progress import progress_bar
 
-from .data import key_of_image, load_records
-from .files import atomic_write_json, read_json
+from .data import key_of_image, load_records, seeded_subset
+from .files import atomic_write_json, json_safe, read_json
 from .images import load_image_tensor
 
 
@@ -39,7 +38,6 @@ class EvalSet:
 def validation_set(cfg, max_images: int | None = None, seed: int | None = None) -> EvalSet:
     """One prompt per validation key (a seeded pick among its captions) and its real first frame."""
     from .cache import read_split
-    from .selection import seeded_subset
 
     seed = cfg.seed if seed is None else seed
     val_groups = set(read_split(cfg)["val"])
@@ -63,19 +61,6 @@ def validation_set(cfg, max_images: int | None = None, seed: int | None = None) 
 
 
 # ---------------------------------------------------------------- metrics.json
-
-
-def json_safe(obj):
-    """Tensors and numpy scalars to numbers, NaN/inf to None (JSON has no NaN)."""
-    if isinstance(obj, dict):
-        return {str(k): json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [json_safe(v) for v in obj]
-    if hasattr(obj, "item") and callable(obj.item) and getattr(obj, "ndim", 0) == 0:
-        obj = obj.item()
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    return obj
 
 
 def _merge(old: dict, new: dict) -> dict:

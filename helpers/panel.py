@@ -292,14 +292,15 @@ class Panel(_widgets().VBox):
         self.tokens.value = token_note(self.model.text_encoder, c["prompt"].value)[0]
         self.source.value = f'<span style="color:{GREY}">{html.escape(source_note(self.cfg, self.chosen[1]))}</span>'
         try:
-            rows, _ = read_rows(self.values(), self.n)
+            rows, _ = read_rows(self.values(), self.n, self.model.scheduler_config)
             self.guided.value = f'<span style="color:{GREY}">{guided_note(self.model.scheduler_config, rows)}</span>'
             plan = f"Generate: {run_estimate(rows, self.n, self.seconds_per_step)}"
         except BadSetting as e:
             self.guided.value = f'<span style="color:{AMBER}">{html.escape(str(e))}</span>'
             plan = "Generate: fix the value above first"
         try:
-            compare = run_estimate(read_rows(self.values(compare=True), self.n)[0], self.n, self.seconds_per_step)
+            compare = run_estimate(read_rows(self.values(compare=True), self.n, self.model.scheduler_config)[0],
+                                   self.n, self.seconds_per_step)
             plan += f" · Compare: {compare}"
         except BadSetting:
             pass
@@ -351,7 +352,7 @@ class Panel(_widgets().VBox):
             return
         self.show_error("")
         try:
-            rows, seeds = read_rows(self.values(compare), self.n)
+            rows, seeds = read_rows(self.values(compare), self.n, self.model.scheduler_config)
         except BadSetting as e:
             self.show_error(f"Cannot sample: {e}")
             return

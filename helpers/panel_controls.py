@@ -11,7 +11,7 @@ import itertools
 import numbers
 import re
 
-from .sample import guided_steps
+from .sample import guided_steps, unhonoured
 from .setting import Setting
 
 SEED_LIMIT = 2**63  # seeds are signed 64-bit integers downstream (torch generators, numpy)
@@ -51,7 +51,7 @@ def parse_seed(text, n: int) -> tuple[int | None, list[str]]:
     return seed, []
 
 
-def read_rows(values: dict, n: int) -> tuple[list[Setting], list[int]]:
+def read_rows(values: dict, n: int, scheduler_config: dict | None = None) -> tuple[list[Setting], list[int]]:
     """(one Setting per row, the n seeds) from the raw control values, or BadSetting naming every bad one.
 
     values: snapshots (list of names), guidance, steps, seed, sigma_lo, sigma_hi, rescale, guide_weight (typed
@@ -80,7 +80,8 @@ def read_rows(values: dict, n: int) -> tuple[list[Setting], list[int]]:
     rows = [Setting(snap, g, s, values["scheduler"], interval, guide=guide,
                     ema_length=float(values.get("ema_length", 0.0)), **extra)
             for snap, s, g in itertools.product(values["snapshots"], steps, guidances)]
-    problems += list(dict.fromkeys(p for row in rows for p in row.problems()))
+    problems += list(dict.fromkeys(p for row in rows
+                                   for p in row.problems() + unhonoured(row, scheduler_config or {})))
     if len(rows) > MAX_ROWS:
         problems.append(f"{len(rows)} rows ({len(values['snapshots'])} snapshots × {len(steps)} steps × "
                         f"{len(guidances)} guidance values): at most {MAX_ROWS} per click")

@@ -120,30 +120,14 @@ class PowerEMA:
         tests/test_phema.py's 40-step tiny U-Net (lengths 0.05 and 0.10 differ by 0.2 % of the weights' norm) it is
         8 % of that difference against 0.4 % for fp32; in the demo at 900 steps they differ by 0.31 %, so fp16 adds
         noise of roughly a tenth of the step between those two lengths (dtype=torch.float32 doubles the size)."""
-        from safetensors.torch import save_file
-
-        folder, out = Path(folder), []
-        folder.mkdir(parents=True, exist_ok=True)
-        for s, profile in zip(self.sigma_rels, self.profiles):
-            path = folder / f"{FILE_PREFIX}{key(s)}.safetensors"
-            tensors = {n: w.detach().to("cpu", dtype).contiguous() for n, w in zip(self.names, profile)}
-            save_file(tensors, str(path), metadata={"sigma_rel": repr(s), "images": str(self.images_seen),
-                                                    "step": str(int(step))})
-            out.append(path)
-        return out
+        return save_profiles(folder, step, self.images_seen, self._by_length(), dtype)
 
     def store(self, root: str | Path, step: int, dtype: torch.dtype = torch.float16) -> Path:
         """`save` into root/step-NNNNNN/ atomically (a temp folder renamed into place), replacing an older one."""
-        import shutil
+        return store_profiles(root, step, self.images_seen, self._by_length(), dtype)
 
-        name = f"step-{int(step):06d}"
-        final, tmp = Path(root) / name, Path(root) / f".tmp-{name}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        self.save(tmp, step, dtype)
-        if final.exists():  # this run trained the step again (resumed from an earlier checkpoint)
-            shutil.rmtree(final)
-        tmp.rename(final)
-        return final
+    def _by_length(self) -> dict[float, dict[str, torch.Tensor]]:
+        return {s: dict(zip(self.names, profile)) for s, profile in zip(self.sigma_rels, self.profiles)}
 
     def _index(self, sigma_rel: float) -> int:
         for i, s in enumerate(self.sigma_rels):
@@ -154,6 +138,62 @@ class PowerEMA:
 
 def key(sigma_rel: float) -> str:
     return f"{float(sigma_rel):.3f}"
+
+
+def save_profiles(folder: str | Path, step: int, images: int, profiles: dict, dtype=torch.float16) -> list[Path]:
+    """Write `profiles` ({sigma_rel: {parameter: weights}}) to folder/phema-<sigma_rel>.safetensors as `dtype`, with
+    step, images and sigma_rel as metadata (what `stored_profiles` checks against the file's place)."""
+    from safetensors.torch import save_file
+
+    folder, out = Path(folder), []
+    folder.mkdir(parents=True, exist_ok=True)
+    for s, weights in profiles.items():
+        path = folder / f"{FILE_PREFIX}{key(s)}.safetensors"
+        tensors = {n: w.detach().to("cpu", dtype).contiguous() for n, w in weights.items()}
+        save_file(tensors, str(path), metadata={"sigma_rel": repr(float(s)), "images": str(int(images)),
+                                                "step": str(int(step))})
+        out.append(path)
+    return out
+
+
+def store_profiles(root: str | Path, step: int, images: int, profiles: dict, dtype=torch.float16) -> Path:
+    """`save_profiles` into root/step-NNNNNN/ atomically (a temp folder renamed into place), replacing an older one."""
+    import shutil
+
+    final, tmp = Path(root) / store_name(step), Path(root) / f".tmp-{store_name(step)}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_profiles(tmp, step, images, profiles, dtype)
+    if final.exists():  # this run trained the step again (resumed from an earlier checkpoint)
+        shutil.rmtree(final)
+    tmp.rename(final)
+    return final
+
+
+def store_state(root: str | Path, step: int, state: dict[str, torch.Tensor], sigma_rels=()) -> Path:
+    """The store of step `step` written from a checkpoint's post-hoc EMA state (PowerEMA.state_dict): what a resume
+    rewrites when the store itself was cut off (helpers.repair). `sigma_rels`: the lengths tracked (the config's
+    phema_sigma_rels), whose exact values the state's keys round to 3 decimals."""
+    exact = {key(s): float(s) for s in sigma_rels}
+    profiles: dict[float, dict[str, torch.Tensor]] = {}
+    for name, w in state.items():
+        length, sep, parameter = name.partition("/")
+        if sep:
+            profiles.setdefault(exact.get(length, float(length)), {})[parameter] = w
+    if not profiles or "images_seen" not in state:
+        raise ValueError("the checkpoint's post-hoc EMA state holds no profiles")
+    return store_profiles(root, step, int(state["images_seen"]), profiles)
+
+
+def store_name(step: int) -> str:
+    return f"step-{int(step):06d}"
+
+
+def stores_at(step: int, max_steps: int, snapshot_every: int, phema_every: int) -> bool:
+    """Whether training step `step` stores the post-hoc EMA profiles: with every snapshot (every snapshot_every
+    steps and at max_steps), so each snapshot's own EMA lengths rebuild exactly, and every phema_every steps
+    besides (0: no others), which makes the fit of other lengths closer."""
+    return (step == max_steps or (snapshot_every > 0 and step % snapshot_every == 0)
+            or (phema_every > 0 and step % phema_every == 0))
 
 
 # ---------------------------------------------------------------- reconstruction after training
@@ -172,20 +212,22 @@ def profile_inner_products(t_a, sigma_a, t_b, sigma_b) -> np.ndarray:
 
 def posthoc_coefficients(stored_t, stored_sigma, t: float, sigma_rel: float) -> np.ndarray:
     """x with sum_i x_i p_i ~ p_{t, sigma_rel} in least squares, rescaled to sum to 1."""
-    a = profile_inner_products(stored_t, stored_sigma, stored_t, stored_sigma)
-    b = profile_inner_products(stored_t, stored_sigma, [t], [sigma_rel])[:, 0]
-    x = np.linalg.lstsq(a, b, rcond=None)[0]  # lstsq: the same answer as solve, and no error if A is singular
-    return x / x.sum()
+    return _fit(stored_t, stored_sigma, t, sigma_rel)[0]
 
 
 def profile_error(stored_t, stored_sigma, t: float, sigma_rel: float) -> float:
     """|| p_r - sum_i x_i p_i || / || p_r ||: how far the reconstructed average's profile is from the one asked for
     (0 = exact)."""
-    x = posthoc_coefficients(stored_t, stored_sigma, t, sigma_rel)
+    return _fit(stored_t, stored_sigma, t, sigma_rel)[1]
+
+
+def _fit(stored_t, stored_sigma, t: float, sigma_rel: float) -> tuple[np.ndarray, float]:
     a = profile_inner_products(stored_t, stored_sigma, stored_t, stored_sigma)
     b = profile_inner_products(stored_t, stored_sigma, [t], [sigma_rel])[:, 0]
+    x = np.linalg.lstsq(a, b, rcond=None)[0]  # lstsq: the same answer as solve, and no error if A is singular
+    x = x / x.sum()
     rr = profile_inner_products([t], [sigma_rel], [t], [sigma_rel])[0, 0]
-    return float(math.sqrt(max(rr - 2 * x @ b + x @ a @ x, 0.0) / rr))
+    return x, float(math.sqrt(max(rr - 2 * x @ b + x @ a @ x, 0.0) / rr))
 
 
 @dataclass(frozen=True)
@@ -197,7 +239,9 @@ class StoredProfile:
 
 
 def stored_profiles(root: str | Path) -> list[StoredProfile]:
-    """Every profile stored under `root` (<run>/phema/step-NNNNNN/phema-*.safetensors), by time then length."""
+    """Every profile stored under `root` (<run>/phema/step-NNNNNN/phema-*.safetensors), by time then length. A file
+    whose step or sigma_rel (its metadata) is not the one its folder and name say (e.g. copied into another step's
+    folder) is refused, naming it: read as it is, it would be another step's average."""
     from safetensors import safe_open
 
     found = []
@@ -205,31 +249,107 @@ def stored_profiles(root: str | Path) -> list[StoredProfile]:
         try:
             with safe_open(str(path), "pt") as f:
                 meta = f.metadata() or {}
-            found.append(StoredProfile(path, int(meta["step"]), int(meta["images"]), float(meta["sigma_rel"])))
+            profile = StoredProfile(path, int(meta["step"]), int(meta["images"]), float(meta["sigma_rel"]))
         except Exception as e:  # a damaged or foreign file must not pass for a profile
             raise ValueError(f"{path}: not a stored post-hoc EMA profile ({type(e).__name__}: {e})") from None
+        place = (path.parent.name, path.name)
+        if place != (store_name(profile.step), f"{FILE_PREFIX}{key(profile.sigma_rel)}.safetensors"):
+            raise ValueError(f"{path}: holds the post-hoc EMA profile of step {profile.step}, sigma_rel "
+                             f"{profile.sigma_rel:g}, not the one its folder and name say (copied or renamed?); "
+                             f"move it to {store_name(profile.step)}/{FILE_PREFIX}{key(profile.sigma_rel)}.safetensors "
+                             f"or out of {Path(root)}")
+        found.append(profile)
     return sorted(found, key=lambda p: (p.images, p.sigma_rel))
 
 
-def reconstruct(stored: list[StoredProfile], sigma_rel: float, step: int | None = None) -> dict[str, torch.Tensor]:
-    """The weights (fp32, by parameter name) of the EMA of length `sigma_rel` at training step `step` (None: the
-    last stored one), from the stored profiles of steps <= step."""
-    from safetensors.torch import load_file
+# Above this profile error a rebuilt average is refused: it is no longer the asked-for average of the snapshot's
+# step. Every length in the profiles' sweeps (0.025-0.13) fits within 35 % at a step whose own profiles are stored,
+# even from that one store (0.025: 34 %; 0.07: 6 %); a step whose store is missing is extrapolated from earlier
+# ones, e.g. 0.05 at step 600 from stores every 100 steps up to 500: 145 % (tests/test_phema.py).
+MAX_PROFILE_ERROR = 0.4
 
-    last_step = max((p.step for p in stored), default=0)
-    step = last_step if step is None else int(step)
+
+@dataclass(frozen=True)
+class Rebuild:
+    """How the EMA of length `sigma_rel` at training step `step` is rebuilt: coefficients `x` of the stored profiles
+    `used` (all of steps <= step), and the fit's profile error at that step."""
+    sigma_rel: float
+    step: int
+    used: tuple
+    x: tuple
+    error: float
+
+    def line(self) -> str:
+        last = max(p.step for p in self.used)
+        own = "" if last == self.step else f"; step {self.step} has no store of its own, the last one used is {last}"
+        return (f"EMA length {self.sigma_rel:g} at step {self.step} rebuilt from {len(self.used)} stored profiles: "
+                f"its weight profile is {self.error:.1%} off the one asked for{own}")
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        """The rebuilt weights (fp32, by parameter name)."""
+        from safetensors.torch import load_file
+
+        out: dict[str, torch.Tensor] = {}
+        for coefficient, profile in zip(self.x, self.used):
+            if coefficient == 0.0:
+                continue
+            for name, w in load_file(str(profile.path)).items():
+                term = w.float() * float(coefficient)
+                out[name] = out[name].add_(term) if name in out else term
+        return out
+
+
+def plan_rebuild(stored: list[StoredProfile], sigma_rel: float, step: int | None = None,
+                 max_error: float | None = MAX_PROFILE_ERROR) -> Rebuild:
+    """The rebuild of length `sigma_rel` at step `step` (None: the last stored one) from the profiles stored at or
+    before it, its error computed at `step` itself; ValueError (one line) when there is none, or when the error
+    exceeds `max_error` (None: no bound)."""
+    step = max((p.step for p in stored), default=0) if step is None else int(step)
     usable = [p for p in stored if p.step <= step]
     if not usable:
         raise ValueError(f"no stored post-hoc EMA profile at or before step {step} to reconstruct sigma_rel "
                          f"{sigma_rel} from (train with phema_sigma_rels set, e.g. [0.05, 0.1])")
     last = max(usable, key=lambda p: p.step)
     target = last.images * step / last.step  # images seen at `step`, at the stored profiles' images per step
-    x = posthoc_coefficients([p.images for p in usable], [p.sigma_rel for p in usable], target, sigma_rel)
-    out: dict[str, torch.Tensor] = {}
-    for coefficient, profile in zip(x, usable):
-        if coefficient == 0.0:
-            continue
-        for name, w in load_file(str(profile.path)).items():
-            term = w.float() * float(coefficient)
-            out[name] = out[name].add_(term) if name in out else term
-    return out
+    x, error = _fit([p.images for p in usable], [p.sigma_rel for p in usable], target, sigma_rel)
+    rebuild = Rebuild(float(sigma_rel), step, tuple(usable), tuple(float(v) for v in x), error)
+    if max_error is not None and error > max_error:
+        raise ValueError(f"post-hoc EMA length {sigma_rel:g} at step {step} cannot be rebuilt faithfully: from the "
+                         f"stores up to step {last.step} its weight profile is {error:.0%} off the one asked for "
+                         f"(the bound is {max_error:.0%})" + (f"; {store_name(step)} is missing from "
+                         f"{last.path.parent.parent}" if last.step != step else "")
+                         + "; choose ema_length 0 (the snapshot's half-life EMA) or another length")
+    return rebuild
+
+
+def reconstruct(stored: list[StoredProfile], sigma_rel: float, step: int | None = None,
+                max_error: float | None = None) -> dict[str, torch.Tensor]:
+    """The weights (fp32, by parameter name) of the EMA of length `sigma_rel` at training step `step` (None: the
+    last stored one), from the stored profiles of steps <= step (see `plan_rebuild`)."""
+    return plan_rebuild(stored, sigma_rel, step, max_error).weights()
+
+
+# ---------------------------------------------------------------- a training run's post-hoc EMA bookkeeping
+
+
+def stores_phema(cfg, done: int) -> bool:
+    """Whether step `done` stores the profiles (helpers.phema.stores_at: with every snapshot, so each snapshot's own
+    EMA lengths can be rebuilt exactly at its step, every phema_every steps besides, and at max_steps)."""
+    return bool(cfg.phema_sigma_rels) and stores_at(done, cfg.max_steps, cfg.snapshot_every, cfg.phema_every)
+
+
+def resume_phema(phema, unet, state: dict, images_seen: int, verbose: bool) -> None:
+    """Restore the post-hoc EMA profiles from a checkpoint's state. A checkpoint without the lengths asked for
+    (written with phema off, or other phema_sigma_rels) restarts them from the resumed weights, as if the weights
+    had been these since step 0, and says so."""
+    if phema is None:
+        return
+    try:
+        if state.get("phema") is None:
+            raise ValueError("the checkpoint has none")
+        phema.load_state_dict(state["phema"])
+    except ValueError as e:
+        phema.restart(unet, images_seen)
+        if verbose:
+            print(f"Post-hoc EMA profiles {phema.sigma_rels} start at this step ({e}): they count the steps before "
+                  f"it as if the weights had been the resumed ones")

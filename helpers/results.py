@@ -58,6 +58,43 @@ def manifest_differences(have: dict | None, want: dict) -> list[str]:
     return [f"{k}: {have.get(k)!r} -> {v!r}" for k, v in want.items() if k not in NOT_COMPARED and have.get(k) != v]
 
 
+def record_differences(manifest: dict, record, where: Path) -> list[str]:
+    """How a folder's manifest differs from the run's record of the set (04_sample's copy of the manifest it wrote),
+    one message per field, first the setting's fields: an edited manifest names the field it changed."""
+    if not isinstance(record, dict):
+        return [f"{where}: expected a JSON object, got a {type(record).__name__}"]
+    keys = list(dict.fromkeys([k for k in record if k != "results"] + list(manifest)))
+    return [f"{k} is {manifest.get(k)!r} in manifest.json but {record.get(k)!r} in {where}"
+            if k != "images" else _images_difference(manifest.get(k), record.get(k), where)
+            for k in keys if manifest.get(k) != record.get(k)]
+
+
+def _images_difference(have, recorded, where: Path) -> str:
+    have, recorded = have if isinstance(have, dict) else {}, recorded if isinstance(recorded, dict) else {}
+    odd = sorted(n for n in set(have) | set(recorded) if have.get(n) != recorded.get(n))
+    return f"images: the hash of {odd[0] if odd else '?'} in manifest.json is not the one recorded in {where}"
+
+
+def check_record(results_dir, record_path) -> dict:
+    """The folder's manifest, if it is the one 04_sample recorded when it wrote the set; else ValueError, one line
+    naming the first field that differs (or the missing record)."""
+    results_dir, record_path = Path(results_dir), Path(record_path)
+    manifest = read_manifest(results_dir)
+    if manifest is None:
+        raise FileNotFoundError(f"{results_dir}: no test set with a manifest.json yet: run 04_sample first")
+    if not record_path.exists():
+        raise FileNotFoundError(f"{record_path}: no record of the test set 04_sample wrote (a set written by hand or "
+                                "by an older version): run 04_sample again (select=False keeps the choice; images "
+                                "already there are only checked)")
+    from .files import read_json
+
+    differences = record_differences(manifest, read_json(record_path), record_path)
+    if differences:
+        raise ValueError(f"{results_dir / MANIFEST}: {differences[0]}: the manifest was edited or the set replaced "
+                         "after 04_sample wrote it; run 04_sample again")
+    return manifest
+
+
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 

@@ -18,6 +18,7 @@ import uuid
 from pathlib import Path
 
 LOCK_NAME = "run.lock"
+RESULTS_LOCK = "results.lock"  # selection/ and results/ (04_sample, 05_eval): sampling may overlap training
 
 
 class RunLockedError(RuntimeError):
@@ -25,10 +26,12 @@ class RunLockedError(RuntimeError):
 
 
 @contextlib.contextmanager
-def run_lock(run_dir: str | Path, what: str):
-    """Hold `<run_dir>/run.lock` for the duration of the block (`what` says why, e.g. "training")."""
-    path = Path(run_dir) / LOCK_NAME
-    path.parent.mkdir(parents=True, exist_ok=True)
+def run_lock(run_dir: str | Path, what: str, name: str = LOCK_NAME):
+    """Hold `<run_dir>/<name>` (run.lock: training) for the duration of the block (`what` says why, e.g.
+    "training"). The run folder must exist: a lock never creates a run."""
+    path = Path(run_dir) / name
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"{path.parent}: run folder not found")
     mine = dict(pid=os.getpid(), host=socket.gethostname(), what=what, started=time.strftime("%Y-%m-%d %H:%M:%S"),
                 pid_started=_process_start(os.getpid()), token=uuid.uuid4().hex)
     _acquire(path, mine)

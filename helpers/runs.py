@@ -17,8 +17,9 @@ import functools
 import time
 from pathlib import Path
 
-from .config import ALIASES, PROJECT_ROOT, RunConfig, as_bool, open_run
+from .config import ALIASES, PROJECT_ROOT, RunConfig, as_bool, open_run, profile_config
 from .files import os_errors_end_in_one_line
+from .runlock import RunLockedError
 
 NOTEBOOKS = ["01_data", "02_unet_arch", "03_train_cfg", "04_sample", "05_eval"]
 
@@ -41,14 +42,25 @@ def run_pipeline(run_name: str, profile: str, outputs_dir: str = "outputs", para
         print(f"--- {name} ({run_name}, {profile})", flush=True)
         run_params = dict(run_name=run_name, outputs_dir=str(outputs_dir), profile=profile)
         params = {k: v for k, v in run_params.items() if k in notebook_parameters(name)} | per_notebook[name]
-        papermill.execute_notebook(PROJECT_ROOT / "notebooks" / f"{name}.ipynb", out_dir / f"{name}.ipynb",
-                                   parameters=params, cwd=str(PROJECT_ROOT / "notebooks"), kernel_name=kernel,
-                                   progress_bar=False, log_output=False, config=kernel_config())
+        try:
+            papermill.execute_notebook(PROJECT_ROOT / "notebooks" / f"{name}.ipynb", out_dir / f"{name}.ipynb",
+                                       parameters=params, cwd=str(PROJECT_ROOT / "notebooks"), kernel_name=kernel,
+                                       progress_bar=False, log_output=False, config=kernel_config())
+        except papermill.PapermillExecutionError as e:
+            raise NotebookFailed(name, e, out_dir / f"{name}.ipynb") from None
         timings[name] = time.perf_counter() - start
         print(f"    {name}: {timings[name]:.0f} s", flush=True)
     total = sum(timings.values())
     print(f"all {len(notebooks)} notebooks ran in {total / 60:.1f} min; outputs in {cfg.run_dir}")
     return cfg.run_dir
+
+
+class NotebookFailed(RuntimeError):
+    """A notebook raised: its message in one line, and where the executed copy with the full traceback is."""
+
+    def __init__(self, name: str, error, executed: Path):
+        message = " ".join(str(error.evalue).split())
+        super().__init__(f"{name} failed: {error.ename}: {message} (full traceback in {executed})")
 
 
 RESERVED = {"run_name": "--run-name", "outputs_dir": "--outputs-dir", "profile": "--profile"}
@@ -116,7 +128,14 @@ NOTEBOOK_CHECKS = {
     "guide_weights": _axis("guide_weight", "guide_weights"),
     "ema_length": lambda v: _axis("ema_length", "ema_length")([v]), "guide": lambda v: _axis("guide", "guide")([v]),
     "guide_weight": lambda v: _axis("guide_weight", "guide_weight")([v]),
+    "student_id": lambda v: _handin().check_student_id(v), "report": lambda v: _handin().check_report(v),
 }
+
+
+def _handin():
+    from . import handin
+
+    return handin
 
 
 def kernel_config():
@@ -152,16 +171,21 @@ def main(argv=None):
     ap.add_argument("--outputs-dir", default="outputs")
     ap.add_argument("-p", "--param", action="append", type=parse_parameter, default=[],
                     help="a notebook parameter, key=value (repeatable), passed to every notebook")
-    ap.add_argument("--only", nargs="*", choices=NOTEBOOKS, help="run only these notebooks (in order)")
+    ap.add_argument("--only", nargs="+", choices=NOTEBOOKS, metavar="NOTEBOOK",
+                    help=f"run only these notebooks (in order), one or more of {', '.join(NOTEBOOKS)}")
     args = ap.parse_args(argv)
     notebooks = args.only or NOTEBOOKS
     try:
+        profile_config(args.profile)  # an unknown profile, before anything is created
         route_parameters(dict(args.param), notebooks)
     except ValueError as e:
         ap.exit(2, f"helpers.runs: {' '.join(str(e).split())}\n")
     with os_errors_end_in_one_line("helpers.runs"):  # e.g. a read-only outputs folder: one line, not a traceback
-        run_pipeline(args.run_name or args.profile, args.profile, args.outputs_dir, dict(args.param),
-                     notebooks=notebooks)
+        try:
+            run_pipeline(args.run_name or args.profile, args.profile, args.outputs_dir, dict(args.param),
+                         notebooks=notebooks)
+        except (NotebookFailed, ValueError, RunLockedError) as e:  # a bad run name, another profile, a notebook
+            ap.exit(1, f"helpers.runs: {' '.join(str(e).split())}\n")
 
 
 if __name__ == "__main__":

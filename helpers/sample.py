@@ -8,11 +8,11 @@ One sampler serves training previews, the test set, the notebook's widget (helpe
 - guidance can be limited to an interval of noise levels (Kynkäänniemi et al. 2024, "Applying guidance in a
   limited interval improves sample and distribution quality"): outside it the plain conditional prediction is
   used, one U-Net call per image;
-- on CUDA the U-Net and the decoder run under bf16 autocast, the scheduler's arithmetic stays float32.
+- on CUDA the U-Net and the decoder run under the card's autocast (helpers.precision: bf16 on sm_80+, fp16 below),
+  the scheduler's arithmetic stays float32.
 """
 from __future__ import annotations
 
-import contextlib
 from typing import Callable
 
 import torch
@@ -20,46 +20,10 @@ from PIL import Image
 from .progress import progress_bar
 
 from .images import tensor_to_pil
+from .precision import Precision, decide
 from .setting import Setting
 
-# name -> (diffusers class, kwargs on top of the training schedule's config)
-SCHEDULERS: dict[str, tuple[str, dict]] = {
-    "ddpm": ("DDPMScheduler", {}),
-    "ddim": ("DDIMScheduler", {}),
-    "pndm": ("PNDMScheduler", {"skip_prk_steps": True}),  # PLMS: Runge-Kutta warm-up steps are wasteful at 25 steps
-    "euler": ("EulerDiscreteScheduler", {}),
-    "euler-a": ("EulerAncestralDiscreteScheduler", {}),
-    # Karras sigmas span the training schedule's sigma range; on the cosine schedule that is ~2e4 and
-    # about 10 of 25 steps land at t >= 998, so pixel-space cosine runs do better with plain "dpm++2m".
-    "dpm++2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}),
-    "dpm++2m-karras": ("DPMSolverMultistepScheduler",
-                       {"algorithm_type": "dpmsolver++", "solver_order": 2, "use_karras_sigmas": True}),
-    "unipc": ("UniPCMultistepScheduler", {}),
-}
-
-# For every sampler: "trailing" spacing starts at the last training step (pure noise), which the default
-# "leading" spacing misses at few steps (25 steps start at t=961, where the cosine schedule still keeps
-# 6 % of the signal, so samples come out washed-out; Lin et al. 2023, "Common Diffusion Noise Schedules
-# and Sample Steps are Flawed"). steps_offset=1 is what StableDiffusionPipeline forces on load anyway,
-# so an exported pipeline samples exactly as we do.
-COMMON_KWARGS = {"timestep_spacing": "trailing", "steps_offset": 1}
-
-
-def make_scheduler(name: str, train_scheduler_config: dict):
-    """A sampling scheduler that shares the training run's noise schedule (betas, prediction type)."""
-    import diffusers
-
-    if name not in SCHEDULERS:
-        raise ValueError(f"Unknown scheduler {name!r}; choose one of {', '.join(SCHEDULERS)}")
-    class_name, extra = SCHEDULERS[name]
-    config = {k: v for k, v in dict(train_scheduler_config).items() if not k.startswith("_")}
-    return getattr(diffusers, class_name).from_config(config, **{**COMMON_KWARGS, **extra})
-
-
-def _autocast(device: torch.device):
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+from .schedulers import COMMON_KWARGS, SCHEDULERS, make_scheduler  # noqa: F401 (re-exported)
 
 
 def noise_level(sampler, t) -> float:
@@ -86,7 +50,8 @@ def guided_steps(train_scheduler_config: dict, setting: Setting) -> tuple[int, i
 
 @torch.no_grad()
 def sample_latents(unet, sampler, cond, uncond, seeds, setting: Setting, *, latent_shape,
-                   on_step: Callable[[int, int], None] | None = None, guide_unet=None) -> torch.Tensor:
+                   on_step: Callable[[int, int], None] | None = None, guide_unet=None,
+                   precision: Precision | None = None) -> torch.Tensor:
     """Denoise one latent per seed with `sampler` (made for setting.scheduler). cond [B, L, D]; uncond [1, L, D]
     is the "" embedding; `guide_unet`: the U-Net of setting.guide (needed only when setting.autoguided).
 
@@ -102,11 +67,13 @@ def sample_latents(unet, sampler, cond, uncond, seeds, setting: Setting, *, late
     (g - 1) + (w - 1) fixed. U-Net calls per step: one (the prompt and, on CFG steps, "" in the same batch) plus one
     of the guide while it is active (w != 1). w = 1, or a guide equal to the main U-Net, changes nothing.
     `on_step(done, total)` is called after each step (e.g. to move a progress bar; raising there stops).
+    `precision`: the autocast of the U-Net calls (default: the card's, helpers.precision.decide("auto", device)).
     """
     from diffusers.guiders.guider_utils import rescale_noise_cfg
 
     p = next(unet.parameters())
     device, batch = p.device, len(seeds)
+    precision = precision or decide("auto", device)
     if cond.shape[0] != batch:
         raise ValueError(f"{cond.shape[0]} prompt embeddings for {batch} seeds")
     cond = cond.to(device, p.dtype)
@@ -125,7 +92,7 @@ def sample_latents(unet, sampler, cond, uncond, seeds, setting: Setting, *, late
     for i, t in enumerate(sampler.timesteps):
         guided = guided_at(noise_level(sampler, t), setting)
         model_in = sampler.scale_model_input(latents, t).to(p.dtype)
-        with _autocast(device):
+        with precision.autocast(device):
             eps = unet(torch.cat([model_in] * 2) if guided else model_in, t,
                        encoder_hidden_states=both if guided else cond, return_dict=False)[0].float()
             # the guide is another network: its call cannot share the main one's batch
@@ -171,9 +138,11 @@ def sample_images(model, prompts, seeds, setting: Setting, *, batch_size: int = 
     if len(prompts) != len(seeds):
         raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
     setting.checked()
+    check_honoured(setting, model.scheduler_config)
     check_holds(model, setting)
     sampler = make_scheduler(setting.scheduler, model.scheduler_config)
     device = model.device
+    precision = decide(model.cfg.mixed_precision, device)
     uncond = model.encode_prompts([""]).to(device)
     out = []
     starts = range(0, len(prompts), batch_size)
@@ -182,10 +151,38 @@ def sample_images(model, prompts, seeds, setting: Setting, *, batch_size: int = 
         cond = model.encode_prompts(prompts[start:start + batch_size]).to(device)
         latents = sample_latents(model.unet, sampler, cond, uncond, seeds[start:start + batch_size], setting,
                                  latent_shape=model.latent_shape, on_step=on_step,
-                                 guide_unet=getattr(model, "guide_unet", None))
-        with _autocast(device):
+                                 guide_unet=getattr(model, "guide_unet", None), precision=precision)
+        with precision.autocast(device):
             out.append(model.autoencoder.decode(latents).float().cpu())
     return torch.cat(out) if out else torch.zeros(0, 3, *model.latent_shape[1:])
+
+
+MAX_GUIDANCE_WEIGHT = 1e4  # beyond this the guidance term dwarfs the prediction 10,000-fold: images are noise, and
+# well before float32's 3.4e38 the difference times the weight overflows to inf/NaN
+
+
+def unhonoured(setting: Setting, scheduler_config: dict) -> list[str]:
+    """Values the model cannot honour although the sampler accepts them, one message each (empty: fine)."""
+    problems = []
+    trained = scheduler_config.get("num_train_timesteps")
+    if trained and isinstance(setting.steps, int) and setting.steps > trained:
+        problems.append(f"steps={setting.steps} is more than the {trained} timesteps the model was trained with "
+                        f"(at most {trained})")
+    for name in ("guidance", "guide_weight"):
+        value = getattr(setting, name)
+        if isinstance(value, float) and value > MAX_GUIDANCE_WEIGHT:
+            problems.append(f"{name}={value:g} is above {MAX_GUIDANCE_WEIGHT:g}: the guidance term would swamp the "
+                            "prediction (and overflow float32 into NaN)")
+    if setting.autoguided and setting.guide == setting.snapshot and not setting.ema_length:
+        problems.append(f"guide={setting.guide!r} is the snapshot itself: a network guiding itself changes nothing "
+                        "(name an earlier snapshot, or guide='')")
+    return problems
+
+
+def check_honoured(setting: Setting, scheduler_config: dict) -> None:
+    problems = unhonoured(setting, scheduler_config)
+    if problems:
+        raise ValueError("Bad sampling setting: " + "; ".join(problems))
 
 
 def check_holds(model, setting: Setting) -> None:

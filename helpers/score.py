@@ -510,6 +510,16 @@ def _one_line(message: str) -> str:
     return head + (" " + "; ".join(r.strip() for r in rest) if rest else "")
 
 
+def out_problem(out: Path, results: Path) -> str | None:
+    """Why the score JSON must not be written at `out` (None: fine): never into the results folder it scores
+    (which must hold only its PNGs) nor over an image."""
+    if out.suffix.lower() in IMAGE_SUFFIXES:
+        return f"is an image file name ({out.suffix}); the scores are JSON: give a .json path"
+    if out.resolve().is_relative_to(results.resolve()):
+        return f"is inside the results folder {results}, which must hold only its images: write it elsewhere"
+    return None
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m helpers.score", description=__doc__.splitlines()[0])
     parser.add_argument("--results", required=True, help="folder of one PNG per test.json entry")
@@ -523,6 +533,10 @@ def main(argv=None) -> int:
     parser.add_argument("--out", help="JSON file to write (default: score.json beside the results folder)")
     args = parser.parse_args(argv)
     out = Path(args.out) if args.out else Path(args.results).resolve().parent / "score.json"
+    refused = out_problem(out, Path(args.results))
+    if refused:
+        print(f"helpers.score: --out {out}: {refused}", file=sys.stderr)
+        return 2
     with os_errors_end_in_one_line("helpers.score"):
         check_can_write(out)  # before the scoring, which can take many minutes
     try:

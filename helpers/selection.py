@@ -16,13 +16,12 @@ import difflib
 import hashlib
 import itertools
 import json
-import random
 from pathlib import Path
 
 from .progress import progress_bar
 
 from .config import RunConfig
-from .files import read_json
+from .files import json_safe, read_json, safetensors_problem
 from .layout import WEIGHTS_FILE
 from .sample import sample_images
 from .setting import FINAL, FIRST_SNAPSHOT, NO_GUIDE, Setting
@@ -40,6 +39,9 @@ def unet_folder(cfg: RunConfig, snapshot: str) -> Path:
         raise FileNotFoundError(f"snapshot {snapshot!r}: no U-Net weights in {folder} (run {cfg.run_name!r} has "
                                 f"{', '.join(known) or 'none yet: train it first with 03_train_cfg'})"
                                 + (f"; did you mean {close[0]!r}?" if close else ""))
+    damaged = safetensors_problem(folder / WEIGHTS_FILE)
+    if damaged:
+        raise ValueError(f"snapshot {snapshot!r}: {folder / WEIGHTS_FILE}: {damaged} (an interrupted copy or write?)")
     return folder
 
 
@@ -85,27 +87,66 @@ def snapshot_step(snapshot: str) -> int | None:
 
 def setting_unet(cfg: RunConfig, snapshot: str, ema_length: float = 0.0, device="cpu"):
     """The U-Net of `snapshot` with its stored half-life EMA (ema_length 0), or with the post-hoc EMA of length
-    `ema_length` reconstructed at the snapshot's step from the profiles stored in <run>/phema (helpers.phema)."""
+    `ema_length` reconstructed at the snapshot's step from the profiles stored in <run>/phema (helpers.phema),
+    refused when that fit is too far off (helpers.phema.MAX_PROFILE_ERROR)."""
     from diffusers import UNet2DConditionModel
-
-    from .phema import profile_error, reconstruct, stored_profiles
 
     unet = UNet2DConditionModel.from_pretrained(unet_folder(cfg, snapshot))
     if ema_length:
-        stored = stored_profiles(cfg.layout.phema)
-        step = snapshot_step(snapshot)
-        weights = reconstruct(stored, ema_length, step)
-        used = [p for p in stored if step is None or p.step <= step]
-        fit = profile_error([p.images for p in used], [p.sigma_rel for p in used], max(p.images for p in used),
-                            ema_length)
-        missing, unexpected = unet.load_state_dict(weights, strict=False)
+        rebuild = ema_rebuild(cfg, snapshot, ema_length)
+        missing, unexpected = unet.load_state_dict(rebuild.weights(), strict=False)
         params = {name for name, _ in unet.named_parameters()}
         if unexpected or params & set(missing):
             raise ValueError(f"{cfg.layout.phema}: the stored post-hoc EMA profiles do not fit the U-Net of "
                              f"{snapshot!r} (missing {sorted(params & set(missing))[:3]}, unexpected {unexpected[:3]})")
-        print(f"{snapshot}: EMA length {ema_length:g} rebuilt from {len(used)} stored profiles "
-              f"(its weight profile is {fit:.1%} off the one asked for)")
+        print(f"{snapshot}: {rebuild.line()}")
     return unet.to(device).eval().requires_grad_(False)
+
+
+def ema_rebuild(cfg: RunConfig, snapshot: str, ema_length: float, stored=None):
+    """How `snapshot`'s EMA of length `ema_length` is rebuilt (helpers.phema.Rebuild), at the snapshot's own step;
+    ValueError (one line) when it cannot be rebuilt faithfully. `stored`: the run's stored profiles, if read."""
+    from .phema import plan_rebuild, stored_profiles
+
+    stored = stored_profiles(cfg.layout.phema) if stored is None else stored
+    try:
+        return plan_rebuild(stored, ema_length, trained_step(cfg, snapshot))
+    except ValueError as e:
+        raise ValueError(f"snapshot {snapshot!r}: {e}") from None
+
+
+def trained_step(cfg: RunConfig, snapshot: str) -> int:
+    """The training step whose EMA `snapshot` holds. FINAL (model/unet_ema) holds the last step's, which is also
+    written as that step's snapshot: the snapshot with the same weights file tells which step it is."""
+    step = snapshot_step(snapshot)
+    if step is not None:
+        return step
+    final = unet_folder(cfg, FINAL) / WEIGHTS_FILE
+    for name in reversed(cfg.layout.snapshot_names()):
+        same = cfg.layout.unet_dir(name) / WEIGHTS_FILE
+        if same.stat().st_size == final.stat().st_size and _cached_sha256(same) == _cached_sha256(final):
+            return snapshot_step(name)
+    raise ValueError(f"{final.parent}: no snapshot of run {cfg.run_name!r} holds its weights, so the training step "
+                     f"of {FINAL!r} is unknown; name the snapshot of the last step instead")
+
+
+def rebuildable_lengths(cfg: RunConfig, snapshots: list[str], lengths: list[float]) -> tuple[list[float], dict]:
+    """(the EMA lengths every one of `snapshots` can rebuild, {length dropped: why}). 0 (the half-life EMA stored
+    with each snapshot) always stays; so does every length while a snapshot has no weights (loading it says so)."""
+    from .phema import stored_profiles
+
+    wanted = [v for v in lengths if v]
+    if not wanted or cfg.pipeline or not all(s in cfg.layout.candidates() for s in snapshots):
+        return list(lengths), {}
+    stored, dropped = stored_profiles(cfg.layout.phema), {}
+    for length in wanted:
+        for snapshot in snapshots:
+            try:
+                ema_rebuild(cfg, snapshot, length, stored)
+            except ValueError as e:
+                dropped[length] = str(e)
+                break
+    return [v for v in lengths if v not in dropped], dropped
 
 
 def with_setting(model, cfg: RunConfig, setting: Setting):
@@ -141,10 +182,7 @@ def setting_weights_id(cfg: RunConfig, setting: Setting) -> str:
     post-hoc EMA profiles it is rebuilt from (ema_length) and of the guide (when autoguided)."""
     ids = [weights_id(cfg, setting.snapshot)]
     if setting.ema_length and not cfg.pipeline:
-        from .phema import stored_profiles
-
-        step = snapshot_step(setting.snapshot)
-        files = [p.path for p in stored_profiles(cfg.layout.phema) if step is None or p.step <= step]
+        files = [p.path for p in ema_rebuild(cfg, setting.snapshot, setting.ema_length).used]
         ids.append(f"ema{setting.ema_length:g}:" + hashlib.sha256("".join(_cached_sha256(f) for f in files)
                                                                  .encode()).hexdigest()[:16])
     if setting.autoguided:
@@ -247,6 +285,13 @@ def sweep_axes(cfg: RunConfig, *, snapshots=None, guidances=None, steps_list=Non
             problems.append(str(e))
     if problems:
         raise ValueError("Bad sweep parameter(s): " + "; ".join(problems))
+    kept, dropped = rebuildable_lengths(cfg, axes["snapshot"], axes["ema_length"])
+    if not kept:
+        raise ValueError(f"ema_lengths: none of {axes['ema_length']} can be rebuilt for every snapshot swept: "
+                         + "; ".join(dropped.values()))
+    for length, reason in dropped.items():
+        print(f"Sweep: EMA length {length:g} left out, not every snapshot can rebuild it ({reason})")
+    axes["ema_length"] = kept
     return axes
 
 
@@ -279,13 +324,6 @@ def _example(field: str) -> str:
     return {"snapshot": "['step-000900']", "guidance": "[1, 2, 3]", "steps": "[10, 20]",
             "guidance_interval": "[[], [0.3, 5.0]]", "ema_length": "[0, 0.05, 0.1]", "guide": "['', 'step-000300']",
             "guide_weight": "[1.5, 2]"}[field]
-
-
-def seeded_subset(n: int, count: int, seed: int) -> list[int]:
-    """A fixed, seeded choice of `count` of n indices (all if count is 0 or >= n), in order."""
-    if not count or count >= n:
-        return list(range(n))
-    return sorted(random.Random(seed).sample(range(n), count))
 
 
 # ---------------------------------------------------------------- the sweep
@@ -380,7 +418,6 @@ def _setting_problem(setting) -> str | None:
 
 def append_cell(path: Path, row: dict) -> None:
     """Add one finished cell; a cut last line (no newline at the end) is closed first, so the new cell stays whole."""
-    from .metrics import json_safe
 
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("ab+") as f:

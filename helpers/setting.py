@@ -27,7 +27,7 @@ class Setting:
     snapshot: str = FINAL  # a folder under <run>/snapshots/ ("step-000900"), or FINAL
     guidance: float = 3.0  # classifier-free guidance weight: 1 = the plain conditional model
     steps: int = 20
-    scheduler: str = "dpm++2m"  # a key of helpers.sample.SCHEDULERS
+    scheduler: str = "dpm++2m"  # a key of helpers.schedulers.SCHEDULERS
     guidance_interval: tuple = EVERY_STEP  # (sigma_lo, sigma_hi): guide only where sigma is in (lo, hi]
     guidance_rescale: float = 0.0  # Lin et al. 2023: pull the guided prediction's std back towards the conditional
     # autoguidance (Karras et al. 2024, "Guiding a Diffusion Model with a Bad Version of Itself"): steer away from the
@@ -99,11 +99,16 @@ class Setting:
 
     def problems(self) -> list[str]:
         """Every value the sampler cannot use, one message each (empty: fine)."""
-        from .sample import SCHEDULERS
+        from .schedulers import SCHEDULERS
 
         problems = []
         if not isinstance(self.snapshot, str) or not self.snapshot.strip():
             problems.append(f"snapshot={self.snapshot!r} should be a snapshot name such as 'step-000900' or {FINAL!r}")
+        for name in ("snapshot", "guide"):  # names a user passes never lead outside the run
+            value = getattr(self, name)
+            if isinstance(value, str) and ("/" in value or "\\" in value or ".." in value):
+                problems.append(f"{name}={value!r} should be a snapshot name of this run such as 'step-000900' or "
+                                f"{FINAL!r}, without path separators or '..'")
         if not _number(self.guidance) or self.guidance < 0:
             problems.append(f"guidance={self.guidance!r} should be a finite number >= 0")
         if not _number(self.guidance_rescale) or not 0 <= self.guidance_rescale <= 1:

@@ -10,7 +10,9 @@ SHA-256 once the set is complete. `pack_submission` zips exactly the bytes it ve
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 import subprocess
 import time
 import zipfile
@@ -22,10 +24,13 @@ from .progress import progress_bar
 
 from .config import PROJECT_ROOT, resolve_path
 from .data import Prompt
-from .files import atomic_save_image, atomic_write, atomic_write_json
-from .layout import RunLayout
-from .results import MANIFEST, check_results, manifest_differences, read_manifest, results_manifest, sha256_bytes
-from .sample import sample_images, to_output_pils
+from .files import atomic_save_image, atomic_write, atomic_write_json, check_can_write, read_json
+from .handin import (CODE_DIRS, CODE_FILES, REPORT, check_report, check_student_id, folder_megabytes, fp16_copy,
+                     size_line, top_folder)
+from .layout import WEIGHTS_FILE, RunLayout
+from .results import (MANIFEST, check_results, manifest_differences, read_manifest, record_differences,
+                      results_manifest, sha256_bytes)
+from .sample import check_honoured, sample_images, to_output_pils
 
 
 def check_prompt_names(prompts: list[Prompt]) -> None:
@@ -40,21 +45,28 @@ def check_prompt_names(prompts: list[Prompt]) -> None:
 
 
 def write_test_set(model, prompts: list[Prompt], results_dir, setting, weights: str, *, seed: int, size: int,
-                   batch_size: int) -> dict:
+                   batch_size: int, record=None) -> dict:
     """The test set of exactly `setting` in `results_dir`, with a manifest of every image's hash: resumed if the
-    folder holds that setting already; else what the project wrote there is moved to results.history/<n>/."""
+    folder holds that setting already; else written beside it in `<results_dir>.partial/` and swapped in only once
+    complete and valid (what the project wrote there before goes to results.history/<n>/). `record`: a file that
+    keeps a copy of the final manifest (the run's own record, which 05_eval checks the folder's manifest against)."""
     results_dir = Path(results_dir)
-    if results_dir.exists() and not results_dir.is_dir():
-        raise NotADirectoryError(f"{results_dir}: is a file, not a results folder; move it away and run again")
+    partial = results_dir.with_name(results_dir.name + ".partial")
+    for folder in (results_dir, partial, _history(results_dir)):
+        if folder.exists() and not folder.is_dir():
+            raise NotADirectoryError(f"{folder}: is a file where the test set needs a folder; move it away, run again")
+    check_prompt_names(prompts)
+    setting.checked()
+    check_honoured(setting, model.scheduler_config)  # before anything is moved: a bad value fails, the old set stays
+    _check_writable((results_dir, partial))
     want = results_manifest(setting, weights, prompts, seed=seed, size=size)
-    have = read_manifest(results_dir)
+    have, changed = _trusted_manifest(results_dir, want, record)
     ours = [p.image_name for p in prompts if (results_dir / p.image_name).exists()]
-    changed = manifest_differences(have, want)
-    if (ours or have) and changed:
-        kept = keep_aside(results_dir, ours + ([MANIFEST] if have is not None else []))
-        print(f"Regenerating the test set: {results_dir} held {len(ours)} images of another setting "
-              f"({'; '.join(changed)}). Moved them to {kept} ({_megabytes(kept)}; earlier sets stay in "
-              f"{kept.parent}, nothing is deleted).")
+    target = partial if (ours or have) and changed else results_dir
+    if target is partial:
+        print(f"{results_dir} holds {len(ours)} images of another setting ({'; '.join(changed)}): writing the new "
+              f"set beside it in {partial}; the earlier one stays in place until the new one is complete and valid")
+        _keep_other_partial(partial, prompts, want, _history(results_dir))
     elif have is not None:
         recorded = have.get("images") or {}
         altered = [n for n, d in recorded.items() if n in ours and sha256_bytes((results_dir / n).read_bytes()) != d]
@@ -62,17 +74,76 @@ def write_test_set(model, prompts: list[Prompt], results_dir, setting, weights: 
             kept = keep_aside(results_dir, altered)
             print(f"{len(altered)} image(s) differ from what manifest.json recorded (e.g. {altered[0]}): moved them "
                   f"to {kept} and writing them again")
-    atomic_write_json(results_dir / MANIFEST, {**want, "complete": False, "commit": project_commit()})
-    print(f"Test set: {setting.label()}, seed {seed}, {size}px, {len(prompts)} prompts -> {results_dir}")
-    stats = generate_test_set(model, prompts, results_dir, setting, batch_size=batch_size, seed=seed, size=size)
-    images = {p.image_name: sha256_bytes((results_dir / p.image_name).read_bytes()) for p in prompts}
-    atomic_write_json(results_dir / MANIFEST, {**want, "complete": True, "commit": project_commit(), "images": images})
+    target.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(target / MANIFEST, {**want, "complete": False, "commit": project_commit()})
+    print(f"Test set: {setting.label()}, seed {seed}, {size}px, {len(prompts)} prompts -> {target}")
+    stats = generate_test_set(model, prompts, target, setting, batch_size=batch_size, seed=seed, size=size)
+    images = {p.image_name: sha256_bytes((target / p.image_name).read_bytes()) for p in prompts}
+    manifest = {**want, "complete": True, "commit": project_commit(), "images": images}
+    atomic_write_json(target / MANIFEST, manifest)
+    check_results(target, prompts, size, want=want)
+    if target is partial:
+        _swap_in(partial, results_dir, prompts, changed)
+    if record is not None:
+        atomic_write_json(record, {**manifest, "results": str(results_dir)})
     return stats
 
 
-def keep_aside(results_dir: Path, names: list[str]) -> Path:
-    """Move `names` (files the project wrote) from `results_dir` to a new results.history/<n>/; other files stay."""
-    history = results_dir.with_name(results_dir.name + ".history")
+def _trusted_manifest(results_dir: Path, want: dict, record) -> tuple[dict | None, list[str]]:
+    """(the folder's manifest, how it differs from `want`); a manifest that disagrees with the run's record is
+    not trusted: its images count as of another setting, so they are kept aside, never blessed."""
+    have = read_manifest(results_dir) if results_dir.is_dir() else None
+    changed = manifest_differences(have, want)
+    if have is not None and record is not None and Path(record).exists():
+        edited = record_differences(have, read_json(record), Path(record))
+        if edited:
+            changed = [f"manifest.json disagrees with the run's record: {edited[0]}"] + changed
+    return have, changed
+
+
+def _keep_other_partial(partial: Path, prompts: list[Prompt], want: dict, history: Path) -> None:
+    """An interrupted new set of another setting in `partial`: moved to results.history/<n>/, never mixed."""
+    if not partial.is_dir():
+        return
+    have = read_manifest(partial)
+    theirs = [p.image_name for p in prompts if (partial / p.image_name).exists()]
+    if (theirs or have) and manifest_differences(have, want):
+        kept = keep_aside(partial, theirs + ([MANIFEST] if have is not None else []), history)
+        print(f"{partial} held an unfinished set of another setting: moved its {len(theirs)} images to {kept}")
+
+
+def _swap_in(partial: Path, results_dir: Path, prompts: list[Prompt], changed: list[str]) -> None:
+    """Move the earlier set's files to results.history/<n>/, then the complete new set from `partial` into
+    `results_dir` (the manifest last: a crash in between leaves images without one, which count as unknown)."""
+    names = [p.image_name for p in prompts]
+    old = [n for n in names + [MANIFEST] if (results_dir / n).exists()]
+    if old:
+        kept = keep_aside(results_dir, old)
+        print(f"Swapped in the new test set; the earlier one ({len(old) - 1 if MANIFEST in old else len(old)} "
+              f"images; {'; '.join(changed)}) is in {kept} ({_megabytes(kept)}; nothing is deleted)")
+    results_dir.mkdir(parents=True, exist_ok=True)
+    for name in names + [MANIFEST]:
+        os.replace(partial / name, results_dir / name)
+    with contextlib.suppress(OSError):  # only if empty: a user's file in it stays
+        partial.rmdir()
+
+
+def _check_writable(folders: tuple[Path, ...]) -> None:
+    """A folder the set must change (or be created in) that refuses writes, as one line naming it, before anything
+    is sampled or moved (a set is swapped in by moving files out of and into results/)."""
+    for folder in folders:
+        try:
+            check_can_write(folder / MANIFEST)
+        except OSError as e:
+            where = e.filename or folder
+            raise type(e)(f"{where}: cannot write there ({e.strerror or e}); make it writable (chmod u+w, or "
+                          "chattr -i) and run again: nothing was sampled or moved") from None
+
+
+def keep_aside(results_dir: Path, names: list[str], history: Path | None = None) -> Path:
+    """Move `names` (files the project wrote) from `results_dir` to a new <history>/<n>/ (default: results.history
+    beside it); other files stay."""
+    history = history or _history(results_dir)
     if history.exists() and not history.is_dir():
         raise NotADirectoryError(f"{history}: is a file; the earlier test set cannot be kept there: move it away")
     n = 1 + max((int(p.name) for p in history.glob("*") if p.name.isdigit()), default=0)
@@ -81,6 +152,10 @@ def keep_aside(results_dir: Path, names: list[str]) -> Path:
     for name in names:
         os.replace(results_dir / name, target / name)
     return target
+
+
+def _history(results_dir: Path) -> Path:
+    return results_dir.with_name(results_dir.name + ".history")
 
 
 def _megabytes(folder: Path) -> str:
@@ -116,8 +191,9 @@ def generate_test_set(model, prompts: list[Prompt], out_dir, setting, *, batch_s
                                batch_size=batch_size)
         bad = [p.image_name for (_, p), x in zip(batch, images) if not torch.isfinite(x).all()]
         if bad:
-            raise FloatingPointError(f"Sampling produced NaN/inf for {len(bad)} image(s), e.g. {bad[:3]}; nothing "
-                                     "of this batch was written (a diverged snapshot: choose another one)")
+            raise FloatingPointError(f"Sampling produced NaN/inf for {len(bad)} image(s), e.g. {bad[:3]}, at "
+                                     f"{_fields(setting)}; nothing of this batch was written (one of these values, "
+                                     "or a diverged snapshot: choose others)")
         for (_, p), im in zip(batch, to_output_pils(images, size)):
             atomic_save_image(im, out_dir / p.image_name)
     seconds = time.perf_counter() - start
@@ -125,15 +201,24 @@ def generate_test_set(model, prompts: list[Prompt], out_dir, setting, *, batch_s
                 images_per_s=round(len(todo) / seconds, 2) if todo and seconds > 0 else None)
 
 
+def _fields(setting) -> str:
+    return ", ".join(f"{k}={v!r}" for k, v in setting.to_dict().items())
+
+
 def pack_submission(run_dir, out_zip, unet_dir, prompts: list[Prompt], *, size: int, want: dict | None = None,
-                    results_dir=None, guide_dir=None, code_dirs=("helpers", "notebooks"),
-                    overwrite: bool = False) -> Path:
-    """Zip the course layout: `code/<each code dir>`, `model/` (the chosen U-Net as unet_ema/, an autoguided
-    setting's guide U-Net as guide/, the scheduler config), `results/` (the PNGs and their manifest). The results folder must pass `results_problems` (against
-    `want`, the chosen setting's manifest, when given), and the PNG bytes zipped are the very bytes whose
-    hashes were checked against the manifest."""
+                    results_dir=None, guide_dir=None, code_dirs=CODE_DIRS, code_files=CODE_FILES,
+                    student_id: str | None = None, report=None, fp16: bool = False, overwrite: bool = False) -> Path:
+    """Zip the course layout under `hw6_<student_id>/` (at the root without a student_id): `code/` (each code dir
+    and file), `model/` (the chosen U-Net as unet_ema/, in float16 with `fp16`, an autoguided setting's guide U-Net
+    as guide/, the scheduler config), `results/` (the PNGs and their manifest), `report.pdf` when given. The
+    results folder must pass `results_problems` (against `want`, the chosen setting's manifest, when given), and
+    the PNG bytes zipped are the very bytes whose hashes were checked against the manifest."""
     layout, out_zip = RunLayout(run_dir), Path(out_zip)
     results_dir = Path(results_dir) if results_dir else layout.results
+    top = f"{top_folder(check_student_id(student_id))}/" if student_id is not None else ""
+    report = check_report(report)
+    if out_zip.is_dir():  # overwrite would not help: a folder is never replaced by a file here
+        raise IsADirectoryError(f"{out_zip}: is a folder, not a zip; move it away (nothing was written)")
     if out_zip.exists() and not overwrite:
         raise FileExistsError(f"{out_zip} already exists; to replace it run 05_eval with overwrite_zip=True "
                               "(from Python: pack_submission(..., overwrite=True))")
@@ -141,27 +226,67 @@ def pack_submission(run_dir, out_zip, unet_dir, prompts: list[Prompt], *, size: 
     sources = {"model/unet_ema": Path(unet_dir), "model/scheduler": layout.model / "scheduler",
                **({"model/guide": Path(guide_dir)} if guide_dir else {})}
     sources.update({f"code/{Path(d).name}": resolve_path(d) for d in code_dirs})
+    files = {f"code/{Path(f).name}": resolve_path(f) for f in code_files}
     missing = [f"{arc}/ <- {src}" for arc, src in sources.items() if not src.is_dir()]
+    missing += [f"{arc} <- {src}" for arc, src in files.items() if not src.is_file()]
     if missing:
-        raise FileNotFoundError("Cannot pack the submission, folder(s) not found:\n  " + "\n  ".join(missing))
+        raise FileNotFoundError("Cannot pack the submission, not found:\n  " + "\n  ".join(missing))
+    if report is not None:
+        files[REPORT] = report
+    print(f"Packing {out_zip.name}, {_sizes(sources, files, results_dir, fp16)}")
+    if report is None and top:
+        print(f"No report given: the course expects {top}{REPORT}; pack again with report=<path to your PDF>")
     recorded = read_manifest(results_dir)["images"]
-    return atomic_write(out_zip, lambda tmp: _write_zip(tmp, sources, results_dir, recorded))
+    with contextlib.ExitStack() as stack:
+        if fp16:
+            half = stack.enter_context(_scratch(out_zip.with_name(f".fp16-{out_zip.stem}")))
+            sources["model/unet_ema"] = fp16_copy(unet_dir, half / "unet_ema")
+        return atomic_write(out_zip, lambda tmp: _write_zip(tmp, sources, files, results_dir, recorded, top))
 
 
-def _write_zip(path: Path, sources: dict[str, Path], results_dir: Path, recorded: dict[str, str]) -> None:
+def _sizes(sources: dict[str, Path], files: dict[str, Path], results_dir: Path, fp16: bool) -> str:
+    parts = {"model": sum(folder_megabytes(src) for arc, src in sources.items() if arc.startswith("model/")),
+             "results": folder_megabytes(results_dir),
+             "code": sum(folder_megabytes(src) for arc, src in sources.items() if arc.startswith("code/"))
+             + sum(f.stat().st_size for f in files.values()) / 1e6}
+    unet = (sources["model/unet_ema"] / WEIGHTS_FILE)
+    unet_mb = unet.stat().st_size / 1e6 if unet.exists() else 0.0
+    if fp16:
+        parts["model"] -= unet_mb / 2
+    note = (f" (the U-Net in float16: {unet_mb / 2:.1f} MB instead of {unet_mb:.1f} MB)" if fp16 else
+            f" (fp16=True would halve the U-Net's {unet_mb:.1f} MB)" if unet_mb > 50 else "")
+    return size_line(parts) + note
+
+
+@contextlib.contextmanager
+def _scratch(folder: Path):
+    import shutil
+
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _write_zip(path: Path, sources: dict[str, Path], files: dict[str, Path], results_dir: Path,
+               recorded: dict[str, str], top: str = "") -> None:
     with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
         for name, digest in progress_bar(sorted(recorded.items()), desc="zip results", disable=len(recorded) < 200):
             data = (results_dir / name).read_bytes()
             if sha256_bytes(data) != digest:  # changed since it was checked a moment ago
                 raise ValueError(f"{results_dir / name}: changed while packing; nothing was written")
-            zf.writestr(f"results/{name}", data, compress_type=zipfile.ZIP_STORED)  # PNGs are compressed already
-        zf.write(results_dir / MANIFEST, f"results/{MANIFEST}")
+            zf.writestr(f"{top}results/{name}", data, compress_type=zipfile.ZIP_STORED)  # PNGs are compressed already
+        zf.write(results_dir / MANIFEST, f"{top}results/{MANIFEST}")
         for arc, src in sources.items():
-            files = [f for f in sorted(src.rglob("*")) if f.is_file() and not _is_clutter(f)]
-            for f in progress_bar(files, desc=f"zip {arc}", disable=len(files) < 200):
+            found = [f for f in sorted(src.rglob("*")) if f.is_file() and not _is_clutter(f)]
+            for f in progress_bar(found, desc=f"zip {arc}", disable=len(found) < 200):
                 # weights are already compressed: storing them is as small and much faster
                 method = zipfile.ZIP_STORED if f.suffix in (".safetensors", ".png", ".bin") else zipfile.ZIP_DEFLATED
-                zf.write(f, f"{arc}/{f.relative_to(src).as_posix()}", compress_type=method)
+                zf.write(f, f"{top}{arc}/{f.relative_to(src).as_posix()}", compress_type=method)
+        for arc, f in files.items():
+            zf.write(f, f"{top}{arc}", compress_type=zipfile.ZIP_STORED if arc == REPORT else zipfile.ZIP_DEFLATED)
 
 
 def _is_clutter(f: Path) -> bool:
@@ -172,8 +297,9 @@ def zipped_results_match(zip_path, results_dir) -> int:
     """How many result PNGs `zip_path` holds, each checked byte for byte against `results_dir`; ValueError naming
     the first that differs or is missing on either side."""
     results_dir = Path(results_dir)
-    with zipfile.ZipFile(zip_path) as zf:
-        zipped = {Path(n).name: zf.read(n) for n in zf.namelist() if n.startswith("results/") and n.endswith(".png")}
+    with zipfile.ZipFile(zip_path) as zf:  # results/ at the root, or under the hw6_<student_id>/ top folder
+        zipped = {Path(n).name: zf.read(n) for n in zf.namelist()
+                  if re.fullmatch(r"([^/]+/)?results/[^/]+\.png", n)}
     on_disk = {f.name for f in results_dir.glob("*.png")}
     if set(zipped) != on_disk:
         odd = sorted(set(zipped) ^ on_disk)[:3]
@@ -182,3 +308,31 @@ def zipped_results_match(zip_path, results_dir) -> int:
         if data != (results_dir / name).read_bytes():
             raise ValueError(f"{zip_path}: results/{name} differs from {results_dir / name}")
     return len(zipped)
+
+
+def test_set_setting(cfg, **overrides) -> tuple:
+    """(setting, where it comes from, the overrides used): the run's choice with the notebook's overrides (None
+    keeps a field); `snapshot` and `guide` must name snapshots of this run ("model", or "first" for a guide)."""
+    from .selection import axis_values, chosen_setting
+
+    setting, source = chosen_setting(cfg)
+    given = {k: v for k, v in overrides.items() if v is not None}
+    for field in ("snapshot", "guide"):
+        if given.get(field):  # guide="" is "no guide"
+            given[field] = axis_values(field, [given[field]], field, cfg)[0]
+    return setting.replace(**given).checked(), source, given
+
+
+def write_run_test_set(cfg, model, prompts: list[Prompt], setting) -> tuple[dict, str]:
+    """(write_test_set's stats, the weights id): the run's test set of `setting`, written while holding the run's
+    results lock (one writer of selection/ and results/ at a time), with 04_sample's record of it."""
+    from .runlock import RESULTS_LOCK, run_lock
+    from .selection import setting_weights_id, with_setting
+
+    with run_lock(cfg.run_dir, "04_sample: test set", RESULTS_LOCK):
+        check_honoured(setting.checked(), model.scheduler_config)  # before any weights are loaded or files moved
+        weights = setting_weights_id(cfg, setting)
+        stats = write_test_set(with_setting(model, cfg, setting), prompts, cfg.layout.results, setting, weights,
+                               seed=cfg.seed, size=cfg.output_size, batch_size=cfg.sample_batch_size,
+                               record=cfg.layout.test_set_record)
+    return stats, weights

@@ -160,7 +160,7 @@ def test_with_setting_loads_the_rebuilt_ema_and_the_guide(run, capsys):
     s = Setting(snapshot="step-000004", guidance=2.0, steps=2, scheduler="ddim", ema_length=0.05,
                 guide="step-000002", guide_weight=2.0)
     loaded = with_setting(model, run, s)
-    assert "step-000004: EMA length 0.05 rebuilt from 4 stored profiles (its weight profile is 0.0% off" \
+    assert "step-000004: EMA length 0.05 at step 4 rebuilt from 4 stored profiles: its weight profile is 0.0% off" \
         in capsys.readouterr().out
     stored = load_file(str(run.layout.phema / "step-000004" / "phema-0.050.safetensors"))
     unet = dict(loaded.unet.named_parameters())

@@ -23,7 +23,8 @@ from safetensors.torch import load_file
 
 from helpers.checkpoint import checkpoint_config, list_checkpoints
 from helpers.config import PROJECT_ROOT, RunConfig, load_config, open_run, profile_config
-from helpers.train import read_log, train
+from helpers.train import train
+from helpers.trainlog import read_log
 from test_score import StandInFeatures, results, write_sprites  # noqa: F401 (results: the fixture, shared)
 from test_train import make_run, model_weights
 
@@ -353,7 +354,7 @@ def test_snapshot_and_checkpoint_counts_match_the_training_loop():
 def test_the_estimate_is_an_upper_bound_within_10_percent_of_what_a_run_writes(tmp_path, course_dir):
     from helpers.cache import load_cache
     from helpers.disk import WriteSizes
-    from helpers.train import unet_for_cache
+    from helpers.step import unet_for_cache
 
     cfg = make_run(tmp_path, course_dir, max_steps=2, checkpoint_every=2, snapshot_every=0)
     train(cfg, progress=False)
@@ -377,7 +378,8 @@ def test_a_run_that_cannot_fit_is_refused_before_step_1_with_settings_that_fit(t
                                                                               capsys):
     from helpers.disk import RESERVE_BYTES, NotEnoughDiskError, Plan, WriteSizes, check_room
     from helpers.cache import load_cache
-    from helpers.train import main, unet_for_cache
+    from helpers.train import main
+    from helpers.step import unet_for_cache
 
     cfg = make_run(tmp_path, course_dir, max_steps=8, snapshot_every=1, checkpoint_every=4)
     sizes = WriteSizes.of(unet_for_cache(cfg, load_cache(cfg)), len(cfg.phema_sigma_rels))  # post-hoc EMA stores

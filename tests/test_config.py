@@ -50,3 +50,26 @@ def test_malformed_config_json_names_line_and_column(tmp_path):
     (tmp_path / "config.json").write_text('{"lr": 1e-3,\n  "batch_size": }')
     with pytest.raises(ValueError, match=r"config.json: malformed JSON at line 2, column"):
         load_config(tmp_path)
+
+
+def test_micro_splits_above_the_batch_size_is_refused_not_clamped(tmp_path):
+    with pytest.raises(ValueError, match=r"micro_splits=16 is more than batch_size=8: each chunk of a batch holds at "
+                                         r"least one image, so at most 8 splits"):
+        profile_config("tiny", micro_splits=16)
+    assert profile_config("tiny", micro_splits=8).micro_splits == 8
+    cfg = open_run("r", "tiny", outputs_dir=str(tmp_path), micro_splits=4)
+    with pytest.raises(ValueError, match="micro_splits=4 is more than batch_size=2"):
+        open_run("r", None, outputs_dir=str(tmp_path), batch_size=2)  # a later change that breaks the pair
+    assert load_config(cfg.run_dir).batch_size == 8  # refused before config.json was saved
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "two"])
+def test_train_stop_at_below_1_is_refused_before_anything_runs(tmp_path, capsys, value):
+    from helpers.train import main
+
+    cfg = open_run("r", "tiny", outputs_dir=str(tmp_path))
+    with pytest.raises(SystemExit) as stop:
+        main(["--run", str(cfg.run_dir), "--stop-at", value, "--no-progress"])
+    assert stop.value.code == 2
+    assert f"argument --stop-at: '{value}' should be a whole number >= 1" in capsys.readouterr().err
+    assert sorted(p.name for p in cfg.run_dir.iterdir()) == ["config.json"]  # nothing trained

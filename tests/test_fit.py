@@ -14,7 +14,9 @@ from helpers.cache import load_cache
 from helpers.config import PROJECT_ROOT, load_config, profile_config
 from helpers.diffusion import diffusion_loss
 from helpers.model import noise_scheduler
-from helpers.train import DeviceCache, read_log, split_backward, train, train_rows, unet_for_cache
+from helpers.train import train
+from helpers.step import DeviceCache, split_backward, train_rows, unet_for_cache
+from helpers.trainlog import read_log
 from test_train import make_run, model_weights
 
 # Splitting changes only the order of float32 sums (per-chunk means, gradients accumulated chunk by chunk) and the

@@ -12,7 +12,7 @@ def test_all_notebooks_run_headless_and_write_their_outputs(tmp_path, capfd):
     data = tmp_path / "data"
     data.mkdir()  # the demo generator writes only into the profile's data_dir or an empty folder
     run_dir = run_pipeline("nb", "tiny", str(tmp_path), parameters=dict(
-        data_dir=str(data), demo_monsters=8, demo_test_monsters=2, demo_frames=1, make_zip=True))
+        data_dir=str(data), demo_monsters=8, demo_test_monsters=2, demo_frames=1, make_zip=True, student_id="b1"))
     # the kernels' sockets are encrypted, so ipykernel has no plain-TCP warning to print
     assert "without encryption" not in capfd.readouterr().err
     for name in NOTEBOOKS:  # executed copies, with outputs, in the run folder
@@ -44,9 +44,11 @@ def test_all_notebooks_run_headless_and_write_their_outputs(tmp_path, capfd):
     manifest = json.loads((run_dir / "results" / "manifest.json").read_text())
     assert manifest["complete"] and {k: manifest[k] for k in choice["setting"]} == choice["setting"]
     assert not (run_dir / "results.history").exists()
+    from helpers.handin import check_zip_layout
     from helpers.submission import zipped_results_match
 
-    assert zipped_results_match(run_dir / "submission.zip", run_dir / "results") == len(manifest["images"])
+    assert zipped_results_match(run_dir / "hw6_b1.zip", run_dir / "results") == len(manifest["images"])
+    assert "hw6_b1/code/requirements.txt" in check_zip_layout(run_dir / "hw6_b1.zip", "b1")
     # the chosen setting's sweep row, measured again on the handed-in PNGs read back: equal up to uint8 rounding
     again = metrics["chosen"]["on_sweep_prompts"]
     assert again["handed_in"]["mean_accuracy"] == pytest.approx(again["sweep"]["mean_accuracy"], abs=0.02)
@@ -71,3 +73,31 @@ def test_papermill_reads_every_parameter_of_every_notebook(name):
     cell = next(c for c in json.loads(path.read_text())["cells"] if "parameters" in c["metadata"].get("tags", []))
     assigned = re.findall(r"^(\w+)\s*=", "".join(cell["source"]), flags=re.M)
     assert list(papermill.inspect_notebook(str(path))) == assigned
+
+
+@pytest.mark.slow
+def test_the_short_run_command_ends_with_a_zip_in_the_course_layout(tmp_path):
+    """The one-way issue's short run (`-p max_steps=20 -p snapshot_every=10 -p sweep_prompts=8 -p make_zip=True` on
+    the demo), on the tiny profile: the demo's EMA-length axis [0, 0.05] and its stores every 100 steps, so the
+    earlier snapshot has no post-hoc EMA store of its own."""
+    import zipfile
+
+    from helpers.handin import PLACEHOLDER_ID, check_zip_layout
+    from helpers.runs import main
+    from helpers.submission import zipped_results_match
+
+    data = tmp_path / "data"
+    data.mkdir()
+    main(["--profile", "tiny", "--run-name", "X", "--outputs-dir", str(tmp_path), "-p", f"data_dir={data}",
+          "-p", "demo_monsters=8", "-p", "demo_test_monsters=2", "-p", "demo_frames=1", "-p", "max_steps=4",
+          "-p", "snapshot_every=2", "-p", "phema_every=100", "-p", "sweep_ema_lengths=[0.0, 0.05]",
+          "-p", "sweep_prompts=2", "-p", "make_zip=True"])
+    run_dir = tmp_path / "runs" / "X"
+    zip_path = run_dir / f"hw6_{PLACEHOLDER_ID}.zip"
+    assert f"student_id not set: packing hw6_{PLACEHOLDER_ID}.zip" in (run_dir / "notebooks/05_eval.ipynb").read_text()
+    names = check_zip_layout(zip_path, PLACEHOLDER_ID)
+    assert zipped_results_match(zip_path, run_dir / "results") == len(list((run_dir / "results").glob("*.png")))
+    with zipfile.ZipFile(zip_path) as zf:
+        assert {n.split("/")[1] for n in names} == {"code", "model", "results"}
+        manifest = zf.read(f"hw6_{PLACEHOLDER_ID}/results/manifest.json")
+    assert manifest == (run_dir / "results" / "manifest.json").read_bytes()

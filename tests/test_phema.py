@@ -214,3 +214,92 @@ def test_a_tiny_training_run_reconstructs_a_length_it_also_tracked(tmp_path, dty
     relative = float((got - want).norm() / (a - b).norm())
     print(f"tiny U-Net, {dtype}: |rec - tracked| / |ema0.05 - ema0.10| = {relative:.4f}")
     assert relative < relative_limit
+
+
+# ---------------------------------------------------------------- exact about the step (issue 24, item 4)
+
+
+def test_stores_come_with_every_snapshot_and_the_disk_plan_counts_each_step_once():
+    from helpers.disk import store_count
+    from helpers.phema import stores_at
+
+    for max_steps in (1, 7, 12):
+        for snapshot_every in (0, 1, 3, 5):
+            for phema_every in (0, 2, 3, 4):
+                steps = [d for d in range(1, max_steps + 1) if stores_at(d, max_steps, snapshot_every, phema_every)]
+                snapshots = [d for d in range(1, max_steps + 1)
+                             if d == max_steps or (snapshot_every and d % snapshot_every == 0)]
+                assert set(snapshots) <= set(steps)  # every snapshot's own step is stored, whatever phema_every
+                assert all(d in snapshots or d % phema_every == 0 for d in steps)
+                for start in range(max_steps + 1):
+                    for end in range(start, max_steps + 1):
+                        want = len([d for d in steps if start < d <= end])
+                        assert store_count(start, end, max_steps, snapshot_every, phema_every) == want
+
+
+def test_a_missing_own_store_is_fitted_at_the_snapshots_step_and_refused_above_the_bound(tmp_path):
+    import shutil
+
+    from helpers.phema import MAX_PROFILE_ERROR, plan_rebuild
+
+    _, _, stored = random_walk_run(tmp_path, n_steps=120, store_every=10)
+    exact = plan_rebuild(stored, 0.05, step=120)
+    assert exact.error < 1e-6
+    assert "step 120 rebuilt from 24 stored profiles: its weight profile is 0.0% off" in exact.line()
+    shutil.rmtree(tmp_path / "step-000120")
+    stored = stored_profiles(tmp_path)
+    loose = plan_rebuild(stored, 0.05, step=120, max_error=None)
+    last_stored = profile_error([p.images for p in loose.used], [p.sigma_rel for p in loose.used],
+                                loose.used[-1].images, 0.05)
+    assert last_stored < 1e-6  # what was printed before: the fit at step 110, where 0.05 is stored: "0.0 % off"
+    at_step = profile_error([p.images for p in loose.used], [p.sigma_rel for p in loose.used], 16 * 120, 0.05)
+    assert loose.error == pytest.approx(at_step) and loose.error > MAX_PROFILE_ERROR  # 60 %: stores every 10 steps
+    assert "step 120 has no store of its own, the last one used is 110" in loose.line()
+    with pytest.raises(ValueError, match=r"^post-hoc EMA length 0.05 at step 120 cannot be rebuilt faithfully: from "
+                                         r"the stores up to step 110 its weight profile is \d+% off .*bound is 40%\); "
+                                         r"step-000120 is missing from") as refused:
+        plan_rebuild(stored, 0.05, step=120)
+    assert "\n" not in str(refused.value)
+    # the numbers MAX_PROFILE_ERROR's comment states
+    def fit(times, t, s):
+        return profile_error([x for x in times for _ in (0, 1)], [0.05, 0.10] * len(times), t, s)
+    assert fit([10], 10, 0.025) == pytest.approx(0.345, abs=0.001)
+    assert fit([10], 10, 0.07) == pytest.approx(0.056, abs=0.001)
+    assert fit(range(100, 501, 100), 600, 0.05) == pytest.approx(1.45, abs=0.01)
+
+
+def test_a_store_file_in_another_steps_folder_or_under_another_name_is_refused_by_name(tmp_path):
+    import shutil
+
+    _, _, stored = random_walk_run(tmp_path, n_steps=20, store_every=10, dim=10)
+    copied = tmp_path / "step-000020" / "phema-0.050.safetensors"
+    shutil.copy(tmp_path / "step-000010" / "phema-0.050.safetensors", copied)
+    with pytest.raises(ValueError, match=r"step-000020/phema-0.050.safetensors: holds the post-hoc EMA profile of step "
+                                         r"10, sigma_rel 0.05, not the one its folder and name say"):
+        stored_profiles(tmp_path)
+    shutil.copy(tmp_path / "step-000010" / "phema-0.100.safetensors", copied)  # same step, other length's name
+    own = tmp_path / "step-000010"
+    shutil.copy(own / "phema-0.100.safetensors", own / "phema-0.050.safetensors")
+    with pytest.raises(ValueError, match=r"step-000010/phema-0.050.safetensors: holds .* step 10, sigma_rel 0.1,"):
+        stored_profiles(tmp_path)
+
+
+def test_a_store_written_from_a_checkpoints_state_is_the_store_training_writes(tmp_path):
+    from safetensors import safe_open
+
+    from helpers.phema import store_state
+
+    torch.manual_seed(0)
+    net = LinearNet(9)
+    ema = PowerEMA(net, [0.05, 0.0725])
+    for _ in range(5):
+        with torch.no_grad():
+            net.w.add_(torch.randn(9))
+        ema.update(net, 4)
+    written = ema.store(tmp_path / "a", 5)
+    rewritten = store_state(tmp_path / "b", 5, ema.state_dict(), sigma_rels=[0.05, 0.0725])
+    assert sorted(p.name for p in written.iterdir()) == sorted(p.name for p in rewritten.iterdir())
+    for name in (p.name for p in written.iterdir()):
+        with safe_open(str(written / name), "pt") as a, safe_open(str(rewritten / name), "pt") as b:
+            assert a.metadata() == b.metadata()  # sigma_rel 0.0725 exactly, not the key's 0.072
+            assert all(torch.equal(a.get_tensor(k), b.get_tensor(k)) for k in a.keys())

@@ -23,7 +23,8 @@ from helpers.config import PROJECT_ROOT, load_config, open_run, profile_config
 from helpers.data import load_course_data, load_prompts
 from helpers.files import read_json
 from helpers.images import BadImageError, load_image_tensor, load_rgb
-from helpers.train import read_log, train
+from helpers.train import train
+from helpers.trainlog import read_log
 from test_train import make_run
 
 

@@ -8,7 +8,8 @@ from safetensors.torch import load_file, save_file
 import helpers.selection as selection
 from helpers.judges import CourseJudge, ProbeJudge
 from helpers.model import load_model
-from helpers.selection import (choose, chosen_setting, seeded_subset, selection_sweep, spread, sweep_axes,
+from helpers.data import seeded_subset
+from helpers.selection import (choose, chosen_setting, selection_sweep, spread, sweep_axes,
                                sweep_settings, sweep_table)
 from helpers.setting import FINAL, Setting
 from test_train import make_run

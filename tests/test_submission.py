@@ -173,25 +173,71 @@ def make_packable_run(tmp_path, model, prompts):
     return run
 
 
-def test_pack_submission_has_the_course_layout_the_very_bytes_and_refuses_to_overwrite(model, prompts, tmp_path):
+def test_pack_submission_has_the_course_layout_the_very_bytes_and_refuses_to_overwrite(model, prompts, tmp_path,
+                                                                                        capsys):
+    from helpers.handin import check_zip_layout
+
     run = make_packable_run(tmp_path, model, prompts)
     unet = run / "snapshots" / "step-000004"
     code = tmp_path / "helpers_copy"
     (code / "__pycache__").mkdir(parents=True)
     (code / "a.py").write_text("x = 1\n")
     (code / "__pycache__" / "a.cpython-311.pyc").write_bytes(b"junk")
+    (tmp_path / "requirements.txt").write_text("torch\n")
     want = results_manifest(SETTING, "w1", prompts, seed=0, size=32)
+    requirements = str(tmp_path / "requirements.txt")
     pack = lambda zip_path, **kw: pack_submission(run, zip_path, unet, prompts, size=32, want=want,  # noqa: E731
-                                                  code_dirs=(str(code),), **kw)
-    zip_path = pack(tmp_path / "submission.zip")
+                                                  code_dirs=(str(code),), code_files=(requirements,),
+                                                  student_id="b12345678", **kw)
+    zip_path = pack(tmp_path / "hw6_b12345678.zip")
+    top = "hw6_b12345678/"
     with zipfile.ZipFile(zip_path) as zf:
-        assert sorted(zf.namelist()) == sorted(["code/helpers_copy/a.py", "model/scheduler/scheduler_config.json",
-                                                "model/unet_ema/config.json", "results/manifest.json"]
-                                               + [f"results/{p.image_name}" for p in prompts])
+        assert sorted(zf.namelist()) == sorted(top + n for n in [
+            "code/helpers_copy/a.py", "code/requirements.txt", "model/scheduler/scheduler_config.json",
+            "model/unet_ema/config.json", "results/manifest.json"] + [f"results/{p.image_name}" for p in prompts])
+    out = capsys.readouterr().out
+    assert "Packing hw6_b12345678.zip, about " in out and "results " in out
+    assert "No report given: the course expects hw6_b12345678/report.pdf" in out
     assert zipped_results_match(zip_path, run / "results") == 5
-    with pytest.raises(FileExistsError, match=r"submission.zip already exists.*overwrite_zip=True.*overwrite=True"):
+    assert check_zip_layout(zip_path, "b12345678")
+    with pytest.raises(ValueError, match=r"top folder hw6_b12345678, expected hw6_other/ \(student_id 'other'\)"):
+        check_zip_layout(zip_path, "other")
+    with pytest.raises(FileExistsError, match=r"hw6_b12345678.zip already exists.*overwrite_zip=True.*overwrite=True"):
         pack(zip_path)
-    assert pack(zip_path, overwrite=True) == zip_path
+    report = tmp_path / "my report.pdf"
+    report.write_bytes(b"%PDF-1.4 stand-in")
+    assert pack(zip_path, overwrite=True, report=report) == zip_path
+    with zipfile.ZipFile(zip_path) as zf:
+        assert zf.read(top + "report.pdf") == report.read_bytes()
+    assert "No report given" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("student_id, report, message", [
+    ("../x", None, r"student_id='\.\./x' should be your student id"),
+    ("b1 2", None, r"student_id='b1 2' should be your student id"),
+    ("b1", "missing.pdf", r"report='missing.pdf': file not found"),
+    ("b1", "notes.txt", r"report='.*notes.txt': the course asks for report.pdf"),
+])
+def test_a_bad_student_id_or_report_is_refused_naming_the_parameter(model, prompts, tmp_path, student_id, report,
+                                                                     message):
+    run = make_packable_run(tmp_path, model, prompts)
+    if report == "notes.txt":
+        report = tmp_path / "notes.txt"
+        report.write_text("x")
+    with pytest.raises(ValueError, match=message):
+        pack_submission(run, tmp_path / "s.zip", run / "snapshots" / "step-000004", prompts, size=32,
+                        student_id=student_id, report=report)
+    assert not (tmp_path / "s.zip").exists()
+
+
+def test_a_folder_at_the_zips_path_is_refused_in_one_line_even_with_overwrite(model, prompts, tmp_path):
+    run = make_packable_run(tmp_path, model, prompts)
+    (tmp_path / "hw6_b1.zip").mkdir()
+    for overwrite in (False, True):
+        with pytest.raises(IsADirectoryError, match=r"hw6_b1.zip: is a folder, not a zip; move it away"):
+            pack_submission(run, tmp_path / "hw6_b1.zip", run / "snapshots" / "step-000004", prompts, size=32,
+                            student_id="b1", overwrite=overwrite)
+    assert (tmp_path / "hw6_b1.zip").is_dir() and not list((tmp_path / "hw6_b1.zip").iterdir())
 
 
 @pytest.mark.parametrize("damage, message", [
@@ -249,6 +295,8 @@ def test_pack_submission_default_code_dirs_are_the_project_helpers_and_notebooks
                                          size=32)) as zf:
         names = zf.namelist()
     assert "code/helpers/submission.py" in names and any(n.startswith("code/notebooks/") for n in names)
+    # enough to set the code up again from the zip alone
+    assert {"code/requirements.txt", "code/README.md", "code/Makefile", "code/pyproject.toml"} <= set(names)
 
 
 # ---------------------------------------------------------------- bad test.json: refused before any sampling

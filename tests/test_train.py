@@ -17,7 +17,9 @@ from helpers.cache import build_cache, load_cache, write_split
 from helpers.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
 from helpers.config import PROJECT_ROOT, open_run
 from helpers.data import load_records
-from helpers.train import DeviceCache, data_rows, read_log, step_generator, train
+from helpers.train import train
+from helpers.step import DeviceCache, data_rows, step_generator
+from helpers.trainlog import read_log
 
 FAST = dict(preview_every=0, log_every=1)  # previews are tested once, last
 
@@ -225,7 +227,7 @@ def test_notebook_03_trains_headless(tmp_path, course_dir):
 
 
 def test_training_length_in_epochs_and_warmup_as_a_fraction(tmp_path, course_dir):
-    from helpers.train import train_rows
+    from helpers.step import train_rows
 
     cfg = make_run(tmp_path, course_dir, max_epochs=2, batch_size=8, warmup_fraction=0.5, checkpoint_every=100,
                    snapshot_every=0)
