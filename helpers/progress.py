@@ -1,11 +1,12 @@
 """Progress bars that read well where they are looked at: a live widget in JupyterLab, text lines elsewhere.
 
-A notebook executed headless (papermill / nbclient) has no browser to move a widget bar, so the saved copy
-would show every bar frozen at 0 %. There, and wherever `MONSTER_PROGRESS=text`, a bar prints one plain text
-line every `TEXT_INTERVAL_S` seconds, at most one per tenth of the bar (and at the end) instead: the executed notebook
-then reads like a log of a dozen lines per bar, however long the job. A line is never cut at a width, and a line that would only repeat the one before (tqdm redraws the last state on close)
-is not printed again. Libraries' own bars (transformers' "Loading weights", diffusers' loaders) are switched off by
-`quiet_library_bars`: they would show as a frozen 0 % line in an executed notebook.
+A notebook executed headless (papermill / nbclient) has no browser to move a widget bar, so the saved copy would
+show every bar frozen at 0 %. There, and wherever `MONSTER_PROGRESS=text`, a bar prints one plain text line every
+`TEXT_INTERVAL_S` seconds, at most one per tenth of the bar (and at the end) instead: the executed notebook then
+reads like a log of a dozen lines per bar, however long the job. A line is never cut at a width, and a line that
+would only repeat the one before (tqdm redraws the last state on close) is not printed again. Libraries' own bars
+(transformers' "Loading weights", diffusers' loaders) are switched off by `quiet_library_bars`: they would show as a
+frozen 0 % line in an executed notebook.
 """
 from __future__ import annotations
 

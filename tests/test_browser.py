@@ -1,10 +1,11 @@
 """The guidance panel in a real JupyterLab, clicked by a real browser (Playwright driving Debian's chromium).
 
-A tiny run goes through all five notebooks (on a few demo monsters), JupyterLab serves a copy of 04_sample cut
-after the cell tagged `panel` and pointed at that run; the browser runs it, checks that it opens at the sweep's
-choice (EMA length included) and that Reset restores it, compares guidance values (the boxes stay as typed), types
-bad values, cancels and interrupts. The executed 04 and 05 are opened as a reader would at 1400 px: no frozen 0 %
-progress line, no table row wrapped. Screenshots go to $BROWSER_SCREENSHOTS (default: a folder under /tmp named in the output).
+A tiny run goes through all five notebooks (on a few demo monsters), JupyterLab serves a copy of 04_sample cut after
+the cell tagged `panel` and pointed at that run; the browser runs it, checks that it opens at the sweep's choice
+(EMA length included) and that Reset restores it, compares guidance values (the boxes stay as typed), types bad
+values, cancels and interrupts. The executed 04 and 05 are opened as a reader would at 1400 px: no frozen 0 %
+progress line, no table row wrapped. Screenshots go to $BROWSER_SCREENSHOTS (default: a folder under /tmp named in
+the output).
 Needs `chromium` (apt-get install -y chromium; .ci/run installs it) and the `playwright` package: no browser
 download (never `playwright install`). BROWSER_RUN_DIR=<a finished tiny run of all five notebooks> reuses that run.
 """
