@@ -234,11 +234,13 @@ class Panel(_widgets().VBox):
         w = _widgets()
         self.generate_button = w.Button(description="Generate", button_style="primary")
         self.compare_button = w.Button(description="Compare guidance " + ", ".join(f"{g:g}" for g in COMPARE_GUIDANCE),
-                                       layout=w.Layout(width="auto"))
+                                       layout=w.Layout(width="auto", flex="0 0 auto"))  # never a cut label
         self.cancel_button = w.Button(description="Cancel", button_style="warning", disabled=True)
         self.reset_button = w.Button(description="reset to chosen", layout=w.Layout(width="auto"))
         self.progress = w.IntProgress(value=0, min=0, max=1, layout=w.Layout(width="200px", visibility="hidden"))
-        self.status, self.error, self.plan = w.Label(), w.HTML(), w.HTML()
+        # the status gets the rest of the line, and a line of its own when that is too short: never cut
+        self.status = w.Label(layout=w.Layout(width="auto", flex="1 1 320px"))
+        self.error, self.plan = w.HTML(), w.HTML()
         self.tokens, self.guided, self.source = w.HTML(), w.HTML(), w.HTML()
         self.details = w.Accordion(children=[w.HTML()], titles=("traceback",), selected_index=None,
                                    layout=w.Layout(display="none"))
@@ -256,7 +258,8 @@ class Panel(_widgets().VBox):
                 w.HBox([c["scheduler"], c["seed"]]),
                 w.HBox([c["everywhere"], c["sigma_lo"], c["sigma_hi"], sigma_range]), self.guided,
                 w.HBox([c["guide"], c["guide_weight"]]),
-                w.HBox([self.generate_button, self.compare_button, self.cancel_button, self.progress, self.status]),
+                w.HBox([self.generate_button, self.compare_button, self.cancel_button, self.progress, self.status],
+                       layout=w.Layout(flex_flow="row wrap")),
                 self.plan, self.error, self.details, self.rows, self.history_box]
 
     def _wire(self):

@@ -290,6 +290,9 @@ def check_panel(page, shots, choice: Setting):
             page.evaluate("() => { window.jupyterapp.commands.execute('notebook:interrupt-kernel'); }")
         expect(page.get_by_text(re.compile(r"^cancelled after \d+ steps"))).to_be_visible(timeout=30_000)
         expect(generate).to_be_enabled()
+        for text in (page.get_by_text(re.compile(r"^cancelled after")),
+                     page.get_by_role("button", name="Compare guidance 1, 2, 3, 5")):
+            assert text.evaluate("e => e.scrollWidth <= e.clientWidth"), "a label is cut"
     panel.screenshot(path=shots / "4-cancelled.png")
 
 
