@@ -293,13 +293,14 @@ def validation_scores(cfg: RunConfig, model, setting, judge, *, batch_size: int)
             "images": len(val)}
 
 
-def probe_verdict_grid(judged: JudgeSet, images: torch.Tensor, n: int = 8):
-    """matplotlib Figure: real pictures (top) over generated ones (bottom) for n spread prompts, with the
-    probe's reading of each generated image under it (✓ where it matches the prompt)."""
+def probe_verdict_grid(judged: JudgeSet, images: torch.Tensor, n: int = 8, per_row: int = 4):
+    """matplotlib Figure: for n spread prompts, the real picture over the generated one (nearest-neighbour
+    enlarged: pixels stay crisp), with the probe's reading of the generated image for every attribute it probes
+    (✓ where it matches the prompt), in rows of `per_row` prompts at a readable size."""
     import matplotlib.pyplot as plt
 
-    from .images import image_grid, tensor_to_pil
-    from .probe import CLASSES, GATED
+    from .images import image_grid, pixel_cell, tensor_to_pil
+    from .probe import CLASSES
 
     judge = judged.judge
     n = min(n, len(images))
@@ -308,19 +309,22 @@ def probe_verdict_grid(judged: JudgeSet, images: torch.Tensor, n: int = 8):
     if fake.shape[-2:] != judge.real.shape[-2:]:  # area = the box average, exact for whole factors
         fake = torch.nn.functional.interpolate(fake, size=judge.real.shape[-2:], mode="area")
     read = judge.probe.predict(fake)
-    grid = image_grid([tensor_to_pil(x) for x in judge.real[pick]] + [tensor_to_pil(x) for x in fake], cols=n, cell=96)
-    fig, ax = plt.subplots(figsize=(1.5 * n, 3.6))
-    ax.imshow(grid, interpolation="nearest")
-    labels = []
-    for j, i in enumerate(pick):
+    rows = -(-n // per_row)
+    fig, axes = plt.subplots(rows, per_row, figsize=(3.2 * per_row, 5.0 * rows), squeeze=False)
+    cell = pixel_cell(fake.shape[-1], 128)
+    for j, (ax, i) in enumerate(zip(axes.flat, pick)):
+        pair = image_grid([tensor_to_pil(judge.real[i]), tensor_to_pil(fake[j])], cols=1, cell=cell)
+        ax.imshow(pair, interpolation="nearest")
+        ax.set_xticks([]), ax.set_yticks([cell // 2, cell + cell // 2], ["real", "generated"], fontsize=10)
         lines = []
-        for a in GATED:
-            said = CLASSES[a][read[a][j]]
-            lines.append(f"{a}: {said} " + ("✓" if said == judge.attributes[i][a] else "✗"))
-        labels.append("\n".join(lines))
-    ax.set_xticks([96 * i + 48 for i in range(n)], labels, fontsize=7)
-    ax.set_yticks([48, 144], ["real", "generated"])
-    ax.set_title("real (top) vs generated (bottom), with the probe's reading")
+        for a in CLASSES:
+            said, wanted = CLASSES[a][read[a][j]], judge.attributes[i].get(a)
+            lines.append(f"{a}: {said} " + ("✓" if said == wanted else f"✗ (asked: {wanted})"))
+        ax.set_xlabel("\n".join(lines), fontsize=10, loc="left")
+        ax.set_title(judged.prompts[i].key, fontsize=11)
+    for ax in list(axes.flat)[n:]:
+        ax.axis("off")
+    fig.suptitle("real (top) vs generated (bottom), with the probe's reading of the generated one", fontsize=12)
     fig.tight_layout()
     for i in pick:
         print(f"{judged.prompts[i].key}: {judged.prompts[i].text!r}")

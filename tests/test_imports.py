@@ -14,7 +14,7 @@ LAYERS = [  # lowest first; a module may import from its own layer or below
     {"model", "cache", "demo_data", "step", "saves", "disk_guard", "repair", "probe", "results", "handin"},
     {"sample", "fit", "metrics", "score", "estimators", "shards"},
     {"previews", "baseline", "export", "grids", "selection"},
-    {"judges", "panel_controls", "panel", "plots", "submission", "staged", "selection_cost", "replay"},
+    {"judges", "panel_controls", "panel", "plots", "tables", "submission", "staged", "selection_cost", "replay"},
     {"train", "runs"},
 ]
 
