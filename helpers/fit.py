@@ -228,6 +228,8 @@ class BudgetPlan:
     end: datetime
     snapshot_every: int
     images_per_s: float
+    after_training_s: float = 0.0  # reserved for what follows training: choosing a setting and the test set
+    after_training: str = ""  # how that reserve was estimated, one line
 
 
 def save_seconds(cfg: RunConfig, param_bytes: int, images_per_s: float, processes: int = 1) -> dict:
@@ -243,11 +245,14 @@ def save_seconds(cfg: RunConfig, param_bytes: int, images_per_s: float, processe
 
 
 def plan_budget(cfg: RunConfig, images_per_s: float, num_train_images: int, param_bytes: int, processes: int = 1,
-                now: datetime | None = None) -> BudgetPlan:
-    """The longest run (at most the configured one) whose steps and saves end within cfg.time_budget_hours.
+                now: datetime | None = None, after_training=None) -> BudgetPlan:
+    """The longest run (at most the configured one) whose steps and saves, and then the selection and the test set,
+    end within cfg.time_budget_hours.
 
-    `images_per_s`: the measured speed of the whole run (all processes). The snapshot interval is set so the
-    planned run keeps the configured run's number of snapshots; the LR schedule follows max_steps by itself."""
+    `images_per_s`: the measured speed of the whole run (all processes). `after_training(images_per_s,
+    n_snapshots)`: (seconds, one line) that selection and the test set will take, reserved before training is planned
+    (None: nothing). The snapshot interval is set so the planned run keeps the configured run's number of snapshots;
+    the LR schedule follows max_steps by itself."""
     configured = total_steps(cfg, num_train_images, processes)
     images_per_step = cfg.batch_size * cfg.grad_accum * processes
     cost = save_seconds(cfg, param_bytes, images_per_s, processes)
@@ -256,29 +261,35 @@ def plan_budget(cfg: RunConfig, images_per_s: float, num_train_images: int, para
                 + (cost["preview"] / cfg.preview_every if cfg.preview_every > 0 else 0.0))
     once = (cost["final"] + cost["checkpoint"] + snapshots * cost["snapshot"]  # the last step's saves, all snapshots
             + (cost["preview"] if cfg.preview_every > 0 else 0.0))
-    budget = cfg.time_budget_hours * 3600 * (1 - BUDGET_MARGIN)
+    after_s, after = after_training(images_per_s, snapshots + 1) if after_training else (0.0, "")
+    budget = cfg.time_budget_hours * 3600 * (1 - BUDGET_MARGIN) - after_s
     fitting = math.floor((budget - once) / per_step)
     if fitting < 1:
-        need = (once + per_step) / 3600 / (1 - BUDGET_MARGIN)
+        need = (once + per_step + after_s) / 3600 / (1 - BUDGET_MARGIN)
         raise DoesNotFitError(f"time_budget_hours={cfg.time_budget_hours} is too short for one step and the saves on "
-                              f"this device (measured {images_per_s:.3g} images/s): at least {need:.3g} hours are needed")
+                              f"this device (measured {images_per_s:.3g} images/s)"
+                              + (f" after reserving {duration(after_s)} for selection and the test set" if after_s
+                                 else "") + f": at least {need:.3g} hours are needed")
     steps = min(configured, fitting)
     snapshot_every = max(1, -(-steps // snapshots)) if snapshots and steps < configured else cfg.snapshot_every
     seconds = steps * per_step + once
     now = now or datetime.now().astimezone()
     return BudgetPlan(steps, configured, steps * images_per_step / num_train_images, seconds,
                       seconds - steps * images_per_step / images_per_s, now + timedelta(seconds=seconds),
-                      snapshot_every, images_per_s)
+                      snapshot_every, images_per_s, after_s, after)
 
 
 def describe_budget(cfg: RunConfig, plan: BudgetPlan) -> str:
     length = ("the configured run fits" if plan.steps == plan.configured_steps
               else f"shortened from the configured {plan.configured_steps:,} steps")
+    after = (f"\n  then {plan.after_training} (at the training speed; reserved before planning the steps): the whole "
+             f"job ends about {plan.end + timedelta(seconds=plan.after_training_s):%Y-%m-%d %H:%M %Z}"
+             if plan.after_training else "")
     return (f"time budget {cfg.time_budget_hours:g} h at the measured {plan.images_per_s:.1f} images/s: "
-            f"{plan.steps:,} steps ({length}), {plan.epochs:.2f} epochs, snapshots every {plan.snapshot_every:,} "
-            f"steps; "
-            f"estimated {duration(plan.seconds)} incl. {duration(plan.overhead_s)} of checkpoints/snapshots/"
-            f"previews, ending about {plan.end:%Y-%m-%d %H:%M %Z}. Stored in config.json; a resume keeps this plan")
+            f"training {plan.steps:,} steps ({length}), {plan.epochs:.2f} epochs, snapshots every "
+            f"{plan.snapshot_every:,} steps; estimated {duration(plan.seconds)} incl. {duration(plan.overhead_s)} of "
+            f"checkpoints/snapshots/previews, ending about {plan.end:%Y-%m-%d %H:%M %Z}{after}. Stored in config.json; "
+            f"a resume keeps this plan")
 
 
 def probe_step(cfg: RunConfig, cache, data: DeviceCache, rows: torch.Tensor, device, steps: int = 3):
@@ -318,11 +329,12 @@ def keep_plan(cfg: RunConfig, resumed: dict, verbose: bool) -> RunConfig:
 
 
 def fit_run(cfg: RunConfig, cache, data: DeviceCache, rows: torch.Tensor, accelerator,
-            resumed: dict | None = None) -> RunConfig:
+            resumed: dict | None = None, after_training=None) -> RunConfig:
     """cfg with auto_fit's micro_splits/gradient_checkpointing (CUDA) and the time budget's plan, printed; cfg
     itself when nothing applies (a CPU run without a budget measures nothing).
 
-    `resumed`: the config stored in the checkpoint a resume starts from (None: a new run, which plans its budget)."""
+    `resumed`: the config stored in the checkpoint a resume starts from (None: a new run, which plans its budget);
+    `after_training(cfg, cache)`: plan_budget's reserve for selection and the test set, made for this run."""
     device, main = accelerator.device, accelerator.is_main_process
     if cfg.time_budget_hours > 0 and resumed is not None:
         cfg = keep_plan(cfg, resumed, main)
@@ -338,7 +350,7 @@ def fit_run(cfg: RunConfig, cache, data: DeviceCache, rows: torch.Tensor, accele
     plan = None
     if budget:
         plan = plan_budget(cfg, cost.images_per_s * accelerator.num_processes, len(rows), cost.param_bytes,
-                           accelerator.num_processes)
+                           accelerator.num_processes, after_training=after_training and after_training(cfg, cache))
         changes.update(max_steps=plan.steps, max_epochs=0, snapshot_every=plan.snapshot_every)
     if accelerator.num_processes > 1:  # every process trains the main process's plan
         from accelerate.utils import broadcast_object_list

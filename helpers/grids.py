@@ -54,3 +54,31 @@ def scheduler_grid(model, prompts, setting: Setting, schedulers=None, seed: int 
     fig.suptitle(f"{setting.steps} steps, guidance {setting.guidance:g}")
     fig.tight_layout()
     return fig
+
+
+def data_grid(records, resolution: int, n: int = 12, seed: int = 0, cols: int = 4):
+    """matplotlib Figure: n random training images as the model sees them (square, `resolution` px), enlarged by
+    nearest neighbour (every pixel a crisp square), titled by file name and caption wrapped at word boundaries."""
+    import random
+    import textwrap
+
+    import matplotlib.pyplot as plt
+
+    from .images import square_resize, try_load_rgb
+
+    shown = random.Random(seed).sample(list(records), min(n, len(records)))
+    rows = max(1, -(-len(shown) // cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(3 * cols, 3.4 * rows), squeeze=False)
+    for ax, r in zip(axes.flat, shown):
+        im, problem = try_load_rgb(r.path)
+        if im is None:  # the cache leaves it out of training too, and lists it
+            print(problem)
+            ax.text(0.5, 0.5, "cannot decode", ha="center", va="center")
+        else:
+            ax.imshow(square_resize(im, resolution), interpolation="nearest")
+        caption = textwrap.wrap(r.captions[0], 34, break_long_words=False, break_on_hyphens=False)
+        ax.set_title("\n".join([r.path.name] + caption[:3] + (["…"] if len(caption) > 3 else [])), fontsize=10)
+    for ax in axes.flat:
+        ax.axis("off")
+    fig.tight_layout()
+    return fig

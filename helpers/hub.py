@@ -34,6 +34,9 @@ def hub_reachable(timeout: float = 3.0) -> bool:
 
 def load_pretrained(load: Callable[..., T], model_id: str, what: str, **kwargs) -> T:
     """`load(model_id, **kwargs)` from a local folder or the cache; the hub only if it answers."""
+    from .progress import quiet_library_bars
+
+    quiet_library_bars()
     try:
         return load(model_id, local_files_only=True, **kwargs)
     except (OSError, ValueError) as e:  # transformers/diffusers raise OSError (or ValueError) for missing files

@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .config import RunConfig
@@ -26,12 +27,26 @@ def _tie_break(row: dict) -> tuple:
     return (s["guidance"], s["steps"], s["snapshot"])
 
 
+def probe_rank(row: dict) -> tuple:
+    return (-row["mean_accuracy"], row["frechet_distance"], *_tie_break(row))
+
+
+def course_rank(row: dict) -> tuple:
+    if "fid" in row:
+        return (row["fid"], -row.get("clip_t", 0.0), *_tie_break(row))
+    return (-row["clip_t"], *_tie_break(row))
+
+
+RANKS = {"probe": probe_rank, "course": course_rank}  # by judge kind: the rule's order of rows, smaller first
+
+
 @dataclass
 class ProbeJudge:
     probe: object  # helpers.probe.Probe
     attributes: list[dict]  # what each prompt asks for
     real: torch.Tensor  # real pictures of the same prompts (test_reference/), [N, 3, R, R] in [-1, 1]
     key: str = "probe"
+    _reference: dict | None = field(default=None, repr=False)
     columns = ["accuracy.color", "accuracy.shape", "accuracy.eyes", "accuracy.extra", "accuracy.action",
                "mean_accuracy", "frechet_distance"]
     rule = ("highest mean probe accuracy over colour, shape and action; ties: lower probe Fréchet distance, "
@@ -39,15 +54,35 @@ class ProbeJudge:
     plot_axes = (("frechet_distance", "probe Fréchet distance to real (lower = more realistic)"),
                  ("mean_accuracy", "mean probe accuracy: colour, shape, action"))
 
-    def evaluate(self, images: torch.Tensor) -> dict:
-        from .probe import attribute_accuracy, mean_accuracy, probe_frechet_distance
+    kind = "probe"
 
-        accuracy = attribute_accuracy(self.probe, images, self.attributes)
-        return {"accuracy": accuracy, "mean_accuracy": mean_accuracy(accuracy),
-                "frechet_distance": probe_frechet_distance(self.probe, self.real, images)}
+    def evaluate(self, images: torch.Tensor) -> dict:
+        from .estimators import scores_from
+
+        return scores_from(self.kind, self.reference, self.per_prompt(images))
+
+    def per_prompt(self, images: torch.Tensor, positions: list[int] | None = None) -> dict:
+        """Per image (one per judged prompt at `positions`, default all, in order): probe features and whether
+        each attribute reads as its prompt asked."""
+        from .estimators import PROBE_ATTRIBUTES
+        from .probe import label_indices
+
+        attributes = self.attributes if positions is None else [self.attributes[p] for p in positions]
+        if len(images) != len(attributes):
+            raise ValueError(f"{len(images)} images but {len(attributes)} attribute entries")
+        pred, labels = self.probe.predict(images), label_indices(attributes)
+        correct = torch.stack([pred[a] == labels[a] for a in PROBE_ATTRIBUTES], 1)
+        return {"features": self.probe.features(images).double().numpy(), "correct": correct.numpy()}
+
+    @property
+    def reference(self) -> dict:
+        """Probe features of the real pictures of the judged prompts (computed once)."""
+        if self._reference is None:
+            self._reference = {"real_features": self.probe.features(self.real).double().numpy()}
+        return self._reference
 
     def rank(self, row: dict) -> tuple:
-        return (-row["mean_accuracy"], row["frechet_distance"], *_tie_break(row))
+        return probe_rank(row)
 
 
 @dataclass
@@ -74,18 +109,39 @@ class CourseJudge:
     def plot_axes(self):
         return (("fid", "FID, course scorer (lower = closer to real)"), ("clip_t", "CLIP-T (higher = follows the prompt)"))
 
-    def evaluate(self, images: torch.Tensor) -> dict:
-        from .sample import to_output_pils
-        from .score import score_images
+    kind = "course"
 
-        scores = score_images(to_output_pils(images, self.output_size), self.prompts,
-                              reference_stats=self.reference_stats, inception=self.inception, clip=self.clip)
-        return {k: v for k, v in scores.items() if k in ("fid", "clip_t")}
+    def evaluate(self, images: torch.Tensor) -> dict:
+        from .estimators import scores_from
+
+        return scores_from(self.kind, self.reference, self.per_prompt(images))
+
+    def per_prompt(self, images: torch.Tensor, positions: list[int] | None = None) -> dict:
+        """Per image (one per judged prompt at `positions`, default all, in order), scored as the PNGs that would
+        be handed in: Inception features (when FID can be computed here) and the CLIP cosine to its prompt."""
+        from .sample import to_output_pils
+        from .score import inception_features
+
+        prompts = self.prompts if positions is None else [self.prompts[p] for p in positions]
+        if len(images) != len(prompts):
+            raise ValueError(f"{len(images)} images but {len(prompts)} prompts")
+        pils, out = to_output_pils(images, self.output_size), {}
+        if "fid" not in self.skipped and self.inception is not None and self.reference_stats is not None:
+            out["inception"] = inception_features(pils, self.inception, progress=False)
+        if "clip_t" not in self.skipped and self.clip is not None:
+            cosine = (self.clip.image_embeddings(pils).double() * self.clip.text_embeddings(prompts).double())
+            out["clip_t"] = cosine.sum(-1).cpu().numpy()
+        return out
+
+    @property
+    def reference(self) -> dict:
+        if self.reference_stats is None:
+            return {}
+        return {"mu": np.asarray(self.reference_stats[0], np.float64),
+                "sigma": np.asarray(self.reference_stats[1], np.float64)}
 
     def rank(self, row: dict) -> tuple:
-        if "fid" in row:
-            return (row["fid"], -row.get("clip_t", 0.0), *_tie_break(row))
-        return (-row["clip_t"], *_tie_break(row))
+        return course_rank(row)
 
 
 @dataclass
@@ -237,13 +293,14 @@ def validation_scores(cfg: RunConfig, model, setting, judge, *, batch_size: int)
             "images": len(val)}
 
 
-def probe_verdict_grid(judged: JudgeSet, images: torch.Tensor, n: int = 8):
-    """matplotlib Figure: real pictures (top) over generated ones (bottom) for n spread prompts, with the
-    probe's reading of each generated image under it (✓ where it matches the prompt)."""
+def probe_verdict_grid(judged: JudgeSet, images: torch.Tensor, n: int = 8, per_row: int = 4):
+    """matplotlib Figure: for n spread prompts, the real picture over the generated one (nearest-neighbour
+    enlarged: pixels stay crisp), with the probe's reading of the generated image for every attribute it probes
+    (✓ where it matches the prompt), in rows of `per_row` prompts at a readable size."""
     import matplotlib.pyplot as plt
 
-    from .images import image_grid, tensor_to_pil
-    from .probe import CLASSES, GATED
+    from .images import image_grid, pixel_cell, tensor_to_pil
+    from .probe import CLASSES
 
     judge = judged.judge
     n = min(n, len(images))
@@ -252,19 +309,22 @@ def probe_verdict_grid(judged: JudgeSet, images: torch.Tensor, n: int = 8):
     if fake.shape[-2:] != judge.real.shape[-2:]:  # area = the box average, exact for whole factors
         fake = torch.nn.functional.interpolate(fake, size=judge.real.shape[-2:], mode="area")
     read = judge.probe.predict(fake)
-    grid = image_grid([tensor_to_pil(x) for x in judge.real[pick]] + [tensor_to_pil(x) for x in fake], cols=n, cell=96)
-    fig, ax = plt.subplots(figsize=(1.5 * n, 3.6))
-    ax.imshow(grid, interpolation="nearest")
-    labels = []
-    for j, i in enumerate(pick):
+    rows = -(-n // per_row)
+    fig, axes = plt.subplots(rows, per_row, figsize=(3.2 * per_row, 5.0 * rows), squeeze=False)
+    cell = pixel_cell(fake.shape[-1], 128)
+    for j, (ax, i) in enumerate(zip(axes.flat, pick)):
+        pair = image_grid([tensor_to_pil(judge.real[i]), tensor_to_pil(fake[j])], cols=1, cell=cell)
+        ax.imshow(pair, interpolation="nearest")
+        ax.set_xticks([]), ax.set_yticks([cell // 2, cell + cell // 2], ["real", "generated"], fontsize=10)
         lines = []
-        for a in GATED:
-            said = CLASSES[a][read[a][j]]
-            lines.append(f"{a}: {said} " + ("✓" if said == judge.attributes[i][a] else "✗"))
-        labels.append("\n".join(lines))
-    ax.set_xticks([96 * i + 48 for i in range(n)], labels, fontsize=7)
-    ax.set_yticks([48, 144], ["real", "generated"])
-    ax.set_title("real (top) vs generated (bottom), with the probe's reading")
+        for a in CLASSES:
+            said, wanted = CLASSES[a][read[a][j]], judge.attributes[i].get(a)
+            lines.append(f"{a}: {said} " + ("✓" if said == wanted else f"✗ (asked: {wanted})"))
+        ax.set_xlabel("\n".join(lines), fontsize=10, loc="left")
+        ax.set_title(judged.prompts[i].key, fontsize=11)
+    for ax in list(axes.flat)[n:]:
+        ax.axis("off")
+    fig.suptitle("real (top) vs generated (bottom), with the probe's reading of the generated one", fontsize=12)
     fig.tight_layout()
     for i in pick:
         print(f"{judged.prompts[i].key}: {judged.prompts[i].text!r}")

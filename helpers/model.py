@@ -99,6 +99,9 @@ def load_model(cfg: RunConfig, use_ema: bool | None = None, device=None, unet_di
     (the raw last-step weights if `use_ema=False` or `cfg.use_ema` is off)."""
     from diffusers import DDPMScheduler, UNet2DConditionModel
 
+    from .progress import quiet_library_bars
+
+    quiet_library_bars()
     use_ema = cfg.use_ema if use_ema is None else use_ema
     folder = Path(unet_dir) if unet_dir else cfg.layout.model / ("unet_ema" if use_ema else "unet")
     if not folder.exists():

@@ -54,8 +54,9 @@ def parse_seed(text, n: int) -> tuple[int | None, list[str]]:
 def read_rows(values: dict, n: int, scheduler_config: dict | None = None) -> tuple[list[Setting], list[int]]:
     """(one Setting per row, the n seeds) from the raw control values, or BadSetting naming every bad one.
 
-    values: snapshots (list of names), guidance, steps, seed, sigma_lo, sigma_hi (typed text), scheduler,
-    everywhere (bool: guide at every step)."""
+    values: snapshots (list of names), guidance, steps, seed, sigma_lo, sigma_hi, rescale, guide_weight (typed
+    text), scheduler, guide (a snapshot name, "" for none), ema_length (a number), everywhere (bool: guide at every
+    step)."""
     guidances, problems = parse_numbers("guidance", values["guidance"])
     steps, more = parse_numbers("steps", values["steps"], int)
     seed, seed_problems = parse_seed(values["seed"], n)
@@ -69,7 +70,15 @@ def read_rows(values: dict, n: int, scheduler_config: dict | None = None) -> tup
         problems += interval_problems
         if not interval_problems:
             interval = (float(values["sigma_lo"]), float(values["sigma_hi"]))
-    rows = [Setting(snap, g, s, values["scheduler"], interval)
+    extra = {}
+    for name, box in (("guidance_rescale", "rescale"), ("guide_weight", "guide_weight")):
+        found, bad = parse_numbers(box.replace("_", " "), values.get(box, "0" if box == "rescale" else "1"))
+        problems += bad or ([f"{box.replace('_', ' ')}: one number, not {len(found)}"] if len(found) != 1 else [])
+        if len(found) == 1:
+            extra[name] = found[0]
+    guide = values.get("guide", "")
+    rows = [Setting(snap, g, s, values["scheduler"], interval, guide=guide,
+                    ema_length=float(values.get("ema_length", 0.0)), **extra)
             for snap, s, g in itertools.product(values["snapshots"], steps, guidances)]
     problems += list(dict.fromkeys(p for row in rows
                                    for p in row.problems() + unhonoured(row, scheduler_config or {})))
@@ -79,6 +88,77 @@ def read_rows(values: dict, n: int, scheduler_config: dict | None = None) -> tup
     if problems:
         raise BadSetting("; ".join(problems))
     return rows, list(range(seed, seed + n))
+
+
+def short_prompt(prompt: str, limit: int = 48) -> str:
+    """The prompt quoted, cut at a word boundary to about `limit` characters."""
+    prompt = " ".join(prompt.split())
+    if not prompt:
+        return "(empty prompt)"
+    if len(prompt) > limit:
+        prompt = prompt[:limit].rsplit(" ", 1)[0] + "…"
+    return f"“{prompt}”"
+
+
+def setting_words(s: Setting, field: str) -> str:
+    """One field of a setting in words, as a caption names it."""
+    if field == "snapshot":
+        return s.snapshot
+    if field == "ema_length":
+        return f"EMA σ_rel {s.ema_length:g}" if s.ema_length else "half-life EMA"
+    if field == "guidance":
+        return "guidance 1 (no guidance)" if s.guidance == 1.0 else f"guidance {s.guidance:g}"
+    if field == "steps":
+        return f"{s.steps} steps"
+    if field == "scheduler":
+        return s.scheduler
+    if field == "guidance_interval":
+        lo_hi = s.guidance_interval
+        return f"guided for σ in ({lo_hi[0]:g}, {lo_hi[1]:g}]" if lo_hi else "guided at every step"
+    if field == "guidance_rescale":
+        return f"rescale {s.guidance_rescale:g}" if s.guidance_rescale else "no rescale"
+    if field in ("guide", "guide_weight"):
+        return f"autoguided by {s.guide} × {s.guide_weight:g}" if s.autoguided else "no autoguidance"
+    raise KeyError(field)
+
+
+CAPTION_FIELDS = ("snapshot", "ema_length", "guidance", "steps", "scheduler", "guidance_interval",
+                  "guidance_rescale", "guide")
+
+
+def differences(s: Setting, base: Setting) -> list[str]:
+    """The fields where `s` differs from `base`, in words; fields that cannot matter are left out (where guidance
+    acts when guidance is 1, the guide's weight when there is no guide)."""
+    words = []
+    for field in CAPTION_FIELDS:
+        if field in ("guidance_interval", "guidance_rescale") and s.guidance == 1.0:
+            continue  # no guidance: where and how it would act says nothing
+        if field == "guide":
+            if (s.autoguided, s.guide, s.guide_weight) != (base.autoguided, base.guide, base.guide_weight) and \
+                    (s.autoguided or base.autoguided):
+                words.append(setting_words(s, field))
+        elif getattr(s, field) != getattr(base, field):
+            words.append(setting_words(s, field))
+    return words
+
+
+def row_caption(s: Setting, chosen: Setting, prompt: str, seeds: list[int], guided: tuple[int, int]) -> str:
+    """A row's caption: the prompt (shortened), what differs from the chosen setting, how many steps are guided,
+    the seeds. It never names guided steps for guidance 1 (it never guides)."""
+    changed = differences(s, chosen)
+    what = "chosen setting" if not changed else "chosen setting but " + ", ".join(changed)
+    if s.guidance != 1.0 and guided[0] < guided[1]:
+        what += f" · guided at {guided[0]} of {guided[1]} steps"
+    return f"{short_prompt(prompt)} · {what} · seeds {seeds[0]}…{seeds[-1]}"
+
+
+def run_estimate(rows: list[Setting], n: int, seconds_per_step: float | None) -> str:
+    """"4 rows × 4 seeds, about 9 s" from the last measured seconds per denoising step of one row."""
+    text = f"{len(rows)} row{'s' if len(rows) != 1 else ''} × {n} seeds"
+    if seconds_per_step is None:
+        return text + " (time: measured on the first click)"
+    seconds = seconds_per_step * sum(s.steps for s in rows)
+    return text + f", about {seconds:.0f} s" if seconds >= 1.5 else text + ", about a second"
 
 
 def guided_note(scheduler_config: dict, rows: list[Setting]) -> str:

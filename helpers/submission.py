@@ -31,6 +31,7 @@ from .layout import WEIGHTS_FILE, RunLayout
 from .results import (MANIFEST, check_results, manifest_differences, read_manifest, record_differences,
                       results_manifest, sha256_bytes)
 from .sample import check_honoured, sample_images, to_output_pils
+from .shards import Shards
 
 
 def check_prompt_names(prompts: list[Prompt]) -> None:
@@ -60,6 +61,31 @@ def write_test_set(model, prompts: list[Prompt], results_dir, setting, weights: 
     check_honoured(setting, model.scheduler_config)  # before anything is moved: a bad value fails, the old set stays
     _check_writable((results_dir, partial))
     want = results_manifest(setting, weights, prompts, seed=seed, size=size)
+    shards = Shards.current()
+    # under accelerate launch: one process tidies the folders, every process samples its share, one finishes
+    target, changed = shards.broadcast(_prepare_target(results_dir, partial, prompts, want, record)
+                                       if shards.is_main else None)
+    if shards.is_main:
+        print(f"Test set: {setting.label()}, seed {seed}, {size}px, {len(prompts)} prompts -> {target}"
+              + (f" ({shards.world} processes)" if shards.world > 1 else ""))
+    stats = generate_test_set(model, prompts, target, setting, batch_size=batch_size, seed=seed, size=size)
+    if shards.is_main:
+        images = {p.image_name: sha256_bytes((target / p.image_name).read_bytes()) for p in prompts}
+        manifest = {**want, "complete": True, "commit": project_commit(), "images": images}
+        atomic_write_json(target / MANIFEST, manifest)
+        check_results(target, prompts, size, want=want)
+        if target == partial:
+            _swap_in(partial, results_dir, prompts, changed)
+        if record is not None:
+            atomic_write_json(record, {**manifest, "results": str(results_dir)})
+    shards.barrier()
+    return stats
+
+
+def _prepare_target(results_dir: Path, partial: Path, prompts: list[Prompt], want: dict,
+                    record) -> tuple[Path, list[str]]:
+    """(the folder to write the set in, how the current one differs): results_dir, or `partial` beside it when
+    results_dir holds another setting; images altered since written are moved aside; the manifest says incomplete."""
     have, changed = _trusted_manifest(results_dir, want, record)
     ours = [p.image_name for p in prompts if (results_dir / p.image_name).exists()]
     target = partial if (ours or have) and changed else results_dir
@@ -76,17 +102,7 @@ def write_test_set(model, prompts: list[Prompt], results_dir, setting, weights: 
                   f"to {kept} and writing them again")
     target.mkdir(parents=True, exist_ok=True)
     atomic_write_json(target / MANIFEST, {**want, "complete": False, "commit": project_commit()})
-    print(f"Test set: {setting.label()}, seed {seed}, {size}px, {len(prompts)} prompts -> {target}")
-    stats = generate_test_set(model, prompts, target, setting, batch_size=batch_size, seed=seed, size=size)
-    images = {p.image_name: sha256_bytes((target / p.image_name).read_bytes()) for p in prompts}
-    manifest = {**want, "complete": True, "commit": project_commit(), "images": images}
-    atomic_write_json(target / MANIFEST, manifest)
-    check_results(target, prompts, size, want=want)
-    if target is partial:
-        _swap_in(partial, results_dir, prompts, changed)
-    if record is not None:
-        atomic_write_json(record, {**manifest, "results": str(results_dir)})
-    return stats
+    return target, changed
 
 
 def _trusted_manifest(results_dir: Path, want: dict, record) -> tuple[dict | None, list[str]]:
@@ -180,9 +196,12 @@ def generate_test_set(model, prompts: list[Prompt], out_dir, setting, *, batch_s
     check_prompt_names(prompts)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    shards = Shards.current()
     todo = [(i, p) for i, p in enumerate(prompts) if not (out_dir / p.image_name).exists()]
+    shards.barrier()  # every process has seen the same folder before any writes to it
     skipped = len(prompts) - len(todo)
-    if skipped:
+    todo = [todo[i] for i in shards.share(len(todo))]  # each process writes its own share of the PNGs
+    if skipped and shards.is_main:
         print(f"Skipping {skipped} of {len(prompts)} images already in {out_dir} (written earlier with the same setting)")
     start = time.perf_counter()
     for b in progress_bar(range(0, len(todo), batch_size), desc="test set", unit="batch", disable=not todo):
@@ -197,6 +216,7 @@ def generate_test_set(model, prompts: list[Prompt], out_dir, setting, *, batch_s
         for (_, p), im in zip(batch, to_output_pils(images, size)):
             atomic_save_image(im, out_dir / p.image_name)
     seconds = time.perf_counter() - start
+    shards.barrier()
     return dict(written=len(todo), skipped=skipped, seconds=round(seconds, 2),
                 images_per_s=round(len(todo) / seconds, 2) if todo and seconds > 0 else None)
 

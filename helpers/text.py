@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from .progress import progress_bar
+from .progress import progress_bar, quiet_library_bars
 
 from .hub import load_pretrained
 
@@ -50,7 +50,9 @@ class TextEncoder:
         return torch.cat(out) if out else torch.zeros(0, self.max_tokens, self.hidden_size)
 
     def token_lengths(self, captions: list[str]) -> list[int]:
-        return [len(ids) for ids in self.tokenizer(list(captions), truncation=False)["input_ids"]]
+        # verbose=False: counting a long prompt is the point here (the panel says it will be cut, in its own
+        # words); transformers' "will result in indexing errors" warning would only repeat that, in red
+        return [len(ids) for ids in self.tokenizer(list(captions), truncation=False, verbose=False)["input_ids"]]
 
 
 def minilm_path() -> Path:
@@ -77,6 +79,8 @@ def tiny_clip_text(max_tokens: int = 16, hidden: int = 32, seed: int = 0):
 
 def load_text_encoder(name: str, max_tokens: int = 77, device="cpu") -> TextEncoder:
     from transformers import AutoModel, AutoTokenizer, CLIPTextModel, CLIPTokenizer
+
+    quiet_library_bars()
 
     if name == "minilm":
         tokenizer, model = AutoTokenizer.from_pretrained(minilm_path()), AutoModel.from_pretrained(minilm_path())

@@ -42,6 +42,7 @@ from .repair import repair_run
 from .resume import IncompatibleResumeError, check_resume, retarget_optimizer
 from .runlock import RunLockedError, run_lock
 from .saves import load_training_state, no_partial_write, retire_checkpoints, save_snapshot, training_state
+from .selection_cost import after_training
 from .session import SessionClock
 from .step import DeviceCache, data_rows, loss_function, split_backward, step_generator, train_rows, unet_for_cache
 from .trainlog import TrainLog, check_losses
@@ -222,7 +223,8 @@ def set_up(cfg: RunConfig, accelerator, resume: bool) -> Run:
     accelerator.wait_for_everyone()
     cache = load_cache(cfg)
     rows, data = train_rows(cfg, cache), DeviceCache.from_cache(cache, device)
-    fitted = fit_run(cfg, cache, data, rows, accelerator, checkpoint_config(found[0]) if found else None)
+    fitted = fit_run(cfg, cache, data, rows, accelerator, checkpoint_config(found[0]) if found else None,
+                     after_training)
     if fitted is not cfg:  # the plan is the run's config from now on: config.json, checkpoints, resumes
         cfg, given_config = fitted, fitted.to_json()
         if main:

@@ -153,11 +153,14 @@ def test_time_budget_plans_the_run_and_a_resume_keeps_the_plan(tmp_path, course_
                    time_budget_hours=0.002)
     cache = load_cache(cfg)
     n, param_bytes = len(train_rows(cfg, cache)), fit.tensor_bytes(unet_for_cache(cfg, cache).parameters())
-    expected = fit.plan_budget(cfg, 24.0, n, param_bytes)
-    assert 2 < expected.steps < 60  # the budget shortens the run
+    from helpers.selection_cost import after_training
+
+    expected = fit.plan_budget(cfg, 24.0, n, param_bytes, after_training=after_training(cfg, cache))
+    assert 2 < expected.steps < 60 and expected.after_training_s > 0  # the budget shortens the run
     first = train(cfg, progress=False, stop_at=2)
     out = capsys.readouterr().out
     assert f"{expected.steps:,} steps (shortened from the configured 60 steps)" in out and "ending about" in out
+    assert "selection ≈" in out and "test set ≈" in out
     saved = json.loads((cfg.run_dir / "config.json").read_text())
     assert (saved["max_steps"], saved["max_epochs"], saved["snapshot_every"]) == (expected.steps, 0,
                                                                                  expected.snapshot_every)
@@ -212,3 +215,27 @@ def test_a_budget_too_short_for_one_step_stops_with_one_line(tmp_path, course_di
     assert stop.value.code == 1 and err.count("\n") == 1
     assert "helpers.train: time_budget_hours=1e-05 is too short" in err and "hours are needed" in err
     assert not (cfg.run_dir / "checkpoints").exists()
+
+
+def test_the_time_budget_reserves_selection_and_the_test_set_before_planning_training(hw6_excerpt):
+    """One budget for the whole job: the hw6 T4 case, with the staged selection and the test set reserved first."""
+    import types
+
+    from helpers.selection_cost import after_training
+
+    cfg = profile_config("hw6", time_budget_hours=9.0, data_dir=str(hw6_excerpt))
+    cache = types.SimpleNamespace(mean=torch.empty(1, 2, 4, 32, 32, device="meta"),
+                                  embeddings=torch.empty(1, 77, 512, device="meta"))
+    now = datetime(2026, 11, 29, 14, 0, tzinfo=timezone.utc)
+    images, param_bytes, ips = 39_000, int(296.4e6 * 4), 25.0
+    alone = fit.plan_budget(cfg, ips, images, param_bytes, now=now)
+    reserve = after_training(cfg, cache)
+    job = fit.plan_budget(cfg, ips, images, param_bytes, now=now, after_training=reserve)
+    seconds, line = reserve(ips, alone.configured_steps // cfg.snapshot_every + 1)
+    assert job.after_training_s == pytest.approx(seconds) and seconds > 0
+    assert alone.seconds - job.seconds == pytest.approx(seconds, abs=10)  # training gives way by the reserve (± a step)
+    assert job.seconds + job.after_training_s <= 9 * 3600 * (1 - fit.BUDGET_MARGIN)
+    text = fit.describe_budget(cfg, job)
+    assert "training" in text and "selection ≈" in text and "test set ≈" in text and "whole job ends" in text
+    bigger = profile_config("hw6", time_budget_hours=9.0, data_dir=str(hw6_excerpt), sweep_steps=[10, 15, 20, 30])
+    assert after_training(bigger, cache)(ips, 10)[0] > reserve(ips, 10)[0]  # a wider sweep reserves more

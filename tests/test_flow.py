@@ -165,8 +165,8 @@ def test_a_flow_run_resumes_exactly_and_goes_through_post_hoc_ema_autoguidance_s
     assert len({r["brightness"] for r in rows}) == 4  # snapshot and guidance both change the flow run's images
     panel = make_panel(model, setting=Setting("model", 3.0, 4, "dpm++2m", (0.3, 5.0)), n=1)
     assert list(panel.c["scheduler"].options) == list(FLOW_SCHEDULERS)
-    # dpm++2m's 4 flow steps: t = .999, .749, .4995, .25 -> sigma 999, 3, 1, 1/3
-    assert "guided at 3 of 4 steps" in panel.guided.value
+    # the panel opens at the run's choice: 3 dpm++2m flow steps, t = .999, .666, .333 -> sigma 999, 2, 0.5
+    assert "guided at 2 of 3 steps" in panel.guided.value
 
 
 def test_a_flow_run_exports_as_a_pipeline_that_gives_our_image(tmp_path):

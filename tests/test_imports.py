@@ -12,10 +12,10 @@ LAYERS = [  # lowest first; a module may import from its own layer or below
     {"setting", "layout", "checkpoint", "data", "text", "autoencoder", "phema", "resume"},
     {"config"},
     {"model", "cache", "demo_data", "step", "saves", "disk_guard", "repair", "probe", "results", "handin"},
-    {"sample", "fit", "metrics", "score"},
-    {"previews", "train", "baseline", "export", "grids", "selection"},
-    {"judges", "panel_controls", "panel", "plots", "submission"},
-    {"runs"},
+    {"sample", "fit", "metrics", "score", "estimators", "shards"},
+    {"previews", "baseline", "export", "grids", "selection"},
+    {"judges", "panel_controls", "panel", "plots", "tables", "submission", "staged", "selection_cost", "replay"},
+    {"train", "runs"},
 ]
 
 

@@ -75,9 +75,9 @@ def test_compare_mode_samples_one_captioned_row_per_guidance_on_the_same_seeds(m
     click(p)
     assert p.error.value == "" and p.status.value.startswith("2 row(s) in")
     texts = captions(p.rows.value)
-    assert [t.split(" · ")[0] for t in texts] == [
-        Setting("model", g, 2, p.c["scheduler"].value, (0.3, 5.0)).label() for g in (1.0, 3.0)]
-    assert all(t.endswith("seeds 7…8") for t in texts) and "guided at 0 of 2 steps" in texts[0]
+    assert texts[0] == "“a red monster” · chosen setting but guidance 1 (no guidance), 2 steps · seeds 7…8"
+    assert texts[1].startswith("“a red monster” · chosen setting but 2 steps") and texts[1].endswith("seeds 7…8")
+    assert "guided" not in texts[0]  # guidance 1 never guides: its caption says nothing about where it guides
     shown = row_images(p.rows.value)
     # the rows are exactly what sample_row gives for those seeds: only the setting differs
     direct = sample_row(model, "a red monster", [7, 8], Setting("model", 3.0, 2, p.c["scheduler"].value, (0.3, 5.0)))
@@ -96,7 +96,12 @@ def test_the_compare_button_and_the_history_strip(model, recorder):
     click(p, "compare")
     assert [c["guidance"] for c in recorder.calls[1:]] == [1.0, 2.0, 3.0, 5.0]
     assert all(c["seeds"] == [0, 1] and c["prompts"] == ["a red monster"] * 2 for c in recorder.calls)
-    assert [t.split(", ")[1] for t in captions(p.rows.value)] == [f"guidance {g}" for g in (1, 2, 3, 5)]
+    assert [re.search(r"guidance \d( \(no guidance\))?|chosen setting but 2 steps ·", t).group(0)
+            for t in captions(p.rows.value)] == ["guidance 1 (no guidance)", "guidance 2",
+                                                 "chosen setting but 2 steps ·", "guidance 5"]
+    assert p.c["guidance"].value == "3"  # Compare leaves the box as typed: the next Generate makes one row
+    assert [html.unescape(h) for h in re.findall(r"<th [^>]*>([^<]*)</th>", p.rows.value)] == [
+        "guidance 1 (no guidance)", "guidance 2", "guidance 3", "guidance 5"]  # each row labelled with its value
     assert captions(p.history_box.value) == first  # the earlier row, with its caption, smaller
     assert row_images(p.history_box.value)[0].size == (2 * 48, 48)
     for _ in range(3):
@@ -167,7 +172,7 @@ def test_guided_steps_and_the_sigma_boxes(model, recorder):
     assert guided_steps(config, Setting("model", 2.0, 10, "dpm++2m", (0.3, 5.0))) == (7, 10)
     assert guided_steps(config, Setting("model", 2.0, 25, "dpm++2m", (0.3, 5.0))) == (17, 25)
     every_step = dataclasses.replace(model, cfg=model.cfg.replace(guidance_interval=[]))
-    p = make_panel(every_step, setting=Setting("model", 3.0, 4, "dpm++2m", ()), n=2)
+    p = make_panel(every_step, steps=4, n=2)  # opens at the chosen (here: the config's) interval: every step
     assert p.c["everywhere"].value and p.c["sigma_lo"].disabled and p.c["sigma_hi"].disabled
     assert "guided at 4 of 4 steps" in p.guided.value
     click(p)
@@ -178,7 +183,8 @@ def test_guided_steps_and_the_sigma_boxes(model, recorder):
     k, n = guided_steps(model.scheduler_config, Setting("model", 3.0, 4, "dpm++2m", (0.5, 4.0)))
     assert f"guided at {k} of {n} steps" in p.guided.value
     click(p)
-    assert recorder.calls[-1]["guidance_interval"] == (0.5, 4.0) and f"guided at {k} of {n}" in p.rows.value
+    assert recorder.calls[-1]["guidance_interval"] == (0.5, 4.0)
+    assert (f"guided at {k} of {n}" in p.rows.value) == (k < n)
 
 
 def test_cancel_stops_between_steps_and_the_panel_stays_usable(model, monkeypatch):
@@ -225,20 +231,32 @@ def test_the_snapshot_picker(model, recorder, tmp_path):
     run_model = dataclasses.replace(model, cfg=cfg)
     p = make_panel(run_model, setting=chosen.replace(snapshot="step-000004"), snapshot="step-300")
     assert [name for _, name in p.c["snapshot"].options] == ["step-000002", "step-000004"]
-    assert dict(p.c["snapshot"].options)["step-000002 ← the selection's choice"] == "step-000002"
+    assert dict(p.c["snapshot"].options)["step-000002 ← chosen"] == "step-000002"
     assert error_text(p).startswith("snapshot 'step-300' is not in run 'tiny' (it has step-000002, step-000004)")
-    assert p.c["snapshot"].value == "step-000004"  # what the given model holds
+    assert p.c["snapshot"].value == "step-000004"  # what the given model holds: the typed name is not there
+    p = make_panel(run_model, setting=chosen.replace(snapshot="step-000004"))
+    assert (p.c["snapshot"].value, p.c["guidance"].value, p.c["steps"].value) == ("step-000002", "2", "3")
+    assert html.unescape(re.sub("<[^>]+>", "", p.source.value)) == "chosen by 04's sweep (runs/tiny/metrics.json)"
     p.c["guidance"].value = "7"
+    p.c["snapshot"].value = "step-000004"
     p.reset_button.click()
     assert (p.c["snapshot"].value, p.c["guidance"].value, p.c["steps"].value, p.c["scheduler"].value) == \
         ("step-000002", "2", "3", "ddim")
     click(p)
-    assert recorder.calls[-1]["guidance"] == 2.0 and captions(p.rows.value)[0].startswith("step-000002, guidance 2")
-    assert p.models["step-000002"].unet is not model.unet  # loaded from its folder, once
+    assert recorder.calls[-1]["guidance"] == 2.0
+    assert re.fullmatch(r"\(empty prompt\) · chosen setting( · guided at \d of 3 steps)? · seeds 0…3",
+                        captions(p.rows.value)[0])
+    assert p.models[("step-000002", 0.0, "")].unet is not model.unet  # loaded from its folder, once
     p.c["all_snapshots"].value = True
+    assert p.c["snapshot"].disabled  # every snapshot: the list does nothing, and looks it
     click(p)
-    assert [c.split(",")[0] for c in captions(p.rows.value)] == ["step-000002", "step-000004"]
-    assert p.models["step-000004"] is run_model
+    assert [c.split(" · ")[1] for c in captions(p.rows.value)] == ["chosen setting", "chosen setting but step-000004"]
+    assert p.models[("step-000004", 0.0, "")] is run_model
+    p.c["guidance"].value = "1, 3"
+    click(p)  # two fields vary: a grid, snapshots down, guidance across, both axes labelled
+    assert len(recorder.calls) == 7 and len(captions(p.rows.value)) == 4
+    headers = [html.unescape(h) for h in re.findall(r"<th [^>]*>([^<]*)</th>", p.rows.value)]
+    assert headers == ["guidance 1 (no guidance)", "guidance 3", "step-000002", "step-000004"]
 
 
 def test_an_executed_copy_shows_a_one_line_note_instead_of_a_repr(model):

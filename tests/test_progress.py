@@ -34,3 +34,37 @@ def test_outside_a_kernel_tqdm_decides(monkeypatch):
     bar = progress_bar(range(2), disable=True)
     assert type(bar).__module__.startswith("tqdm")
     assert not isinstance(getattr(bar, "fp", None), helpers.progress._LineWriter)
+
+
+def test_text_lines_are_never_cut_or_repeated(monkeypatch, capsys):
+    monkeypatch.setenv("MONSTER_PROGRESS", "text")
+    bar = progress_bar(range(10), desc="a long description " * 6, mininterval=0, miniters=1)
+    for i in bar:
+        bar.set_postfix_str("a long postfix that would not fit a hundred characters " * 2, refresh=False)
+        if i == 4:
+            break
+    bar.close()  # tqdm redraws the last state (40 %) once more on close: not a second line
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 5 and all(f" {k}/10 [" in line for k, line in enumerate(lines))
+    assert all(line.endswith("would not fit a hundred characters ]") for line in lines[1:])  # never cut
+
+
+def test_library_bars_are_switched_off():
+    import diffusers.utils.logging
+    import transformers.utils.logging
+
+    transformers.utils.logging.enable_progress_bar()
+    diffusers.utils.logging.enable_progress_bar()
+    helpers.progress.quiet_library_bars()
+    assert not transformers.utils.logging.is_progress_bar_enabled()
+    assert not diffusers.utils.logging.is_progress_bar_enabled()
+
+
+def test_a_long_bar_prints_about_one_line_per_tenth(monkeypatch, capsys):
+    monkeypatch.setenv("MONSTER_PROGRESS", "text")
+    for _ in progress_bar(range(1000), desc="train", mininterval=0, miniters=1):
+        pass
+    lines = capsys.readouterr().out.splitlines()
+    counts = [int(line.split("/1000")[0].split()[-1]) for line in lines]
+    assert len(lines) == 11 and counts[0] == 0 and counts[-1] == 1000 and "100%" in lines[-1]
+    assert all(99 <= b - a <= 101 for a, b in zip(counts[:-1], counts[1:-1]))  # one per tenth

@@ -90,18 +90,33 @@ def test_course_rule_is_lowest_fid_then_higher_clip_t_and_clip_t_alone_without_f
 
 
 def test_course_judge_scores_images_as_the_pngs_they_would_be(monkeypatch):
-    seen = {}
-
-    def fake_score(images, prompts, **kw):
-        seen.update(sizes={im.size for im in images}, prompts=prompts, **kw)
-        return {"fid": 12.5, "clip_t": 0.3, "clip_i": None, "images": len(images), "clip_backend": "x", "skipped": {}}
+    import numpy as np
 
     import helpers.score
+    from helpers.score import feature_statistics, frechet_distance
 
-    monkeypatch.setattr(helpers.score, "score_images", fake_score)
-    judge = CourseJudge(["a", "b"], 64, ("mu", "sigma"), "inception", "clip")
-    assert judge.evaluate(torch.zeros(2, 3, 16, 16)) == {"fid": 12.5, "clip_t": 0.3}
-    assert seen["sizes"] == {(64, 64)} and seen["prompts"] == ["a", "b"] and seen["reference_stats"] == ("mu", "sigma")
+    seen = {}
+    features = np.random.default_rng(0).normal(size=(3, 4))
+
+    def fake_features(images, model, **kw):
+        seen.update(sizes={im.size for im in images}, model=model)
+        return features
+
+    class FakeClip:
+        def image_embeddings(self, images):
+            return torch.tensor([[1.0, 0.0], [0.6, 0.8], [0.0, 1.0]])
+
+        def text_embeddings(self, texts):
+            seen["prompts"] = texts
+            return torch.tensor([[1.0, 0.0], [1.0, 0.0], [1.0, 0.0]])
+
+    monkeypatch.setattr(helpers.score, "inception_features", fake_features)
+    mu, sigma = np.zeros(4), np.eye(4)
+    judge = CourseJudge(["a", "b", "c"], 64, (mu, sigma), "inception", FakeClip())
+    scores = judge.evaluate(torch.zeros(3, 3, 16, 16))
+    assert scores == {"fid": pytest.approx(frechet_distance(*feature_statistics(features), mu, sigma)),
+                      "clip_t": pytest.approx((1.0 + 0.6 + 0.0) / 3)}
+    assert seen["sizes"] == {(64, 64)} and seen["prompts"] == ["a", "b", "c"] and seen["model"] == "inception"
 
 
 def test_spread_keeps_the_last_and_seeded_subset_is_seeded():
@@ -212,7 +227,8 @@ def test_04_and_05_offline_on_course_data_report_every_skipped_metric(run, tmp_p
                               for o in c.get("outputs", []))
     assert "fid: SKIPPED:" in texts["04_sample"] and "clip_t: SKIPPED:" in texts["04_sample"]
     assert "no sweep" in texts["04_sample"] and "from the run config" in texts["04_sample"]
-    assert "every SHA-256 as manifest.json recorded" in texts["05_eval"] and "clip_t: SKIPPED:" in texts["05_eval"]
+    assert "SHA-256 as manifest.json and 04_sample's record recorded" in texts["05_eval"]
+    assert "clip_t: SKIPPED:" in texts["05_eval"]
     assert "Traceback" not in texts["04_sample"] + texts["05_eval"]
 
 
