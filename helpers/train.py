@@ -148,8 +148,9 @@ def _train(cfg: RunConfig, accelerator, resume: bool, progress: bool, stop_at: i
     # ---- repair: stale .tmp- folders; snapshots and post-hoc EMA stores that writes cut off at or before the checkpoint
     repair_run(cfg, run.found, run.unet, write=main)
     end = min(cfg.max_steps, stop_at or cfg.max_steps)
-    guard, clock, scale = DiskGuard(cfg, run.unet, accelerator), SessionClock(cfg.checkpoint_minutes,
-                                                                              cfg.session_hours), LossScaleWatch(accelerator)
+    guard = DiskGuard(cfg, run.unet, accelerator)
+    clock = SessionClock(cfg.checkpoint_minutes, cfg.session_hours)
+    scale = LossScaleWatch(accelerator)  # fp16's loss scaler: skipped steps, a collapsing scale
     disk = guard.at_start(start)
     if main:
         print(describe_start(run, accelerator, start, end, disk, clock))
