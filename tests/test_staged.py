@@ -11,8 +11,7 @@ from helpers.selection import read_cells, selection_sweep, sweep_settings
 from helpers.setting import Setting
 from helpers.staged import (Plan, best, cells_per_stage, halving, prompt_order, stage_sizes, staged_sweep,
                             trim_to_budget)
-from helpers.train import train
-from test_train import make_run
+from test_selection import run  # noqa: F401 (the trained tiny run, a module-scoped fixture)
 
 
 class BrightJudge:
@@ -33,15 +32,6 @@ class BrightJudge:
 class FreshBrightJudge(BrightJudge):
     key = "bright-full"
 
-
-@pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    from conftest import write_course_dataset
-
-    root = tmp_path_factory.mktemp("staged")
-    cfg = make_run(root, write_course_dataset(root / "course"), max_steps=4, snapshot_every=2, checkpoint_every=4)
-    train(cfg, progress=False)
-    return cfg
 
 
 REAL_SAMPLE = helpers.sample.sample_images
