@@ -117,11 +117,8 @@ class RunConfig:
     sweep_ema_lengths: list = field(default_factory=lambda: [0.0])  # post-hoc EMA lengths (0 = the half-life EMA)
     sweep_guides: list = field(default_factory=lambda: [""])  # guides ("" = none), tried at weights != 1
     sweep_guide_weights: list = field(default_factory=lambda: [1.0])
-    # staged selection (helpers.staged): every cell is screened on the first sweep_stage_prompts[0] prompts of a
-    # fixed seeded order, the best sweep_keep share moves on to the next size, and the finalists are judged on all
-    # sweep_prompts by the leaderboard's rule ([] = every cell on every prompt: the full sweep)
-    sweep_stage_prompts: list = field(default_factory=lambda: [24, 80])
-    sweep_keep: float = 0.33
+    sweep_stage_prompts: list = field(default_factory=lambda: [24, 80])  # staged: screening sizes ([] = full sweep)
+    sweep_keep: float = 0.33  # the best share of cells that moves on to the next stage (helpers.staged)
     select_budget_hours: float = 0.0  # > 0: 04 drops cells (older snapshots, costlier cells first) to fit; says which
 
     # ---- evaluation (05_eval)
