@@ -98,9 +98,18 @@ def as_handed_in(images, size: int):
                         for im in to_output_pils(images, size)])
 
 
+def objective_spec(spec: str, max_steps: int) -> tuple[str, int]:
+    """("flow", 600) of "flow" (trained `max_steps`) or "flow@600": an objective and its training length."""
+    name, _, steps = spec.partition("@")
+    return name, int(steps) if steps else max_steps
+
+
 def measure_objectives(objectives: list[str], outputs_dir: Path, data_dir: str, max_steps: int, guidances,
-                       steps: int, n_seeds: int, size: str) -> list:
-    """Rows {objective, seed, guidance, train_s, images_per_s, scores} of each objective and training seed."""
+                       steps: int, seeds: list[int], size: str) -> list:
+    """Rows {objective, seed, guidance, train_s, images_per_s, scores} of each objective and training seed.
+
+    Each row is also its own file in <outputs_dir>/objectives/, so that processes measuring other seeds into the
+    same folder (one torch thread each: more images/s than one process on two threads) add up to one table."""
     import dataclasses
 
     from helpers.judges import judge_for_run
@@ -108,11 +117,13 @@ def measure_objectives(objectives: list[str], outputs_dir: Path, data_dir: str, 
     from helpers.sample import sample_images
     from helpers.setting import Setting
 
-    rows, judged = [], None
-    for seed in range(n_seeds):
-        for objective in objectives:
-            cfg, train_s = trained_run(f"{objective}-seed{seed}", outputs_dir, data_dir, max_steps, size,
-                                       {**OBJECTIVES[objective], "seed": seed})
+    judged, row_dir = None, outputs_dir / "objectives"
+    row_dir.mkdir(parents=True, exist_ok=True)
+    for seed in seeds:
+        for spec in objectives:
+            objective, train_steps = objective_spec(spec, max_steps)
+            cfg, train_s = trained_run(f"{objective}-{train_steps}-seed{seed}", outputs_dir, data_dir, train_steps,
+                                       size, {**OBJECTIVES[objective], "seed": seed})
             if judged is None:  # one probe for every run: differences between runs are the runs'
                 judged, _ = judge_for_run(dataclasses.replace(cfg, seed=0), 0,
                                           probe_steps=50 if size == "tiny" else 400)
@@ -122,12 +133,19 @@ def measure_objectives(objectives: list[str], outputs_dir: Path, data_dir: str, 
                 t0 = time.perf_counter()
                 images = sample_images(model, judged.texts, judged.seeds, setting, batch_size=cfg.sample_batch_size)
                 sample_s = time.perf_counter() - t0
-                rows.append({"objective": objective, "seed": seed, "guidance": g, "steps": steps,
-                             "max_steps": max_steps, "setting": setting.to_dict(), "train_s": round(train_s, 1),
-                             "images_per_s": round(len(images) / sample_s, 1),
-                             **judged.judge.evaluate(as_handed_in(images, cfg.output_size))})
+                row = {"objective": spec, "seed": seed, "guidance": g, "steps": steps, "max_steps": train_steps,
+                       "setting": setting.to_dict(), "train_s": round(train_s, 1),
+                       "images_per_s": round(len(images) / sample_s, 1),
+                       **judged.judge.evaluate(as_handed_in(images, cfg.output_size))}
+                (row_dir / f"{objective}-{train_steps}-seed{seed}-g{g:g}.json").write_text(json.dumps(row, indent=1))
+                rows = objective_rows(outputs_dir)
                 (outputs_dir / "objectives.json").write_text(json.dumps(rows, indent=1))  # kept if stopped
-    return rows
+    return objective_rows(outputs_dir)
+
+
+def objective_rows(outputs_dir: Path) -> list:
+    """Every row measured into `outputs_dir`, by this process or another."""
+    return [json.loads(p.read_text()) for p in sorted((outputs_dir / "objectives").glob("*.json"))]
 
 
 def print_objective_table(rows: list, baseline: str = "v") -> None:
@@ -141,14 +159,14 @@ def print_objective_table(rows: list, baseline: str = "v") -> None:
         return {"eyes": r["accuracy"]["eyes"], "csa": r["mean_accuracy"], "fd": r["frechet_distance"]}
 
     base = {(r["seed"], r["guidance"]): scores(r) for r in rows if r["objective"] == baseline}
-    print(f"| objective | guidance | seeds | eyes | Δ eyes vs {baseline} | mean (c, s, a) | probe FD | "
+    print(f"| objective | training steps | guidance | seeds | eyes | Δ eyes vs {baseline} | mean (c, s, a) | probe FD | "
           f"Δ FD vs {baseline} | images/s | train s |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for key in dict.fromkeys((r["objective"], r["guidance"]) for r in rows):
         mine = [r for r in rows if (r["objective"], r["guidance"]) == key]
         paired = [(scores(r), base[r["seed"], r["guidance"]]) for r in mine if (r["seed"], r["guidance"]) in base]
         delta = lambda k, digits: ms([a[k] - b[k] for a, b in paired], digits, "+") if paired else "–"  # noqa: E731
-        print(f"| {key[0]} | {key[1]:g} | {len(mine)} | {ms([scores(r)['eyes'] for r in mine], 3)} | "
+        print(f"| {key[0]} | {mine[0]['max_steps']} | {key[1]:g} | {len(mine)} | {ms([scores(r)['eyes'] for r in mine], 3)} | "
               f"{delta('eyes', 3)} | {ms([scores(r)['csa'] for r in mine], 3)} | "
               f"{ms([scores(r)['fd'] for r in mine], 1)} | {delta('fd', 1)} | "
               f"{statistics.mean(r['images_per_s'] for r in mine):.0f} | "
@@ -259,18 +277,21 @@ def main(argv=None):
     ap.add_argument("--setting-levers", default="", help=f"comma-separated, of {', '.join(SETTING_LEVERS)}")
     ap.add_argument("--seeds", type=int, default=3,
                     help="seed sets per setting lever; training seeds per objective")
-    ap.add_argument("--objectives", default="", help=f"comma-separated, of {', '.join(OBJECTIVES)}")
+    ap.add_argument("--objectives", default="",
+                    help=f"comma-separated, of {', '.join(OBJECTIVES)}; name@N trains N steps instead of --max-steps")
+    ap.add_argument("--seed-list", default="", help="training seeds to measure instead of 0 .. --seeds - 1, e.g. 2,3")
     args = ap.parse_args(argv)
     outputs_dir = Path(args.outputs_dir).resolve()
     guidances = [float(g) for g in args.guidances.split(",")]
     if args.objectives:
         objectives = args.objectives.split(",")
-        unknown = [x for x in objectives if x not in OBJECTIVES]
+        unknown = [x for x in objectives if objective_spec(x, 0)[0] not in OBJECTIVES]
         if unknown:
             ap.error(f"--objectives: unknown {', '.join(unknown)} (known: {', '.join(OBJECTIVES)})")
         outputs_dir.mkdir(parents=True, exist_ok=True)
+        seeds = [int(k) for k in args.seed_list.split(",")] if args.seed_list else list(range(args.seeds))
         rows = measure_objectives(objectives, outputs_dir, args.data_dir, args.max_steps, guidances, args.steps,
-                                  args.seeds, args.size)
+                                  seeds, args.size)
         print_objective_table(rows)
         return rows
     if args.setting_levers:

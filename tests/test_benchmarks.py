@@ -69,10 +69,17 @@ def test_bench_levers_objectives_train_each_seed_and_pair_against_v(tmp_path):
     out = run("bench_levers.py", "--size", "tiny", "--outputs-dir", str(tmp_path / "out"), "--data-dir",
               str(tmp_path / "data"), "--objectives", "v,flow-mean-0.5", "--seeds", "2", "--max-steps", "2",
               "--guidances", "3", "--steps", "2")
-    assert "| v | 3 | 2 | " in out and "| flow-mean-0.5 | 3 | 2 | " in out and " ± " in out
+    assert "| v | 2 | 3 | 2 | " in out and "| flow-mean-0.5 | 2 | 3 | 2 | " in out and " ± " in out
     assert "+0.000 ± 0.000" in out.split("| v |")[1]  # v paired with itself
     rows = json.loads((tmp_path / "out" / "objectives.json").read_text())
     assert len(rows) == 4 and {(r["objective"], r["seed"]) for r in rows} == \
         {(o, s) for o in ("v", "flow-mean-0.5") for s in (0, 1)}
-    config = json.loads((tmp_path / "out" / "runs" / "lever-flow-mean-0.5-seed1" / "config.json").read_text())
+    config = json.loads((tmp_path / "out" / "runs" / "lever-flow-mean-0.5-2-seed1" / "config.json").read_text())
     assert (config["prediction_type"], config["logit_mean"], config["seed"]) == ("flow_prediction", -0.5, 1)
+    # another process adds seed 2 and a longer v into the same folder: one table of all rows, paired on seed
+    out = run("bench_levers.py", "--size", "tiny", "--outputs-dir", str(tmp_path / "out"), "--data-dir",
+              str(tmp_path / "data"), "--objectives", "v,v@3", "--seed-list", "2", "--max-steps", "2",
+              "--guidances", "3", "--steps", "2")
+    assert "| v | 2 | 3 | 3 | " in out and "| v@3 | 3 | 3 | 1 | " in out and "| flow-mean-0.5 | 2 | 3 | 2 | " in out
+    rows = json.loads((tmp_path / "out" / "objectives.json").read_text())
+    assert len(rows) == 6 and {r["max_steps"] for r in rows if r["objective"] == "v@3"} == {3}
