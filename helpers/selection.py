@@ -235,7 +235,7 @@ def chosen_setting(cfg: RunConfig) -> tuple[Setting, str]:
     if choice:
         where = f"{cfg.layout.metrics}: selection.choice.setting"
         setting = Setting.from_dict(choice.get("setting") if isinstance(choice, dict) else choice, where=where)
-        return setting, f"the selection sweep's choice in {cfg.layout.metrics}"
+        return setting, f"the selection sweep's choice in {cfg.layout.shown(cfg.layout.metrics)}"
     return Setting.from_config(cfg), "the run config (no selection in metrics.json yet)"
 
 
@@ -250,7 +250,13 @@ def sweep_settings(base: Setting, **axes) -> list[Setting]:
     names = sorted(axes, key=lambda n: order.get(n, 3))
     settings = [base.replace(**dict(zip(names, values))) for values in itertools.product(*(axes[n] for n in names))]
     settings = [s if s.autoguided else s.replace(guide=NO_GUIDE, guide_weight=1.0) for s in settings]
-    return [s for s in dict.fromkeys(settings) if not s.autoguided or _trained_longer(s.snapshot, s.guide)]
+    kept = [s for s in dict.fromkeys(settings) if not s.autoguided or _trained_longer(s.snapshot, s.guide)]
+    for guide in dict.fromkeys(s.guide for s in settings if s.autoguided):
+        if not any(s.guide == guide for s in kept):  # asked for, and not one cell: say so rather than vanish
+            snapshots = ", ".join(dict.fromkeys(s.snapshot for s in settings if s.guide == guide))
+            print(f"guide {guide!r} is left out of the sweep: no snapshot swept ({snapshots}) is trained longer "
+                  "than it, and a guide must be an earlier, worse version of the model it guides")
+    return kept
 
 
 def _trained_longer(snapshot: str, guide: str) -> bool:

@@ -134,6 +134,8 @@ def train(cfg: RunConfig, *, resume: bool = True, progress: bool = True, max_ste
     (helpers.config.apply_length_rule). A run whose writes do not fit on the disk is refused before step 1, and
     one that meets a filling disk stops after a resumable checkpoint (NotEnoughDiskError, helpers.disk_guard)."""
     cfg, resume = cfg.replace(max_steps=max_steps), as_bool(resume, "resume")
+    if stop_at is not None and (isinstance(stop_at, bool) or not isinstance(stop_at, int) or stop_at < 1):
+        raise ValueError(f"stop_at={stop_at!r} should be a whole number >= 1 (the step to pause after), or None")
     accelerator = make_accelerator(cfg)
     with run_lock(cfg.run_dir, "training") if accelerator.is_main_process else contextlib.nullcontext():
         return _train(cfg, accelerator, resume, progress, stop_at)

@@ -136,6 +136,19 @@ def test_sweep_leaves_out_autoguidance_cells_that_cannot_differ():
     assert all(keys.index(k) == i or keys[i - 1] == k for i, k in enumerate(keys))
 
 
+def test_sweep_says_when_a_guide_asked_for_has_no_cell_left(capsys):
+    from helpers.selection import sweep_settings
+
+    # one snapshot, and 'first' resolved to it: nothing is trained longer than the guide
+    settings = sweep_settings(Setting(steps=2), snapshot=["step-000002"], guide=["", "step-000002"],
+                              guide_weight=[2.0])
+    assert [s.guide for s in settings] == [""]
+    out = capsys.readouterr().out
+    assert "guide 'step-000002' is left out of the sweep" in out and "(step-000002)" in out
+    sweep_settings(Setting(steps=2), snapshot=["step-000002", "model"], guide=["", "step-000002"], guide_weight=[2.0])
+    assert "left out" not in capsys.readouterr().out  # the guide keeps a cell: nothing to say
+
+
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     from conftest import write_course_dataset

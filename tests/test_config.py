@@ -73,3 +73,13 @@ def test_train_stop_at_below_1_is_refused_before_anything_runs(tmp_path, capsys,
     assert stop.value.code == 2
     assert f"argument --stop-at: '{value}' should be a whole number >= 1" in capsys.readouterr().err
     assert sorted(p.name for p in cfg.run_dir.iterdir()) == ["config.json"]  # nothing trained
+
+
+@pytest.mark.parametrize("value", [0, -1, 2.5, True])
+def test_train_stop_at_below_1_from_python_is_refused_too(tmp_path, value):
+    from helpers.train import train
+
+    cfg = open_run("r", "tiny", outputs_dir=str(tmp_path))
+    with pytest.raises(ValueError, match=f"stop_at={value!r} should be a whole number >= 1"):
+        train(cfg, progress=False, stop_at=value)
+    assert sorted(p.name for p in cfg.run_dir.iterdir()) == ["config.json"]  # nothing trained
