@@ -46,6 +46,16 @@ class RunLayout:
     score = property(lambda self: self.root / "score.json")
     submission = property(lambda self: self.root / "submission.zip")  # before student_id: see hand_in()
 
+    def shown(self, path) -> str:
+        """A path as printed to the student: relative to the outputs folder ("runs/demo/results") when it is in
+        the run, which reads the same on every machine; any other path as it is."""
+        path = Path(path)
+        try:
+            inside = path.relative_to(self.root).as_posix()
+        except ValueError:
+            return str(path)
+        return f"runs/{self.root.name}" + ("" if inside == "." else f"/{inside}")
+
     def hand_in(self, student_id: str) -> Path:
         """The course's zip, hw6_<student_id>.zip."""
         return self.root / f"hw6_{student_id}.zip"

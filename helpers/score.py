@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -173,13 +174,16 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
         raise ValueError(f"statistics of different shapes: mu {mu1.shape} vs {mu2.shape}, "
                          f"sigma {sigma1.shape} vs {sigma2.shape} (features from different models?)")
     diff = mu1 - mu2
-    # the course calls sqrtm(..., disp=False)[0]: the same matrix (SciPy 1.18 drops `disp`)
-    covmean = linalg.sqrtm(sigma1.dot(sigma2))
-    if not np.isfinite(covmean).all():
-        # Only for degenerate statistics (a few images, rank-deficient covariances), where sqrtm can return NaN:
-        # pytorch-fid's remedy, a 1e-6 ridge on both covariances. Full-size runs never take this branch.
-        ridge = np.eye(n) * 1e-6
-        covmean = linalg.sqrtm((sigma1 + ridge).dot(sigma2 + ridge))
+    # the course calls sqrtm(..., disp=False)[0]: the same matrix (SciPy 1.18 drops `disp`), and no warning either:
+    # a singular product is expected when a stage of the selection judges fewer prompts than there are features
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", linalg.LinAlgWarning)
+        covmean = linalg.sqrtm(sigma1.dot(sigma2))
+        if not np.isfinite(covmean).all():
+            # Only for degenerate statistics (a few images, rank-deficient covariances), where sqrtm can return NaN:
+            # pytorch-fid's remedy, a 1e-6 ridge on both covariances. Full-size runs never take this branch.
+            ridge = np.eye(n) * 1e-6
+            covmean = linalg.sqrtm((sigma1 + ridge).dot(sigma2 + ridge))
     if np.iscomplexobj(covmean):
         covmean = covmean.real
     return float(diff.dot(diff) + np.trace(sigma1 + sigma2 - 2 * covmean))

@@ -75,12 +75,7 @@ def score_table(scores: dict, title: str = "") -> Table:
 
 def run_path(cfg, path) -> str:
     """A path as text relative to the outputs folder ("runs/demo/results"); other paths as they are."""
-    path = Path(path)
-    try:
-        inside = path.relative_to(cfg.run_dir).as_posix()
-    except ValueError:
-        return str(path)
-    return f"runs/{cfg.run_name}" + ("" if inside == "." else f"/{inside}")
+    return cfg.layout.shown(path)
 
 
 def varying(rows: list[dict], keys: list[str]) -> list[str]:
