@@ -176,7 +176,7 @@ def test_chosen_setting_is_the_selection_in_metrics_json_else_the_config(run):
     picked = Setting("step-000002", 1.0, 2, "ddim", (0.5, 9.0))
     (run.run_dir / "metrics.json").write_text(json.dumps({"selection": {"choice": {"setting": picked.to_dict()}}}))
     try:
-        assert chosen_setting(run) == (picked, f"the selection sweep's choice in {run.run_dir / 'metrics.json'}")
+        assert chosen_setting(run) == (picked, f"the selection sweep's choice in runs/{run.run_dir.name}/metrics.json")
         (run.run_dir / "metrics.json").write_text(json.dumps({"selection": {"choice": {"setting": {"guidance": 2}}}}))
         assert chosen_setting(run)[0] == Setting(guidance=2.0)
         (run.run_dir / "metrics.json").write_text(json.dumps({"selection": {"choice": {"setting": {"guidnce": 2}}}}))
