@@ -167,8 +167,10 @@ def test_the_token_count_warns_when_the_prompt_will_be_cut(model):
 
 
 def test_guided_steps_and_the_sigma_boxes(model, recorder):
-    demo = profile_config("demo")
-    config = dict(noise_scheduler(demo).config)
+    # the demo's rectified flow at 10 steps: t = 1, 0.9, ..., 0.1, sigma = t / (1 - t); (0.3, 5] holds t = 0.8 ... 0.3
+    config = dict(noise_scheduler(profile_config("demo")).config)
+    assert guided_steps(config, Setting("model", 2.0, 10, "dpm++2m", (0.3, 5.0))) == (6, 10)
+    config = dict(noise_scheduler(profile_config("demo", prediction_type="v_prediction")).config)  # cosine betas
     assert guided_steps(config, Setting("model", 2.0, 10, "dpm++2m", (0.3, 5.0))) == (7, 10)
     assert guided_steps(config, Setting("model", 2.0, 25, "dpm++2m", (0.3, 5.0))) == (17, 25)
     every_step = dataclasses.replace(model, cfg=model.cfg.replace(guidance_interval=[]))
