@@ -177,3 +177,11 @@ def test_every_part_of_the_recipe_can_be_switched_off():
     assert (demo.hflip, demo.guidance_interval, demo.sweep_intervals) == (False, [0.3, 5.0], [[0.3, 5.0]])
     back = profile_config("demo", hflip=True, guidance_interval=[], sweep_intervals=[[]])
     assert (back.hflip, back.guidance_interval, back.sweep_intervals) == (True, [], [[]])
+    # the demo's objective (RESULTS.md, "Training objectives on the demo"): rectified flow, SD3's logit-normal(0, 1) t
+    assert (demo.prediction_type, demo.min_snr_gamma, demo.timestep_density, demo.logit_mean, demo.logit_std) == \
+        ("flow_prediction", 0.0, "logit_normal", 0.0, 1.0)
+    v = profile_config("demo", prediction_type="v_prediction", min_snr_gamma=5.0)
+    assert (v.prediction_type, v.min_snr_gamma, profile_config("tiny").prediction_type) == ("v_prediction", 5.0,
+                                                                                          "v_prediction")
+    with pytest.raises(ValueError, match="min_snr_gamma=5.0 weights epsilon / v_prediction losses"):
+        profile_config("demo", min_snr_gamma=5.0)  # flow's density is its weighting
