@@ -20,8 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from helpers.config import profile_config  # noqa: E402
-from helpers.diffusion import diffusion_loss  # noqa: E402
-from helpers.model import noise_scheduler  # noqa: E402
+from helpers.model import training_objective  # noqa: E402
 from helpers.unet import build_unet  # noqa: E402
 
 VARIANTS = {"fp32": {}, "bf16 autocast": {"bf16": True}, "channels-last": {"channels_last": True},
@@ -33,7 +32,7 @@ def make_inputs(size: str):
     g = torch.Generator().manual_seed(0)
     x0 = torch.randn(batch, 3, res, res, generator=g)
     return preset, dict(x0=x0, eps=torch.randn(x0.shape, generator=g), context=torch.randn(batch, tokens, width,
-                        generator=g), t=torch.randint(0, 1000, (batch,), generator=g)), width
+                        generator=g)), width
 
 
 def run_variant(name: str, size: str, steps: int, warmup: int) -> dict:
@@ -47,15 +46,15 @@ def run_variant(name: str, size: str, steps: int, warmup: int) -> dict:
     compile_s = 0.0
     if opts.get("compile"):
         forward = torch.compile(unet)
-    alphas_cumprod = noise_scheduler(profile_config("demo")).alphas_cumprod
+    objective = training_objective(profile_config("demo"))  # the demo's loss and its draw of t
+    t = objective.draw_t(len(inputs["x0"]), torch.Generator().manual_seed(1), "cpu")
     optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-4)
     autocast = torch.autocast("cpu", dtype=torch.bfloat16) if opts.get("bf16") else contextlib.nullcontext()
     batch = len(inputs["x0"])
 
     def train_step():
         with autocast:
-            loss = diffusion_loss(forward, inputs["x0"], inputs["context"], inputs["eps"], inputs["t"],
-                                  alphas_cumprod, "v_prediction", 5.0)
+            loss = objective.loss(forward, inputs["x0"], inputs["context"], inputs["eps"], t)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
