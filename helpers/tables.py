@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import html
 import json
-from pathlib import Path
 
 from .selection import lookup, sweep_table
 
@@ -71,11 +70,6 @@ def score_table(scores: dict, title: str = "") -> Table:
                    f'<td style="{_CELL}">{html.escape(fmt(v))}</td></tr>' for k, v in items)
     caption = f'<caption style="text-align:left;font-weight:bold">{html.escape(title)}</caption>' if title else ""
     return Table(f'<table class="monster-scores" {_TABLE}>{caption}{body}</table>', text)
-
-
-def run_path(cfg, path) -> str:
-    """A path as text relative to the outputs folder ("runs/demo/results"); other paths as they are."""
-    return cfg.layout.shown(path)
 
 
 def varying(rows: list[dict], keys: list[str]) -> list[str]:

@@ -3,7 +3,7 @@ highlighted, grouped by snapshot; paths relative to the run."""
 import re
 
 from helpers.config import profile_config
-from helpers.tables import run_path, score_table, sweep_table_html
+from helpers.tables import score_table, sweep_table_html
 
 
 def rows():
@@ -42,5 +42,5 @@ def test_scores_print_as_a_small_table_with_three_significant_digits():
 
 def test_paths_print_relative_to_the_run(tmp_path):
     cfg = profile_config("tiny", outputs_dir=str(tmp_path))
-    assert run_path(cfg, cfg.layout.results) == "runs/tiny/results"
-    assert run_path(cfg, "/elsewhere/x.png") == "/elsewhere/x.png"
+    assert cfg.layout.shown(cfg.layout.results) == "runs/tiny/results"
+    assert cfg.layout.shown("/elsewhere/x.png") == "/elsewhere/x.png"
