@@ -14,7 +14,7 @@ from .disk import (RESERVE_BYTES, NotEnoughDiskError, Plan, WriteSizes, check_ro
 from .phema import stores_phema
 
 RESUME_HINT = ("Free space (or set a larger snapshot_every or a smaller keep_checkpoints), then resume: "
-               "python -m helpers.train --run {run} (or run 03_train_cfg again)")
+               "python -m helpers.train --run-name {run} (or run 03_train_cfg again)")
 
 
 def any_process(accelerator, flag: bool) -> bool:

@@ -17,14 +17,23 @@ CODE_FILES = ("requirements.txt", "README.md", "Makefile", "pyproject.toml")  # 
 REPORT = "report.pdf"
 PLACEHOLDER_ID = "STUDENT_ID"  # a zip packed without a student_id: named so, and said so, never handed in silently
 _ID = re.compile(r"[A-Za-z0-9_-]+")
+NAME_MAX = 255  # bytes in one file name on ext4, xfs, btrfs, NTFS and APFS
 
 
 def check_student_id(student_id) -> str:
-    """The id as it names the zip and its top folder; ValueError naming the parameter otherwise."""
-    if not isinstance(student_id, (str, int)) or isinstance(student_id, bool) or not _ID.fullmatch(str(student_id)):
+    """The id as it names the zip and its top folder; ValueError naming the parameter otherwise. Only text: a number
+    is what a launcher made of what was typed (2024_001 -> 2024001, 0x1F -> 31), so it is refused, never guessed."""
+    if isinstance(student_id, (int, float)) and not isinstance(student_id, bool):
+        raise ValueError(f"student_id={student_id!r} arrived as a number, which may not be what you typed (2024_001 "
+                         "reads as 2024001): pass it as text (papermill: -r student_id 2024_001; helpers.runs keeps "
+                         "-p student_id=2024_001 as typed)")
+    if not isinstance(student_id, str) or not _ID.fullmatch(student_id):
         raise ValueError(f"student_id={student_id!r} should be your student id: letters, digits, '_' or '-' only "
                          "(it names hw6_<student_id>.zip and its top folder)")
-    return str(student_id)
+    if len(zip_name(student_id).encode()) > NAME_MAX:
+        raise ValueError(f"student_id={student_id[:20]}... is {len(student_id)} characters: hw6_<student_id>.zip would "
+                         f"be longer than the {NAME_MAX} bytes a file name may have")
+    return student_id
 
 
 def top_folder(student_id: str) -> str:
@@ -35,17 +44,22 @@ def zip_name(student_id: str) -> str:
     return f"{top_folder(student_id)}.zip"
 
 
-def check_report(report) -> Path | None:
-    """The report's path if one is given (a PDF file that exists); ValueError naming the parameter otherwise."""
+def check_report(report, base: Path | None = None) -> Path | None:
+    """The report's absolute path if one is given (a PDF file that exists; relative to `base`, default the working
+    folder); ValueError naming the parameter otherwise. A PDF starts with "%PDF-": a renamed text file is refused."""
     if report is None or report == "":
         return None
-    path = Path(report).expanduser()
+    path = Path(base or Path.cwd()) / Path(report).expanduser()
     if not path.is_file():
         raise ValueError(f"report={str(report)!r}: " + ("is a folder, not a PDF file" if path.is_dir() else
-                                                       "file not found"))
+                                                       f"file not found (looked for {path})"))
     if path.suffix.lower() != ".pdf":
         raise ValueError(f"report={str(report)!r}: the course asks for report.pdf, a PDF file")
-    return path
+    with open(path, "rb") as f:
+        if f.read(5) != b"%PDF-":
+            raise ValueError(f"report={str(report)!r}: not a PDF (a PDF file starts with %PDF-): export your report "
+                             "as PDF")
+    return path.resolve()
 
 
 def folder_megabytes(folder: Path) -> float:

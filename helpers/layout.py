@@ -72,6 +72,16 @@ class RunLayout:
         """The run's finished EMA snapshots, oldest first (a half-written one has no weights file yet)."""
         return sorted(p.name for p in self.snapshots.glob("step-*") if (p / WEIGHTS_FILE).exists())
 
+    def trained(self) -> bool:
+        """Whether training finished: model/ holds the final EMA U-Net and the scheduler (written at max_steps)."""
+        return (self.unet_dir(FINAL) / WEIGHTS_FILE).exists() and (self.model / "scheduler").is_dir()
+
+    def last_checkpoint_step(self) -> int | None:
+        """The step of the newest finished checkpoint (by its folder name), None before the first."""
+        steps = [int(p.name[5:]) for p in self.checkpoints.glob("step-*") if p.name[5:].isdigit()
+                 and (p / "done.json").exists()]
+        return max(steps, default=None)
+
     def candidates(self) -> list[str]:
         """Every snapshot a setting can name: the snapshots, then FINAL if the run finished."""
         return self.snapshot_names() + ([FINAL] if (self.unet_dir(FINAL) / WEIGHTS_FILE).exists() else [])

@@ -9,13 +9,14 @@ The truth is the full sweep's winner. Settings the full sweep cannot tell from i
 within the full-N noise if, over bootstrap resamples of the prompts (the same resample for every cell), it ranks
 at or ahead of the winner in at least `alpha` of them.
 
-    python -m helpers.replay --run demo [--outputs-dir outputs] [--orders 200] [--bootstrap 200]
+    python -m helpers.replay --run-name demo [--outputs-dir outputs] [--orders 200] [--bootstrap 200]
                              [--plan 24,80:0.33 --plan 16,48:0.25 ...]
 """
 from __future__ import annotations
 
 import argparse
 import json
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,13 +52,18 @@ def load_full_sweep(folder: Path) -> FullSweep:
     for path in sorted(folder.glob("*.npz")):
         if path.name.startswith("reference-"):
             continue
-        with np.load(path, allow_pickle=False) as z:
-            if "meta" not in z.files or not z["sampled"].all():
-                continue
-            meta = json.loads(str(z["meta"]))
-            arrays = {k: z[k].astype(np.float64) if z[k].dtype == np.float32 else z[k]
-                      for k in z.files if k not in ("meta", "sampled")}
-        by_context.setdefault(context_id(meta["context"]), []).append((meta["setting"], arrays))
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                if "meta" not in z.files or "sampled" not in z.files or not z["sampled"].all():
+                    continue
+                meta = json.loads(str(z["meta"]))
+                arrays = {k: z[k].astype(np.float64) if z[k].dtype == np.float32 else z[k]
+                          for k in z.files if k not in ("meta", "sampled")}
+            context, setting = meta["context"], meta["setting"]
+        except (OSError, ValueError, EOFError, KeyError, TypeError, zipfile.BadZipFile) as e:
+            print(f"{path}: unreadable ({type(e).__name__}: {' '.join(str(e).split())}); left out of the replay")
+            continue
+        by_context.setdefault(context_id(context), []).append((setting, arrays))
     if not by_context:
         raise FileNotFoundError(f"{folder}: no cell judged on every prompt: run a full sweep first "
                                 "(benchmarks/bench_selection.py, or staged_sweep(..., stage_prompts=[]))")
@@ -151,24 +157,40 @@ def parse_plan(text: str) -> tuple[list[int], float]:
 
 
 def main(argv=None) -> int:
-    from .config import open_run
+    from .command import add_run_arguments, ends_in_one_line, existing_run
+    from .config import count_argument
 
     p = argparse.ArgumentParser(prog="python -m helpers.replay", description=__doc__.split("\n\n")[0])
-    p.add_argument("--run", required=True, help="the run's name (outputs/runs/<run>)")
-    p.add_argument("--outputs-dir", default="outputs")
+    add_run_arguments(p)
     p.add_argument("--records", default=None,
                    help="folder of the full sweep's records (default <run>/selection/staged)")
     p.add_argument("--plan", action="append", type=parse_plan, default=None,
                    help="stage sizes:keep, e.g. 24,80:0.33 (repeat; default: the run config's)")
-    p.add_argument("--orders", type=int, default=200)
-    p.add_argument("--bootstrap", type=int, default=200)
-    p.add_argument("--alpha", type=float, default=0.05)
+    p.add_argument("--orders", type=count_argument(1), default=200, help="prompt orders replayed (default 200)")
+    p.add_argument("--bootstrap", type=count_argument(1), default=200, help="resamples for the noise (default 200)")
+    p.add_argument("--alpha", type=share, default=0.05, help="within-noise share, in (0, 1) (default 0.05)")
     args = p.parse_args(argv)
-    cfg = open_run(args.run, None, args.outputs_dir)
-    sweep = load_full_sweep(Path(args.records) if args.records else cfg.layout.selection / "staged")
-    plans = args.plan or [(cfg.sweep_stage_prompts, cfg.sweep_keep)]
-    print(replay_table(sweep, plans, orders=args.orders, bootstrap=args.bootstrap, alpha=args.alpha)[0])
+    with ends_in_one_line("helpers.replay"):
+        cfg = existing_run(args)
+        records = Path(args.records) if args.records else cfg.layout.selection / "staged"
+        if not records.is_dir():
+            raise FileNotFoundError(f"{records}: no sweep records there: run a full sweep first "
+                                    "(benchmarks/bench_selection.py, or staged_sweep(..., stage_prompts=[]))")
+        sweep = load_full_sweep(records)
+        plans = args.plan or [(cfg.sweep_stage_prompts, cfg.sweep_keep)]
+        print(replay_table(sweep, plans, orders=args.orders, bootstrap=args.bootstrap, alpha=args.alpha)[0])
     return 0
+
+
+def share(text: str) -> float:
+    """argparse type: a float strictly between 0 and 1."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not between 0 and 1")
+    return value
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ import ast
 import dataclasses
 import difflib
 import functools
+import sys
 import time
 from pathlib import Path
 
@@ -33,11 +34,14 @@ def run_pipeline(run_name: str, profile: str, outputs_dir: str = "outputs", para
     import papermill
 
     per_notebook, config_only = route_parameters(parameters or {}, notebooks)
-    cfg = open_run(run_name, profile, outputs_dir, **config_only)  # creates the run folder (and checks the profile)
+    # only 01_data starts a run: a later notebook on a run that does not exist is refused, and nothing is created
+    cfg = open_run(run_name, profile, outputs_dir, create="01_data" in notebooks, **config_only)
     out_dir = cfg.layout.notebooks
     out_dir.mkdir(parents=True, exist_ok=True)
     timings = {}
     for name in notebooks:
+        if name in AFTER_TRAINING and not (cfg.pipeline or cfg.layout.trained()):
+            raise TrainingNotFinished(cfg, name, ran_training="03_train_cfg" in timings)
         start = time.perf_counter()
         print(f"--- {name} ({run_name}, {profile})", flush=True)
         run_params = dict(run_name=run_name, outputs_dir=str(outputs_dir), profile=profile)
@@ -53,6 +57,23 @@ def run_pipeline(run_name: str, profile: str, outputs_dir: str = "outputs", para
     total = sum(timings.values())
     print(f"all {len(notebooks)} notebooks ran in {total / 60:.1f} min; outputs in {cfg.run_dir}")
     return cfg.run_dir
+
+
+AFTER_TRAINING = ("04_sample", "05_eval")
+
+
+class TrainingNotFinished(RuntimeError):
+    """04/05 wait for training to finish. After a session that stopped (session_hours) this is the expected end."""
+
+    def __init__(self, cfg, notebook: str, ran_training: bool):
+        step = cfg.layout.last_checkpoint_step()
+        where = f"at step {step:,}" if step is not None else "before its first checkpoint"
+        self.session_ended = ran_training
+        super().__init__(
+            f"training of run {cfg.run_name!r} stopped {where} (session_hours, or interrupted): run the same command "
+            f"again to resume it; {notebook} and what follows run once training has finished" if ran_training else
+            f"{notebook} needs a trained model, but run {cfg.run_name!r} has not finished training (stopped {where}): "
+            "run 03_train_cfg first (the same helpers.runs command without --only resumes it)")
 
 
 class NotebookFailed(RuntimeError):
@@ -153,15 +174,33 @@ def kernel_config():
     return Config()
 
 
+# -p values are Python literals, except these: they stay the text typed (student_id=2024_001 is not 2024001, a
+# snapshot named 1e3 is not 1000.0); the config's text fields join them below
+TEXT_PARAMETERS = {"student_id", "report", "ref_stats", "inception_weights", "clip_weights", "snapshot"} | {
+    f.name for f in dataclasses.fields(RunConfig) if f.type == "str"}
+
+
 def parse_parameter(text: str) -> tuple[str, object]:
-    """'max_steps=300' -> ('max_steps', 300); values are Python literals, else strings."""
+    """'max_steps=300' -> ('max_steps', 300); values are Python literals, else strings; a text parameter's value
+    stays the string typed (quotes around it are taken off)."""
     key, sep, value = text.partition("=")
     if not sep:
         raise argparse.ArgumentTypeError(f"expected key=value, got {text!r}")
+    key = key.strip()
+    if key in TEXT_PARAMETERS:
+        quoted = len(value) >= 2 and value[0] == value[-1] and value[0] in "'\""
+        return key, None if value == "None" else value[1:-1] if quoted else value
     try:
-        return key.strip(), ast.literal_eval(value)
+        return key, ast.literal_eval(value)
     except (ValueError, SyntaxError):
-        return key.strip(), value
+        return key, value
+
+
+def with_report_resolved(parameters: dict) -> dict:
+    """`report` as an absolute path: typed relative to where the command runs, while the notebooks run in notebooks/."""
+    if parameters.get("report"):
+        return {**parameters, "report": str(_handin().check_report(parameters["report"]))}
+    return parameters
 
 
 def main(argv=None):
@@ -177,13 +216,17 @@ def main(argv=None):
     notebooks = args.only or NOTEBOOKS
     try:
         profile_config(args.profile)  # an unknown profile, before anything is created
-        route_parameters(dict(args.param), notebooks)
+        parameters = with_report_resolved(dict(args.param))
+        route_parameters(parameters, notebooks)
     except ValueError as e:
         ap.exit(2, f"helpers.runs: {' '.join(str(e).split())}\n")
     with os_errors_end_in_one_line("helpers.runs"):  # e.g. a read-only outputs folder: one line, not a traceback
         try:
-            run_pipeline(args.run_name or args.profile, args.profile, args.outputs_dir, dict(args.param),
+            run_pipeline(args.run_name or args.profile, args.profile, args.outputs_dir, parameters,
                          notebooks=notebooks)
+        except TrainingNotFinished as e:  # a session that ended is a success: the next one resumes
+            print(f"helpers.runs: {e}", file=sys.stdout if e.session_ended else sys.stderr)
+            raise SystemExit(0 if e.session_ended else 1) from None
         except (NotebookFailed, ValueError, RunLockedError) as e:  # a bad run name, another profile, a notebook
             ap.exit(1, f"helpers.runs: {' '.join(str(e).split())}\n")
 

@@ -201,9 +201,25 @@ def _cached_sha256(path: Path) -> str:
     return _SHA256[key]
 
 
+class TrainingNotFinishedError(RuntimeError):
+    """The run has no model/ yet: its training stopped (session_hours) or never started."""
+
+
+def require_trained(cfg: RunConfig) -> None:
+    """TrainingNotFinishedError saying where training stands and what to run, unless the run finished training."""
+    if cfg.pipeline or cfg.layout.trained():
+        return
+    step = cfg.layout.last_checkpoint_step()
+    where = (f"its last checkpoint is step {step:,}" if step is not None else "it has no checkpoint yet")
+    raise TrainingNotFinishedError(
+        f"run {cfg.run_name!r} has not finished training ({where}; {cfg.layout.shown(cfg.layout.model)} is written "
+        "at the end): run 03_train_cfg again (helpers.runs with the same command resumes it), then choose and write")
+
+
 def load_for_setting(cfg: RunConfig, setting: Setting):
     """(model that samples `setting`, its weights id): the run's trained U-Net (with the setting's EMA length and
-    guide), or its pretrained pipeline."""
+    guide), or its pretrained pipeline. TrainingNotFinishedError before training has finished."""
+    require_trained(cfg)
     if cfg.pipeline:
         from .baseline import load_pipeline
 

@@ -330,29 +330,53 @@ def zipped_results_match(zip_path, results_dir) -> int:
     return len(zipped)
 
 
-def test_set_setting(cfg, **overrides) -> tuple:
-    """(setting, where it comes from, the overrides used): the run's choice with the notebook's overrides (None
-    keeps a field); `snapshot` and `guide` must name snapshots of this run ("model", or "first" for a guide)."""
-    from .selection import axis_values, chosen_setting
+def already_packed(zip_path, results_dir, student_id: str, report=None) -> bool:
+    """Whether `zip_path` already hands in exactly this: the course's layout for `student_id`, every result PNG and
+    the manifest byte-identical to `results_dir`, the same report (or none). Then packing again changes nothing."""
+    from .handin import check_zip_layout
 
-    setting, source = chosen_setting(cfg)
-    given = {k: v for k, v in overrides.items() if v is not None}
-    for field in ("snapshot", "guide"):
-        if given.get(field):  # guide="" is "no guide"
-            given[field] = axis_values(field, [given[field]], field, cfg)[0]
-    return setting.replace(**given).checked(), source, given
+    zip_path, results_dir = Path(zip_path), Path(results_dir)
+    if not zip_path.is_file():
+        return False
+    try:
+        names = check_zip_layout(zip_path, student_id)
+        zipped_results_match(zip_path, results_dir)
+        top = f"{top_folder(student_id)}/"
+        with zipfile.ZipFile(zip_path) as zf:
+            same_manifest = zf.read(f"{top}results/{MANIFEST}") == (results_dir / MANIFEST).read_bytes()
+            zipped_report = zf.read(top + REPORT) if top + REPORT in names else None
+    except (ValueError, KeyError, OSError, zipfile.BadZipFile):
+        return False
+    return same_manifest and zipped_report == (Path(report).read_bytes() if report else None)
 
 
-def write_run_test_set(cfg, model, prompts: list[Prompt], setting) -> tuple[dict, str]:
-    """(write_test_set's stats, the weights id): the run's test set of `setting`, written while holding the run's
-    results lock (one writer of selection/ and results/ at a time), with 04_sample's record of it."""
+def hand_in(cfg, setting, prompts: list[Prompt], want: dict, *, student_id: str | None, report=None,
+            fp16: bool = False, overwrite: bool = False) -> str:
+    """Pack the run's hw6_<student_id>.zip of `setting` (whose results/ was verified against `want`) under the
+    results lock, read it back, and say so in one line; a zip that already holds exactly this is left as it is."""
+    from .handin import PLACEHOLDER_ID, check_zip_layout
     from .runlock import RESULTS_LOCK, run_lock
-    from .selection import setting_weights_id, with_setting
+    from .selection import setting_unet_folder, unet_folder
 
-    with run_lock(cfg.run_dir, "04_sample: test set", RESULTS_LOCK):
-        check_honoured(setting.checked(), model.scheduler_config)  # before any weights are loaded or files moved
-        weights = setting_weights_id(cfg, setting)
-        stats = write_test_set(with_setting(model, cfg, setting), prompts, cfg.layout.results, setting, weights,
-                               seed=cfg.seed, size=cfg.output_size, batch_size=cfg.sample_batch_size,
-                               record=cfg.layout.test_set_record)
-    return stats, weights
+    if cfg.pipeline:
+        raise ValueError(f"run {cfg.run_name!r} samples the pretrained {cfg.pipeline}: for comparison only, the course "
+                         "does not accept it, so there is no submission to pack")
+    handin_id, out_zip, shown = student_id or PLACEHOLDER_ID, cfg.layout.hand_in(student_id or PLACEHOLDER_ID), \
+        cfg.layout.shown
+    if student_id is None:
+        print(f"student_id not set: packing hw6_{PLACEHOLDER_ID}.zip; the course wants hw6_<your id>.zip: run again "
+              "with student_id=<your id>")
+    with run_lock(cfg.run_dir, "05_eval: hand-in zip", RESULTS_LOCK):  # results/ cannot change while it is packed
+        if not overwrite and already_packed(out_zip, cfg.layout.results, handin_id, report):
+            return (f"{shown(out_zip)} already holds exactly this test set ({setting.label()}) and report: nothing "
+                    "to pack again (overwrite_zip=True repacks it)")
+        zip_path = pack_submission(cfg.run_dir, out_zip, setting_unet_folder(cfg, setting), prompts,
+                                   size=cfg.output_size, want=want, overwrite=overwrite,
+                                   guide_dir=unet_folder(cfg, setting.guide) if setting.autoguided else None,
+                                   student_id=handin_id, report=report, fp16=fp16)
+        check_zip_layout(zip_path, handin_id)
+        count = zipped_results_match(zip_path, cfg.layout.results)
+    return (f"wrote {shown(zip_path)} ({zip_path.stat().st_size / 1e6:.1f} MB), layout hw6_{handin_id}/code, model, "
+            f"results{', report.pdf' if report else ''}: {count} PNGs byte-identical to {shown(cfg.layout.results)}; "
+            f"manifest: {setting.label()}")
+

@@ -1,7 +1,7 @@
 """Train the U-Net from the latent cache, on one CPU or many GPUs, with exact resume: the loop, read top to bottom.
 
 The same `train(cfg)` runs inside a notebook (one process) and under
-    accelerate launch --num_processes 8 -m helpers.train --run outputs/runs/<name>
+    accelerate launch --multi_gpu --num_processes 8 -m helpers.train --run-name <name>
 Each concern the loop touches has a room of its own, called once per block:
 - the step's data and loss: helpers.step (every random draw seeded by (seed, step, micro-step, process), so resume
   is exact by construction and no RNG state needs saving);
@@ -19,7 +19,6 @@ import contextlib
 import copy
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
@@ -27,12 +26,10 @@ from .progress import progress_bar
 
 from .cache import load_cache
 from .checkpoint import CheckpointsDamagedError, checkpoint_config, latest_checkpoint, save_checkpoint
-from .config import (RunConfig, as_bool, count_argument, load_config, resolve_length, resolve_path, save_config,
-                     warmup_steps_for)
+from .config import RunConfig, as_bool, count_argument, resolve_length, save_config, warmup_steps_for
 from .diffusion import EMA
 from .disk import NotEnoughDiskError
 from .disk_guard import DiskGuard, any_process
-from .files import os_errors_end_in_one_line
 from .fit import DoesNotFitError, fit_run
 from .model import noise_scheduler, save_model, training_objective
 from .phema import PowerEMA, resume_phema, stores_phema
@@ -40,7 +37,7 @@ from .precision import LossScaleWatch, decide
 from .previews import Previewer
 from .repair import repair_run
 from .resume import IncompatibleResumeError, check_resume, retarget_optimizer
-from .runlock import RunLockedError, run_lock
+from .runlock import run_lock
 from .saves import load_training_state, no_partial_write, retire_checkpoints, save_snapshot, training_state
 from .selection_cost import after_training
 from .session import SessionClock
@@ -346,27 +343,21 @@ def write_step(run: Run, accelerator, done: int, position: int, due: Due, result
 
 
 def main(argv: list[str] | None = None) -> TrainResult:
-    parser = argparse.ArgumentParser(description="Train a run's U-Net from its latent cache (see notebooks/03).")
-    parser.add_argument("--run", required=True, help="run folder, or run name under <outputs-dir>/runs")
-    parser.add_argument("--outputs-dir", default="outputs")
+    from .command import add_run_arguments, ends_in_one_line, existing_run
+
+    parser = argparse.ArgumentParser(prog="python -m helpers.train",
+                                     description="Train a run's U-Net from its latent cache (see notebooks/03).")
+    add_run_arguments(parser)
     parser.add_argument("--max-steps", type=int, default=None, help="override the run's max_steps")
     parser.add_argument("--stop-at", type=count_argument(1), default=None,
                         help="pause at this step (with a checkpoint)")
     parser.add_argument("--no-resume", action="store_true", help="start from scratch, ignoring checkpoints")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
-    run = Path(args.run)
-    folder = run if (run / "config.json").exists() else resolve_path(args.outputs_dir) / "runs" / args.run
-    with os_errors_end_in_one_line("helpers.train"):  # a read-only or full disk: one line, not a traceback
-        try:
-            cfg = load_config(folder).replace(max_steps=args.max_steps)  # the user's --max-steps wins (config.py)
-        except ValueError as e:
-            parser.exit(2, f"helpers.train: {' '.join(str(e).split())}\n")
-        try:
-            result = train(cfg, resume=not args.no_resume, progress=not args.no_progress, stop_at=args.stop_at)
-        except (RunLockedError, CheckpointsDamagedError, IncompatibleResumeError, NotEnoughDiskError,
-                DoesNotFitError) as e:
-            parser.exit(1, f"helpers.train: {e}\n")  # the user's move, not a bug
+    with ends_in_one_line("helpers.train", CheckpointsDamagedError, IncompatibleResumeError, NotEnoughDiskError,
+                          DoesNotFitError):  # the user's move, not a bug: one line, exit 1
+        cfg = existing_run(args).replace(max_steps=args.max_steps)  # the user's --max-steps wins (config.py)
+        result = train(cfg, resume=not args.no_resume, progress=not args.no_progress, stop_at=args.stop_at)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
     return result

@@ -123,7 +123,7 @@ def test_train_cli_max_steps_6_on_a_one_epoch_run_trains_6_and_says_why(tmp_path
     assert "3 steps = 1 epoch × 20 images / 8 per step, rounded up (max_epochs set by you)" in out
     stored = checkpoint_config(list_checkpoints(cfg.run_dir / "checkpoints")[-1])
     assert (stored["max_epochs"], stored["max_steps"]) == (1, 4)  # as the user set it, not the resolved 3
-    result = main(["--run", str(cfg.run_dir), "--no-progress", "--max-steps", "6"])
+    result = main(["--run-name", str(cfg.run_dir), "--no-progress", "--max-steps", "6"])
     assert (result.first_step, result.last_step) == (4, 6) and read_log(cfg)["step"] == [1, 2, 3, 4, 5, 6]
     out = capsys.readouterr().out
     assert "replaces max_epochs=1" in out and "max_steps 6 (set by you)" in out
@@ -293,7 +293,7 @@ def test_train_on_a_read_only_run_folder_is_one_line_and_changes_nothing(tmp_pat
     cfg = make_run(tmp_path, course_dir, max_steps=2, snapshot_every=0)
     before = files_under(cfg.run_dir)
     with read_only(cfg.run_dir), pytest.raises(SystemExit) as stop:
-        main(["--run", str(cfg.run_dir), "--no-progress"])
+        main(["--run-name", str(cfg.run_dir), "--no-progress"])
     assert stop.value.code == 1
     line = one_line(capsys.readouterr().err)
     assert line.startswith(f"helpers.train: {cfg.run_dir}") and " — " in line
@@ -307,7 +307,7 @@ def test_train_with_a_read_only_checkpoints_folder_is_one_line_and_releases_the_
     root = cfg.run_dir / "checkpoints"
     root.mkdir()
     with read_only(root), pytest.raises(SystemExit) as stop:
-        main(["--run", str(cfg.run_dir), "--no-progress"])
+        main(["--run-name", str(cfg.run_dir), "--no-progress"])
     assert stop.value.code == 1
     assert re.fullmatch(rf"helpers\.train: {re.escape(str(root))}: (permission denied|operation not permitted) — .*",
                         one_line(capsys.readouterr().err))
@@ -327,11 +327,11 @@ def test_runner_on_a_read_only_outputs_folder_is_one_line(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_python_dash_m_helpers_train_on_a_missing_run_is_one_line(tmp_path):
-    run = subprocess.run([sys.executable, "-m", "helpers.train", "--run", str(tmp_path / "nope"), "--no-progress"],
+    run = subprocess.run([sys.executable, "-m", "helpers.train", "--run-name", str(tmp_path / "nope"), "--no-progress"],
                          cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=120,
                          env={**os.environ, "PYTHONPATH": str(PROJECT_ROOT)})
     assert run.returncode == 1
-    assert "No run config at" in one_line(run.stderr) and run.stderr.startswith("helpers.train: ")
+    assert "no run folder there" in one_line(run.stderr) and run.stderr.startswith("helpers.train: ")
 
 
 # ---------------------------------------------------------------- 5. the disk
@@ -387,7 +387,7 @@ def test_a_run_that_cannot_fit_is_refused_before_step_1_with_settings_that_fit(t
     fake_free(monkeypatch, lambda path: free)
     before = files_under(cfg.run_dir)
     with pytest.raises(SystemExit) as stop:
-        main(["--run", str(cfg.run_dir), "--no-progress"])
+        main(["--run-name", str(cfg.run_dir), "--no-progress"])
     line = one_line(capsys.readouterr().err)
     assert stop.value.code == 1 and line.startswith(f"helpers.train: Not enough disk to train {cfg.run_dir}")
     assert "8 EMA snapshot(s)" in line and "Settings that fit: snapshot_every=" in line
@@ -407,7 +407,7 @@ def test_a_disk_filling_up_mid_run_stops_with_a_resumable_checkpoint(tmp_path, c
     # another program fills the disk once the first checkpoint is written: only ~1 MB stays above the reserve
     fake_free(monkeypatch, lambda path: 10**12 if not list_checkpoints(root) else RESERVE_BYTES + 10**6)
     with pytest.raises(NotEnoughDiskError, match=r"Stopped after step 2 with a resumable checkpoint .*step-000002.* "
-                                                 r"steps 3-4 would write .*python -m helpers.train --run"):
+                                                 r"steps 3-4 would write .*python -m helpers.train --run-name"):
         train(cfg, progress=False)
     assert [p.name for p in list_checkpoints(root)] == ["step-000002"] and not (cfg.run_dir / "run.lock").exists()
     assert not list(root.glob(".tmp-*")) and not (cfg.run_dir / "model").exists()
@@ -432,7 +432,7 @@ def test_a_write_that_fails_on_a_full_disk_leaves_no_partial_checkpoint(tmp_path
 
     monkeypatch.setattr(helpers.checkpoint, "save_file", save_file_on_a_full_disk)
     with pytest.raises(SystemExit) as stop:
-        main(["--run", str(cfg.run_dir), "--no-progress"])
+        main(["--run-name", str(cfg.run_dir), "--no-progress"])
     assert stop.value.code == 1
     assert one_line(capsys.readouterr().err).startswith(
         f"helpers.train: {cfg.run_dir / 'checkpoints'}: no space left on the disk — free space")

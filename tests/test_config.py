@@ -69,7 +69,7 @@ def test_train_stop_at_below_1_is_refused_before_anything_runs(tmp_path, capsys,
 
     cfg = open_run("r", "tiny", outputs_dir=str(tmp_path))
     with pytest.raises(SystemExit) as stop:
-        main(["--run", str(cfg.run_dir), "--stop-at", value, "--no-progress"])
+        main(["--run-name", str(cfg.run_dir), "--stop-at", value, "--no-progress"])
     assert stop.value.code == 2
     assert f"argument --stop-at: '{value}' should be a whole number >= 1" in capsys.readouterr().err
     assert sorted(p.name for p in cfg.run_dir.iterdir()) == ["config.json"]  # nothing trained

@@ -210,7 +210,7 @@ def test_a_budget_too_short_for_one_step_stops_with_one_line(tmp_path, course_di
     monkeypatch.setattr(fit, "perf_counter", mocked_clock(1.0))
     cfg = make_run(tmp_path, course_dir, max_steps=4, time_budget_hours=1e-5)  # 0.036 s: less than one step
     with pytest.raises(SystemExit) as stop:
-        main(["--run", str(cfg.run_dir), "--no-progress"])
+        main(["--run-name", str(cfg.run_dir), "--no-progress"])
     err = capsys.readouterr().err
     assert stop.value.code == 1 and err.count("\n") == 1
     assert "helpers.train: time_budget_hours=1e-05 is too short" in err and "hours are needed" in err

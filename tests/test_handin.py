@@ -17,9 +17,19 @@ from PIL import Image
 from helpers.config import PROJECT_ROOT, open_run
 from helpers.data import load_prompts
 from helpers.results import check_record, read_manifest
+from helpers.choose import named_overrides
 from helpers.setting import Setting
 
 GOOD = Setting("step-000004", 1.0, 2, "ddim")
+
+
+def write_run_test_set(cfg, model, prompts, setting):
+    """(stats, weights id) of the run's test set of `setting`, written as 04 writes it (no sweep, every field set)."""
+    from helpers.choose import choose_and_write
+    from helpers.selection import setting_weights_id
+
+    outcome = choose_and_write(cfg, model, prompts, select=False, overrides=setting.to_dict())
+    return outcome.written, setting_weights_id(cfg, outcome.setting)
 
 
 @pytest.fixture(scope="module")
@@ -74,8 +84,6 @@ with run_lock(sys.argv[1], "04_sample: test set", RESULTS_LOCK):
 
 def test_a_second_writer_process_is_refused_naming_the_holder_and_writes_nothing(fresh, model, prompts):
     from helpers.runlock import RunLockedError
-    from helpers.submission import write_run_test_set
-
     holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(fresh.run_dir)], cwd=PROJECT_ROOT, text=True,
                               stdout=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(PROJECT_ROOT)})
     try:
@@ -94,8 +102,6 @@ def test_a_second_writer_process_is_refused_naming_the_holder_and_writes_nothing
 
 
 def test_an_edited_manifest_is_refused_naming_the_field_and_never_blessed(fresh, model, prompts, capsys):
-    from helpers.submission import write_run_test_set
-
     write_run_test_set(fresh, model, prompts, GOOD)
     results, record = fresh.layout.results, fresh.layout.test_set_record
     assert check_record(results, record)["guidance"] == 1.0
@@ -125,21 +131,17 @@ def test_an_edited_manifest_is_refused_naming_the_field_and_never_blessed(fresh,
 @pytest.mark.parametrize("name", ["../../other/snapshots/step-000004", "step-000004/../../x", "..", "a\\b"])
 def test_snapshot_and_guide_names_that_leave_the_run_are_refused_naming_the_parameter(run, field, name):
     from helpers.runs import route_parameters
-    from helpers.submission import test_set_setting
-
     with pytest.raises(ValueError, match=rf"{field}=.* should be a snapshot name of this run .*without path sep"):
-        test_set_setting(run, **{field: name})
+        named_overrides(run, {field: name})
     with pytest.raises(ValueError, match=rf"{field}: {field}=.*without path separators"):
         route_parameters({field: name}, ["04_sample"])  # -p: refused before any notebook runs
 
 
 def test_first_and_model_are_names_of_this_run_and_others_are_named(run):
-    from helpers.submission import test_set_setting
-
-    setting, _, given = test_set_setting(run, snapshot="model", guide="first", guide_weight=2.0)
-    assert (setting.snapshot, setting.guide) == ("model", "step-000002") and given["guide"] == "step-000002"
+    given = named_overrides(run, dict(snapshot="model", guide="first", guide_weight=2.0, guidance=None))
+    assert given == {"snapshot": "model", "guide": "step-000002", "guide_weight": 2.0}
     with pytest.raises(ValueError, match=r"'step-000009' is not a snapshot of run 't'.*did you mean"):
-        test_set_setting(run, snapshot="step-000009")
+        named_overrides(run, dict(snapshot="step-000009"))
 
 
 # ---------------------------------------------------------------- 6. check before moving anything
@@ -153,8 +155,6 @@ def test_first_and_model_are_names_of_this_run_and_others_are_named(run):
 ])
 def test_values_the_model_cannot_honour_are_refused_before_the_earlier_set_is_touched(fresh, model, prompts, bad,
                                                                                       message):
-    from helpers.submission import write_run_test_set
-
     write_run_test_set(fresh, model, prompts, GOOD)
     before = digest(fresh.layout.results)
     with pytest.raises(ValueError, match=message):
@@ -169,7 +169,7 @@ def test_a_failure_mid_set_leaves_the_old_set_in_place_and_names_the_settings_fi
 
     import helpers.submission as submission
 
-    submission.write_run_test_set(fresh, model, prompts, GOOD)
+    write_run_test_set(fresh, model, prompts, GOOD)
     before = digest(fresh.layout.results)
     real, calls = submission.sample_images, []
 
@@ -182,13 +182,13 @@ def test_a_failure_mid_set_leaves_the_old_set_in_place_and_names_the_settings_fi
     other = GOOD.replace(guidance=2.0)
     with pytest.raises(FloatingPointError, match=r"NaN/inf .* at snapshot='step-000004', guidance=2\.0, steps=2, "
                                                  r"scheduler='ddim'.*guide_weight=1\.0, ema_length=0\.0"):
-        submission.write_run_test_set(fresh, model, prompts, other)
+        write_run_test_set(fresh, model, prompts, other)
     assert digest(fresh.layout.results) == before and check_record(fresh.layout.results, fresh.layout.test_set_record)
     partial = fresh.layout.results.with_name("results.partial")
     assert len(list(partial.glob("*.png"))) == 2  # the first batch, kept for the resume
     monkeypatch.setattr(submission, "sample_images", real)
     capsys.readouterr()
-    stats, _ = submission.write_run_test_set(fresh, model, prompts, other)  # resumes beside, then swaps in
+    stats, _ = write_run_test_set(fresh, model, prompts, other)  # resumes beside, then swaps in
     assert stats == {**stats, "written": len(prompts) - 2, "skipped": 2}
     assert "Swapped in the new test set" in capsys.readouterr().out and not partial.exists()
     assert digest(fresh.layout.results_history / "1") == before
@@ -197,8 +197,6 @@ def test_a_failure_mid_set_leaves_the_old_set_in_place_and_names_the_settings_fi
 
 def test_a_read_only_results_folder_is_one_line_before_anything_moves(fresh, model, prompts):
     from test_commands import read_only
-
-    from helpers.submission import write_run_test_set
 
     write_run_test_set(fresh, model, prompts, GOOD)
     before = digest(fresh.layout.results)
@@ -356,7 +354,7 @@ def test_an_unfinished_set_of_another_setting_beside_results_is_kept_in_results_
 
     import helpers.submission as submission
 
-    submission.write_run_test_set(fresh, model, prompts, GOOD)
+    write_run_test_set(fresh, model, prompts, GOOD)
     real = submission.sample_images
     partial = fresh.layout.results.with_name("results.partial")
 
@@ -366,9 +364,9 @@ def test_an_unfinished_set_of_another_setting_beside_results_is_kept_in_results_
 
     monkeypatch.setattr(submission, "sample_images", nan_once_a_batch_is_written)
     with pytest.raises(FloatingPointError):  # guidance 2.0: one batch written beside results/, then it stops
-        submission.write_run_test_set(fresh, model, prompts, GOOD.replace(guidance=2.0))
+        write_run_test_set(fresh, model, prompts, GOOD.replace(guidance=2.0))
     monkeypatch.setattr(submission, "sample_images", real)
-    submission.write_run_test_set(fresh, model, prompts, GOOD.replace(guidance=3.0))
+    write_run_test_set(fresh, model, prompts, GOOD.replace(guidance=3.0))
     out = capsys.readouterr().out
     assert "held an unfinished set of another setting: moved its 2 images to" in out
     history = fresh.layout.results_history

@@ -11,11 +11,11 @@ LAYERS = [  # lowest first; a module may import from its own layer or below
      "precision", "session", "trainlog"},
     {"setting", "layout", "checkpoint", "data", "text", "autoencoder", "phema", "resume"},
     {"config"},
-    {"model", "cache", "demo_data", "step", "saves", "disk_guard", "repair", "probe", "results", "handin"},
+    {"model", "cache", "demo_data", "step", "saves", "disk_guard", "repair", "probe", "results", "handin", "command"},
     {"sample", "fit", "metrics", "score", "estimators", "shards"},
     {"previews", "baseline", "export", "grids", "selection"},
     {"judges", "panel_controls", "panel", "plots", "tables", "submission", "staged", "selection_cost", "replay"},
-    {"train", "runs"},
+    {"train", "runs", "choose"},
 ]
 
 

@@ -106,7 +106,7 @@ KILL_IN_LAST_STORE = textwrap.dedent("""
 
     safetensors.torch.save_file = killed_after_the_first_file
     from helpers.train import main
-    main(["--run", sys.argv[1], "--no-progress"])
+    main(["--run-name", sys.argv[1], "--no-progress"])
 """)
 
 
@@ -123,7 +123,7 @@ def test_sigkill_inside_the_last_post_hoc_ema_store_then_the_command_line_resume
     assert (run / "phema" / ".tmp-step-000004").is_dir() and not (run / "phema" / "step-000004").exists()
     assert not (run / "model").exists()
 
-    resumed = subprocess.run([sys.executable, "-m", "helpers.train", "--run", str(run), "--no-progress"],
+    resumed = subprocess.run([sys.executable, "-m", "helpers.train", "--run-name", str(run), "--no-progress"],
                              cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "Removed what interrupted writes left unfinished: phema/.tmp-step-000004" in resumed.stdout

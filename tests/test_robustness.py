@@ -178,7 +178,7 @@ def test_case4_a_second_trainer_process_is_refused_and_writes_nothing(tmp_path, 
     cfg = make_run(tmp_path, course_dir, max_steps=2)
     before = tree_digest(cfg.run_dir)
     with run_lock(cfg.run_dir, "training"):  # this process is "the first trainer"
-        second = subprocess.run([sys.executable, "-m", "helpers.train", "--run", str(cfg.run_dir), "--no-progress"],
+        second = subprocess.run([sys.executable, "-m", "helpers.train", "--run-name", str(cfg.run_dir), "--no-progress"],
                                 cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=120,
                                 env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(PROJECT_ROOT)})
         after = tree_digest(cfg.run_dir)

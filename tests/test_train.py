@@ -167,7 +167,7 @@ def test_damaged_or_partial_checkpoints_are_skipped(tmp_path, course_dir, capsys
 def test_killed_training_resumes_from_last_complete_checkpoint(tmp_path, course_dir):
     cfg = make_run(tmp_path, course_dir, max_steps=5, checkpoint_every=1, keep_checkpoints=2)
     root = cfg.run_dir / "checkpoints"
-    proc = subprocess.Popen([sys.executable, "-m", "helpers.train", "--run", str(cfg.run_dir), "--no-progress"],
+    proc = subprocess.Popen([sys.executable, "-m", "helpers.train", "--run-name", str(cfg.run_dir), "--no-progress"],
                             cwd=PROJECT_ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 60
@@ -195,7 +195,7 @@ def test_two_processes_train_with_accelerate_launch(tmp_path, course_dir):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run([accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
                              "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "helpers.train",
-                             "--run", str(cfg.run_dir), "--no-progress"],
+                             "--run-name", str(cfg.run_dir), "--no-progress"],
                             cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "2 process(es)" in result.stdout and "16 images/step" in result.stdout
