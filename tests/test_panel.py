@@ -38,7 +38,9 @@ def click(panel, button="generate"):
 
 
 def captions(box_html: str) -> list[str]:
-    return [html.unescape(c) for c in re.findall(r'class="monster-caption"[^>]*>([^<]*)<', box_html)]
+    """Each caption's text (its phrases are spans)."""
+    found = re.findall(r'class="monster-caption"[^>]*>(.*?)</div>', box_html)
+    return [html.unescape(re.sub(r"<[^>]+>", "", c)) for c in found]
 
 
 def row_images(box_html: str) -> list[Image.Image]:
