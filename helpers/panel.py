@@ -3,8 +3,9 @@
 It opens at the run's chosen setting (every field: snapshot, EMA length, guidance, steps, scheduler, guidance
 interval and rescale, autoguide) and the prompt's handed-in seed; *reset to chosen* goes back to both and clears a
 red line. Guidance and steps take one value or several ("1, 2, 3, 5"): each combination (× every snapshot, if
-asked) is one row on the same seeds, so only the setting differs between rows; several values are laid out as a grid with labelled axes. Captions name the prompt and what
-differs from the choice. Before a click the panel says how many rows it will sample and, once it has measured its
+asked) is one row on the same seeds, so only the setting differs between rows; several values are laid out as a
+grid with labelled axes. Captions name the prompt and what differs from the choice; a caption breaks between its
+phrases, never inside one. Before a click the panel says how many rows it will sample and, once it has measured its
 speed, about how long that takes. Earlier rows move to a history strip. Every click reads and checks all controls
 first (helpers.panel_controls); a bad value, or any error while sampling, is a red line in the panel (the traceback
 folded underneath), and the button is usable again.
