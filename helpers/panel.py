@@ -120,8 +120,9 @@ def make_panel(model, *, prompt: str = "", setting: Setting | None = None, guida
                scheduler=None, seed=None, snapshot=None, n: int = 4, cfg=None) -> "Panel":
     """The guidance playground for `model`, which holds the U-Net of `setting` (default: the run's chosen
     setting, helpers.selection.chosen_setting). The panel opens at the chosen setting and at the prompt's
-    handed-in seed (handed_in_seed; else the run's seed); guidance / steps / scheduler / seed / snapshot override it; guidance and steps may be lists (compare mode). Never raises for a
-    bad value: the panel opens with the value in its box and a red line naming the problem."""
+    handed-in seed (handed_in_seed; else the run's seed); guidance / steps / scheduler / seed / snapshot override
+    it; guidance and steps may be lists (compare mode). Never raises for a bad value: the panel opens with the
+    value in its box and a red line naming the problem."""
     cfg = cfg or model.cfg
     chosen, source = chosen_setting(cfg)
     holds = setting or chosen
@@ -281,7 +282,10 @@ class Panel(_widgets().VBox):
     def _layout(self) -> list:
         w, c = _widgets(), self.c
         lowest, highest = sigma_range(self.model.scheduler_config)
-        sigmas = w.HTML(f'<span style="color:{GREY}">({html.escape(sigma_note(lowest, highest))})</span>')
+        # "from about 0.0064" and "to about 20,000" each stay on one line when the note wraps
+        note = re.sub(r"(from|to) (about )?\S+", lambda m: m.group(0).replace(" ", "\xa0"),
+                      sigma_note(lowest, highest))
+        sigmas = w.HTML(f'<span style="color:{GREY}">({html.escape(note)})</span>')
         return [w.HBox([c["prompt"], self.tokens], layout=w.Layout(flex_flow="row wrap")),
                 w.HBox([c["snapshot"], c["ema_length"], c["all_snapshots"]]),
                 w.HBox([self.source, self.reset_button]), w.HBox([c["guidance"], c["steps"], c["rescale"]]),

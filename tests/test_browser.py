@@ -4,9 +4,9 @@ A tiny run goes through all five notebooks (on a few demo monsters), JupyterLab 
 the cell tagged `panel` and pointed at that run; the browser runs it, checks that it opens at the sweep's choice
 (EMA length included) and that Reset restores it (the seed too, and clears a red line), compares guidance values
 (the boxes stay as typed; no caption phrase wraps, file browser open, at 1400 and 1200 px), types bad values,
-cancels and interrupts (a disabled Cancel loses its colour). The executed 04 and 05 are opened as a reader would at 1400 px: no frozen 0 %
-progress line, no table row wrapped. Screenshots go to $BROWSER_SCREENSHOTS (default: a folder under /tmp named in
-the output).
+cancels and interrupts (a disabled Cancel loses its colour). The executed 04 and 05 are opened as a reader would at
+1400 px: no frozen 0 % progress line, no table row wrapped. Screenshots go to $BROWSER_SCREENSHOTS (default: a
+folder under /tmp named in the output).
 Needs `chromium` (apt-get install -y chromium; .ci/run installs it) and the `playwright` package: no browser
 download (never `playwright install`). BROWSER_RUN_DIR=<a finished tiny run of all five notebooks> reuses that run.
 """
@@ -233,7 +233,7 @@ def check_panel(page, shots, choice: Setting):
     expect(page.get_by_text(re.compile(r"^Generate: 1 row × 4 seeds"))).to_be_visible()  # said before the click
     opened_seed = box(page, "seed").input_value()
     assert opened_seed == "0"  # the first test prompt's handed-in seed: the tiny run's seed + 0
-    sigmas = page.get_by_text(re.compile(r"^\(this schedule's noise σ runs from ")).inner_text()
+    sigmas = page.get_by_text(re.compile(r"^\(this schedule's noise σ runs from")).inner_text().replace("\xa0", " ")
     assert re.fullmatch(r"\(this schedule's noise σ runs from (about )?[\d.]+ to (about )?[\d,]+\)", sigmas), sigmas
 
     width = box(page, "prompt").evaluate("e => e.getBoundingClientRect().width")
@@ -333,7 +333,7 @@ PHRASE_LINES = """els => els.map(e => { const r = document.createRange(); r.sele
 
 def check_phrases_never_wrap(page, panel, shots):
     """Every caption phrase is on one line (its text's boxes share a top) at 1400 and 1200 px, and in a caption
-    squeezed to 60 % of its width, which must then break, between phrases."""
+    squeezed to the width of its widest phrase, which must then break, between phrases."""
     phrases = page.locator(".monster-caption .monster-phrase")
     for width in (1400, 1200):
         page.set_viewport_size({"width": width, "height": 2400})
@@ -342,9 +342,9 @@ def check_phrases_never_wrap(page, panel, shots):
         assert lines and max(lines) == 1, f"a caption phrase wraps at {width} px: {lines}"
         panel.screenshot(path=shots / f"2-compare-{width}.png")
     squeezed = page.locator(".monster-rows .monster-caption").first
-    squeezed.evaluate("""e => { const ends = [...e.querySelectorAll('.monster-phrase')]
-        .map(p => p.getBoundingClientRect().right - e.getBoundingClientRect().left);
-        e.style.width = 0.6 * Math.max(...ends) + 'px'; }""")  # 60 % of the text's width, not of the div's
+    squeezed.evaluate("""e => { const widths = [...e.querySelectorAll('.monster-phrase')]
+        .map(p => p.getBoundingClientRect().width);
+        e.style.width = Math.max(...widths) + 2 + 'px'; }""")  # room for its widest phrase only
     try:
         assert max(squeezed.locator(".monster-phrase").evaluate_all(PHRASE_LINES)) == 1
         tops = squeezed.locator(".monster-phrase").evaluate_all("es => es.map(e => e.getBoundingClientRect().top)")

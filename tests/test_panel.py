@@ -316,7 +316,8 @@ def test_the_sigma_note_in_plain_numbers(model):
     assert note == "this schedule's noise σ runs from about 0.0064 to about 20,000"
     shown = [w.value for box in make_panel(model).children for w in getattr(box, "children", ()) if
              hasattr(w, "value") and "σ runs" in str(w.value)]
-    assert [html.unescape(re.sub(r"<[^>]+>", "", v)) for v in shown] == [f"({note})"]
+    assert [html.unescape(re.sub(r"<[^>]+>", "", v)) for v in shown] == [
+        "(this schedule's noise σ runs from\xa0about\xa00.0064 to\xa0about\xa020,000)"]  # each bound one unit
 
 
 def test_a_caption_breaks_between_phrases_only():
