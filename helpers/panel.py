@@ -1,10 +1,11 @@
 """The notebook's guidance playground: an ipywidgets panel that samples one prompt at a few seeds, in rows.
 
 It opens at the run's chosen setting (every field: snapshot, EMA length, guidance, steps, scheduler, guidance
-interval and rescale, autoguide) and *reset to chosen* goes back to it. Guidance and steps take one value or several
-("1, 2, 3, 5"): each combination (× every snapshot, if asked) is one row on the same seeds, so only the setting
-differs between rows; several values are laid out as a grid with labelled axes. Captions name the prompt and what
-differs from the choice. Before a click the panel says how many rows it will sample and, once it has measured its
+interval and rescale, autoguide) and the prompt's handed-in seed; *reset to chosen* goes back to both and clears a
+red line. Guidance and steps take one value or several ("1, 2, 3, 5"): each combination (× every snapshot, if
+asked) is one row on the same seeds, so only the setting differs between rows; several values are laid out as a
+grid with labelled axes. Captions name the prompt and what differs from the choice; a caption breaks between its
+phrases, never inside one. Before a click the panel says how many rows it will sample and, once it has measured its
 speed, about how long that takes. Earlier rows move to a history strip. Every click reads and checks all controls
 first (helpers.panel_controls); a bad value, or any error while sampling, is a red line in the panel (the traceback
 folded underneath), and the button is usable again.
@@ -15,14 +16,16 @@ from __future__ import annotations
 import base64
 import html
 import io
+import re
 import signal
 import threading
 import time
 import traceback
 
+from .data import load_prompts
 from .images import image_grid, pixel_cell, tensor_to_pil
 from .panel_controls import (AMBER, GREY, RED, BadSetting, as_text, guided_note, read_rows, row_caption, run_estimate,
-                             setting_words, start_problems, token_note)
+                             setting_words, sigma_note, start_problems, token_note)
 from .sample import guided_steps, sample_images, sigma_range
 from .schedulers import schedulers_for
 from .selection import chosen_setting, weights_sha256, with_setting
@@ -52,9 +55,20 @@ def row_html(images, caption: str, cell: int = ROW_CELL) -> str:
     strip.save(buf, format="PNG")
     src = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
     return (f'<div class="monster-row" style="margin:4px 0"><div class="monster-caption" '
-            f'style="font:12px monospace">{html.escape(caption)}</div>'
+            f'style="font:12px monospace">{caption_html(caption)}</div>'
             f'<img src="{src}" width="{strip.width}" height="{strip.height}" '
             f'style="image-rendering:pixelated;image-rendering:crisp-edges"></div>')
+
+
+# a caption breaks after " · " and after a list's ", " (not one inside brackets, as in "σ in (0.3, 5]")
+PHRASE_BREAK = re.compile(r"(?<= ·) |(?<=,) (?![^(\[]*[\])])")
+
+
+def caption_html(caption: str) -> str:
+    """The caption with each phrase one box: a line breaks between phrases, never inside one (no lone "3" of
+    "seeds 0…3" on the next line), unless the phrase alone is wider than the whole line."""
+    return " ".join(f'<span class="monster-phrase" style="display:inline-block;max-width:100%">{html.escape(p)}'
+                    '</span>' for p in PHRASE_BREAK.split(caption))
 
 
 GRID_FIELDS = ("snapshot", "ema_length", "steps", "guidance")  # the fields a click can vary; the last is the columns
@@ -91,12 +105,24 @@ def rows_html(rows: list[tuple], cell: int = ROW_CELL) -> str:
             + head + "".join(body) + "</table></div>")
 
 
+def handed_in_seed(cfg, prompt: str) -> int | None:
+    """The seed the test set draws `prompt` with (cfg.seed + its index in test.json, as helpers.submission
+    does), so the chosen setting at it is the handed-in picture; None for a prompt not in test.json."""
+    path = cfg.data_path / "test.json"
+    try:
+        texts = [p.text for p in load_prompts(path)] if path.is_file() else []
+    except (OSError, ValueError):  # an unreadable test.json: the panel still opens, at the run's seed
+        return None
+    return cfg.seed + texts.index(prompt) if prompt in texts else None
+
+
 def make_panel(model, *, prompt: str = "", setting: Setting | None = None, guidance=None, steps=None,
-               scheduler=None, seed=0, snapshot=None, n: int = 4, cfg=None) -> "Panel":
+               scheduler=None, seed=None, snapshot=None, n: int = 4, cfg=None) -> "Panel":
     """The guidance playground for `model`, which holds the U-Net of `setting` (default: the run's chosen
-    setting, helpers.selection.chosen_setting). The panel opens at the chosen setting; guidance / steps /
-    scheduler / seed / snapshot override it; guidance and steps may be lists (compare mode). Never raises for a
-    bad value: the panel opens with the value in its box and a red line naming the problem."""
+    setting, helpers.selection.chosen_setting). The panel opens at the chosen setting and at the prompt's
+    handed-in seed (handed_in_seed; else the run's seed); guidance / steps / scheduler / seed / snapshot override
+    it; guidance and steps may be lists (compare mode). Never raises for a bad value: the panel opens with the
+    value in its box and a red line naming the problem."""
     cfg = cfg or model.cfg
     chosen, source = chosen_setting(cfg)
     holds = setting or chosen
@@ -110,6 +136,9 @@ def make_panel(model, *, prompt: str = "", setting: Setting | None = None, guida
         n = 4
     start = dict(prompt=prompt, guidance=guidance, steps=steps, scheduler=scheduler, seed=seed, snapshot=snapshot)
     start = {k: (v if v is not None else getattr(chosen, k, "")) for k, v in start.items()}
+    if seed is None:
+        start["seed"] = handed_in_seed(cfg, prompt) if isinstance(prompt, str) else None
+        start["seed"] = cfg.seed if start["seed"] is None else start["seed"]
     return Panel(model, cfg, holds, start, chosen=(chosen, source), n=n, problems=problems)
 
 
@@ -162,6 +191,7 @@ class Panel(_widgets().VBox):
     def __init__(self, model, cfg, holds: Setting, start: dict, *, chosen: tuple[Setting, str], n: int,
                  problems: list[str]):
         self.model, self.cfg, self.n, self.chosen, self.holds = model, cfg, n, chosen, holds
+        self.start_seed = start["seed"]  # what reset gives a prompt the test set does not hold
         self.models = {weights_key(holds): model}  # weights_key -> model with those U-Nets
         self.seconds_per_step = None  # of one row, measured on the last click
         self.cancel_event, self.thread = threading.Event(), None
@@ -237,7 +267,8 @@ class Panel(_widgets().VBox):
         self.generate_button = w.Button(description="Generate", button_style="primary")
         self.compare_button = w.Button(description="Compare guidance " + ", ".join(f"{g:g}" for g in COMPARE_GUIDANCE),
                                        layout=w.Layout(width="auto", flex="0 0 auto"))  # never a cut label
-        self.cancel_button = w.Button(description="Cancel", button_style="warning", disabled=True)
+        self.cancel_button = w.Button(description="Cancel")
+        self._enable(self.cancel_button, False)
         self.reset_button = w.Button(description="reset to chosen", layout=w.Layout(width="auto"))
         self.progress = w.IntProgress(value=0, min=0, max=1, layout=w.Layout(width="200px", visibility="hidden"))
         # the status gets the rest of the line, and a line of its own when that is too short: never cut
@@ -251,8 +282,10 @@ class Panel(_widgets().VBox):
     def _layout(self) -> list:
         w, c = _widgets(), self.c
         lowest, highest = sigma_range(self.model.scheduler_config)
-        sigmas = w.HTML(f'<span style="color:{GREY}">(this schedule\'s noise σ runs from {lowest:.2g} to '
-                        f'{highest:.2g})</span>')
+        # "from about 0.0064" and "to about 20,000" each stay on one line when the note wraps
+        note = re.sub(r"(from|to) (about )?\S+", lambda m: m.group(0).replace(" ", "\xa0"),
+                      sigma_note(lowest, highest))
+        sigmas = w.HTML(f'<span style="color:{GREY}">({html.escape(note)})</span>')
         return [w.HBox([c["prompt"], self.tokens], layout=w.Layout(flex_flow="row wrap")),
                 w.HBox([c["snapshot"], c["ema_length"], c["all_snapshots"]]),
                 w.HBox([self.source, self.reset_button]), w.HBox([c["guidance"], c["steps"], c["rescale"]]),
@@ -325,7 +358,23 @@ class Panel(_widgets().VBox):
     # ------------------------------------------------------------ buttons
 
     def reset_to_chosen(self):
-        """Every control back to the chosen setting (the prompt and seed stay: they are not part of a setting)."""
+        """Every control back to the chosen setting and the seed to the prompt's handed-in one, so the next row is
+        the handed-in picture (the prompt stays); the red line and the dimming go: every box is valid again."""
+        self._reset_setting()
+        self.c["seed"].value = as_text(self.reset_seed())
+        self.show_error("")
+        if self.current and not self._running():  # the rows shown are current again: undimmed
+            self.rows.value = rows_html(self.current)
+
+    def reset_seed(self) -> int:
+        """The test set's seed for the prompt shown, else the seed the panel opened with (if it was a seed)."""
+        seed = handed_in_seed(self.cfg, self.c["prompt"].value)
+        if seed is None:
+            valid = isinstance(self.start_seed, int) and not isinstance(self.start_seed, bool)
+            seed = self.start_seed if valid else self.cfg.seed
+        return seed
+
+    def _reset_setting(self):
         chosen = self.chosen[0]
         c = self.c
         c["all_snapshots"].value = False
@@ -353,7 +402,7 @@ class Panel(_widgets().VBox):
 
     def generate(self, compare: bool = False):
         """Check every control, then sample the rows on a thread (one sample_images call per row)."""
-        if self.thread is not None and self.thread.is_alive():
+        if self._running():
             return
         self.show_error("")
         try:
@@ -369,6 +418,9 @@ class Panel(_widgets().VBox):
         self.thread = threading.Thread(target=self._sample_rows, args=(rows, self.c["prompt"].value, seeds),
                                        daemon=True, name="guidance panel")
         self.thread.start()
+
+    def _running(self) -> bool:
+        return self.thread is not None and self.thread.is_alive()
 
     def wait(self, timeout: float | None = None):
         """Block until the current Generate has finished (tests, scripts)."""
@@ -420,9 +472,17 @@ class Panel(_widgets().VBox):
 
     # ------------------------------------------------------------ showing
 
+    BUTTON_STYLES = dict(Generate="primary", Cancel="warning")  # their colours while they can be pressed
+
+    def _enable(self, button, on: bool):
+        """A disabled button drops its colour too: a dimmed orange Cancel still looks pressable."""
+        button.disabled = not on
+        button.button_style = self.BUTTON_STYLES.get(button.description, "") if on else ""
+
     def _busy(self, busy: bool, total: int = 1):
-        self.generate_button.disabled = self.compare_button.disabled = busy
-        self.cancel_button.disabled = not busy
+        for button in (self.generate_button, self.compare_button):
+            self._enable(button, not busy)
+        self._enable(self.cancel_button, busy)
         self.progress.layout.visibility = "visible" if busy else "hidden"
         if busy:
             self.progress.max, self.progress.value, self.status.value = total, 0, "sampling…"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import html
 import itertools
+import math
 import numbers
 import re
 
@@ -201,6 +202,27 @@ def start_problems(**given) -> list[str]:
 
 
 _WANTED_WORDS = {numbers.Integral: "a whole number", numbers.Real: "a number"}
+
+
+def format_number(x: float, digits: int = 3) -> str:
+    """A number as people write it, to `digits` significant figures: 157 not 1.57e+02, 1,000 not 1e+03, 0.3."""
+    if not math.isfinite(x) or x == 0:
+        return f"{x:g}"
+    rounded = float(f"{x:.{digits}g}")
+    if abs(rounded) >= 1000:
+        return f"{rounded:,.0f}"
+    decimals = max(0, digits - 1 - math.floor(math.log10(abs(rounded))))
+    text = f"{rounded:.{decimals}f}"
+    return text.rstrip("0").rstrip(".") if "." in text else text
+
+
+def sigma_note(lowest: float, highest: float) -> str:
+    """The noise range the σ boxes can cut, in words: "this schedule's noise σ runs from 0 to about 1,000" (two
+    figures: a rough range to pick the boxes' values in, not a measurement)."""
+    def about(x):  # "about" only where rounding changed the number
+        words = format_number(x, digits=2)
+        return words if float(words.replace(",", "")) == x else "about " + words
+    return f"this schedule's noise σ runs from {about(lowest)} to {about(highest)}"
 
 
 def as_text(value) -> str:

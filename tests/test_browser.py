@@ -2,10 +2,11 @@
 
 A tiny run goes through all five notebooks (on a few demo monsters), JupyterLab serves a copy of 04_sample cut after
 the cell tagged `panel` and pointed at that run; the browser runs it, checks that it opens at the sweep's choice
-(EMA length included) and that Reset restores it, compares guidance values (the boxes stay as typed), types bad
-values, cancels and interrupts. The executed 04 and 05 are opened as a reader would at 1400 px: no frozen 0 %
-progress line, no table row wrapped. Screenshots go to $BROWSER_SCREENSHOTS (default: a folder under /tmp named in
-the output).
+(EMA length included) and that Reset restores it (the seed too, and clears a red line), compares guidance values
+(the boxes stay as typed; no caption phrase wraps, file browser open, at 1400 and 1200 px), types bad values,
+cancels and interrupts (a disabled Cancel loses its colour). The executed 04 and 05 are opened as a reader would at
+1400 px: no frozen 0 % progress line, no table row wrapped. Screenshots go to $BROWSER_SCREENSHOTS (default: a
+folder under /tmp named in the output).
 Needs `chromium` (apt-get install -y chromium; .ci/run installs it) and the `playwright` package: no browser
 download (never `playwright install`). BROWSER_RUN_DIR=<a finished tiny run of all five notebooks> reuses that run.
 """
@@ -230,6 +231,10 @@ def check_panel(page, shots, choice: Setting):
     assert opened["EMA length"] == setting_words(choice, "ema_length") and opened["scheduler"] == choice.scheduler
     expect(page.get_by_text(re.compile(r"^chosen by 04's sweep \(runs/\w+/metrics\.json\)$"))).to_be_visible()
     expect(page.get_by_text(re.compile(r"^Generate: 1 row × 4 seeds"))).to_be_visible()  # said before the click
+    opened_seed = box(page, "seed").input_value()
+    assert opened_seed == "0"  # the first test prompt's handed-in seed: the tiny run's seed + 0
+    sigmas = page.get_by_text(re.compile(r"^\(this schedule's noise σ runs from")).inner_text().replace("\xa0", " ")
+    assert re.fullmatch(r"\(this schedule's noise σ runs from (about )?[\d.]+ to (about )?[\d,]+\)", sigmas), sigmas
 
     width = box(page, "prompt").evaluate("e => e.getBoundingClientRect().width")
     long_prompt = ("this is a really cute little creature and it is a red round monster with two eyes and horns and "
@@ -238,9 +243,11 @@ def check_panel(page, shots, choice: Setting):
     expect(page.get_by_text("tokens: the text encoder keeps 16")).to_be_visible()
     assert box(page, "prompt").evaluate("e => e.getBoundingClientRect().width") == width  # a long prompt: same box
 
+    open_file_browser(page)  # where the issue saw "seeds 0…" / "3": less room for the captions
     page.get_by_role("button", name="Compare guidance 1, 2, 3, 5").click()
     captions = page.locator(".monster-rows .monster-caption")  # the last click's rows, not the history strip
     expect(captions).to_have_count(4)
+    check_phrases_never_wrap(page, panel, shots)
     texts = captions.all_inner_texts()
     assert page.locator(".monster-rows th").all_inner_texts() == [
         "guidance 1 (no guidance)", "guidance 2", "guidance 3", "guidance 5"]  # each row labelled with its value
@@ -262,6 +269,19 @@ def check_panel(page, shots, choice: Setting):
         time.sleep(0.5)
     assert shown_setting(page) == opened  # Reset restores every field
 
+    box(page, "seed").fill("5")  # a seed change and a failed click, then Reset: the handed-in picture again
+    box(page, "guidance").fill("-2")
+    generate.click()
+    expect(page.get_by_text("Cannot sample: guidance=-2.0")).to_be_visible()
+    stale = page.locator('[title="stale"]')  # the dimmed rows
+    expect(stale).to_have_count(1)
+    page.get_by_role("button", name="reset to chosen").click()
+    expect(box(page, "seed")).to_have_value(opened_seed)
+    expect(box(page, "guidance")).to_have_value(opened["guidance"])
+    expect(page.get_by_text("Cannot sample")).to_have_count(0)  # every box is valid again: no red line
+    expect(stale).to_have_count(0)
+    panel.screenshot(path=shots / "2b-after-reset.png")
+
     box(page, "steps").fill("0")
     generate.click()
     expect(page.get_by_text("Cannot sample: steps=0 should be a whole number >= 1")).to_be_visible()
@@ -279,21 +299,60 @@ def check_panel(page, shots, choice: Setting):
     assert caption.endswith("seeds 0…3") and ("step-000002" in caption) == (choice.snapshot != "step-000002")
     expect(page.locator(".monster-history .monster-caption")).to_have_count(4)  # the compare rows, kept below
 
+    cancel = page.get_by_role("button", name="Cancel", exact=True)
     for stop in ("Cancel", "Kernel → Interrupt"):
         box(page, "steps").fill("1000")  # the most the schedule allows; seconds on a CPU
         generate.click()
         expect(page.get_by_text("sampling…")).to_be_visible()
+        expect(cancel).to_be_enabled()
+        live = cancel.evaluate("e => getComputedStyle(e).backgroundColor")
         time.sleep(1)
         if stop == "Cancel":
-            page.get_by_role("button", name="Cancel").click()
+            cancel.click()
         else:
             page.evaluate("() => { window.jupyterapp.commands.execute('notebook:interrupt-kernel'); }")
         expect(page.get_by_text(re.compile(r"^cancelled after \d+ steps"))).to_be_visible(timeout=30_000)
         expect(generate).to_be_enabled()
+        expect(cancel).to_be_disabled()
+        expect(cancel).not_to_have_class(re.compile("mod-warning"))  # a disabled Cancel is not orange
+        assert cancel.evaluate("e => getComputedStyle(e).backgroundColor") != live
         for text in (page.get_by_text(re.compile(r"^cancelled after")),
                      page.get_by_role("button", name="Compare guidance 1, 2, 3, 5")):
             assert text.evaluate("e => e.scrollWidth <= e.clientWidth"), "a label is cut"
     panel.screenshot(path=shots / "4-cancelled.png")
+
+
+def open_file_browser(page):
+    page.evaluate("() => window.jupyterapp.commands.execute('filebrowser:activate')")
+    expect(page.locator(".jp-FileBrowser")).to_be_visible()
+
+
+PHRASE_LINES = """els => els.map(e => { const r = document.createRange(); r.selectNodeContents(e);
+    return new Set([...r.getClientRects()].filter(b => b.width > 0).map(b => Math.round(b.top))).size; })"""
+
+
+def check_phrases_never_wrap(page, panel, shots):
+    """Every caption phrase is on one line (its text's boxes share a top) at 1400 and 1200 px, and in a caption
+    squeezed to the width of its widest phrase, which must then break, between phrases."""
+    phrases = page.locator(".monster-caption .monster-phrase")
+    for width in (1400, 1200):
+        page.set_viewport_size({"width": width, "height": 2400})
+        time.sleep(1)
+        lines = phrases.evaluate_all(PHRASE_LINES)
+        assert lines and max(lines) == 1, f"a caption phrase wraps at {width} px: {lines}"
+        panel.screenshot(path=shots / f"2-compare-{width}.png")
+    squeezed = page.locator(".monster-rows .monster-caption").first
+    squeezed.evaluate("""e => { const widths = [...e.querySelectorAll('.monster-phrase')]
+        .map(p => p.getBoundingClientRect().width);
+        e.style.width = Math.max(...widths) + 2 + 'px'; }""")  # room for its widest phrase only
+    try:
+        assert max(squeezed.locator(".monster-phrase").evaluate_all(PHRASE_LINES)) == 1
+        tops = squeezed.locator(".monster-phrase").evaluate_all("es => es.map(e => e.getBoundingClientRect().top)")
+        assert len(set(tops)) > 1  # it does break: between phrases
+        squeezed.screenshot(path=shots / "2-caption-squeezed.png")
+    finally:
+        squeezed.evaluate("e => { e.style.width = ''; }")
+        page.set_viewport_size({"width": 1400, "height": 2400})
 
 
 def test_the_committed_notebook_opens_unmodified(browser, lab_url):

@@ -16,8 +16,9 @@ import helpers.panel
 from helpers.autoencoder import load_autoencoder
 from helpers.config import profile_config
 from helpers.model import TextToImage, noise_scheduler
-from helpers.panel import make_panel, sample_row
-from helpers.sample import guided_steps
+from helpers.panel import caption_html, make_panel, sample_row
+from helpers.panel_controls import format_number, sigma_note
+from helpers.sample import guided_steps, sigma_range
 from helpers.setting import Setting
 from helpers.text import load_text_encoder
 from helpers.unet import build_unet
@@ -38,7 +39,9 @@ def click(panel, button="generate"):
 
 
 def captions(box_html: str) -> list[str]:
-    return [html.unescape(c) for c in re.findall(r'class="monster-caption"[^>]*>([^<]*)<', box_html)]
+    """Each caption's text (its phrases are spans)."""
+    found = re.findall(r'class="monster-caption"[^>]*>(.*?)</div>', box_html)
+    return [html.unescape(re.sub(r"<[^>]+>", "", c)) for c in found]
 
 
 def row_images(box_html: str) -> list[Image.Image]:
@@ -205,10 +208,12 @@ def test_cancel_stops_between_steps_and_the_panel_stays_usable(model, monkeypatc
     while len(steps_done) < 5:
         time.sleep(0.01)
     assert p.generate_button.disabled and not p.cancel_button.disabled
+    assert (p.generate_button.button_style, p.cancel_button.button_style) == ("", "warning")  # the live one coloured
     p.cancel_button.click()
     p.wait(10)
     assert len(steps_done) < 10 and p.status.value.startswith("cancelled after")
     assert not p.generate_button.disabled and p.cancel_button.disabled and p.error.value == ""
+    assert (p.generate_button.button_style, p.cancel_button.button_style) == ("primary", "")  # no orange when off
 
 
 def test_an_error_while_sampling_shows_in_the_panel_with_its_traceback(model, monkeypatch):
@@ -265,3 +270,62 @@ def test_an_executed_copy_shows_a_one_line_note_instead_of_a_repr(model):
     bundle = make_panel(model)._repr_mimebundle_()
     assert "application/vnd.jupyter.widget-view+json" in bundle
     assert bundle["text/plain"].startswith("[guidance playground") and "VBox" not in bundle["text/plain"]
+
+
+def test_reset_gives_back_the_handed_in_seed_and_clears_the_red_line_and_the_dimming(model, recorder, tmp_path):
+    (tmp_path / "test.json").write_text(json.dumps({k: {"image_name": f"{k}.png", "text_prompt": t} for k, t in
+                                                    [("a", "a red round monster"), ("b", "a blue monster")]}))
+    run_model = dataclasses.replace(model, cfg=model.cfg.replace(data_dir=str(tmp_path), seed=10))
+    p = make_panel(run_model, prompt="a blue monster", steps=2, n=2)
+    assert p.c["seed"].value == "11"  # cfg.seed + its index in test.json: the handed-in picture's seed
+    click(p)
+    shown = p.rows.value
+    p.c["seed"].value, p.c["guidance"].value = "5", "-2"
+    p.generate_button.click()
+    assert error_text(p).startswith("Cannot sample: guidance=-2.0") and 'opacity:0.35' in p.rows.value
+    p.reset_button.click()
+    assert (p.c["seed"].value, p.c["guidance"].value) == ("11", "3")
+    assert p.error.value == "" and p.details.layout.display == "none" and p.rows.value == shown  # undimmed
+    click(p)
+    assert recorder.calls[-1]["seeds"] == recorder.calls[0]["seeds"] == [11, 12]
+    p.c["prompt"].value, p.c["seed"].value = "a red round monster", "5"
+    p.reset_button.click()
+    assert p.c["seed"].value == "10"  # the seed of the prompt shown, not of the one the panel opened with
+    p = make_panel(run_model, prompt="not a test prompt", seed=42, n=2)
+    p.c["seed"].value = "5"
+    p.reset_button.click()
+    assert p.c["seed"].value == "42"  # a prompt the test set lacks: the seed the panel opened with
+    assert make_panel(run_model, prompt="no test prompt").c["seed"].value == "10"  # and by default the run's
+
+
+@pytest.mark.parametrize("x, words", [(0, "0"), (0.3, "0.3"), (5, "5"), (157, "157"), (999.98, "1,000"),
+                                      (1000, "1,000"), (14.6, "14.6"), (0.006427, "0.00643"), (20291.3, "20,300")])
+def test_numbers_are_written_as_people_write_them(x, words):
+    assert format_number(x) == words
+    assert "e" not in format_number(x * 1e6) + format_number(x / 1e6)
+
+
+def test_two_figures_for_a_rough_range():
+    assert [format_number(x, digits=2) for x in (999, 157, 14.6, 0.3)] == ["1,000", "160", "15", "0.3"]
+
+
+def test_the_sigma_note_in_plain_numbers(model):
+    assert sigma_note(0.0, 998.9999999999991) == "this schedule's noise σ runs from 0 to about 1,000"
+    assert sigma_note(0.3, 14) == "this schedule's noise σ runs from 0.3 to 14"  # "about" only when rounded
+    note = sigma_note(*sigma_range(model.scheduler_config))
+    assert note == "this schedule's noise σ runs from about 0.0064 to about 20,000"
+    shown = [w.value for box in make_panel(model).children for w in getattr(box, "children", ()) if
+             hasattr(w, "value") and "σ runs" in str(w.value)]
+    assert [html.unescape(re.sub(r"<[^>]+>", "", v)) for v in shown] == [
+        "(this schedule's noise σ runs from\xa0about\xa00.0064 to\xa0about\xa020,000)"]  # each bound one unit
+
+
+def test_a_caption_breaks_between_phrases_only():
+    caption = ("“a red, round monster” · chosen setting but guidance 2, 5 steps, guided for σ in (0.3, 5] · "
+               "guided at 3 of 5 steps · seeds 0…3")
+    phrases = [html.unescape(p) for p in re.findall(r'<span class="monster-phrase"[^>]*>([^<]*)</span>',
+                                                    caption_html(caption))]
+    assert phrases == ["“a red,", "round monster” ·", "chosen setting but guidance 2,", "5 steps,",
+                       "guided for σ in (0.3, 5] ·", "guided at 3 of 5 steps ·", "seeds 0…3"]
+    assert " ".join(phrases) == caption  # the text reads (and copies) as before
+    assert 'display:inline-block' in caption_html(caption)  # a box: it moves to the next line whole
