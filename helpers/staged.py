@@ -181,10 +181,13 @@ class CellRecords:
             self._load()
 
     def _load(self) -> None:
+        import zipfile
+        import zlib
+
         try:
             with np.load(self.path, allow_pickle=False) as z:
                 arrays = {k: z[k] for k in z.files}
-        except (OSError, ValueError, EOFError) as e:
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as e:  # a cut or damaged file
             print(f"{self.path}: unreadable ({type(e).__name__}: {e}); this cell's prompts are sampled again")
             return
         sampled = arrays.pop("sampled", None)
