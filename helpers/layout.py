@@ -61,7 +61,7 @@ class RunLayout:
         return self.root / f"hw6_{student_id}.zip"
 
     def plot(self, name: str) -> Path:
-        """A figure a notebook saves, e.g. plot("selection_sweep") -> <run>/selection_sweep.png."""
+        """A figure a notebook saves, e.g. plot("eval_grid") -> <run>/eval_grid.png."""
         return self.root / f"{name}.png"
 
     def unet_dir(self, snapshot: str) -> Path:

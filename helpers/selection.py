@@ -1,13 +1,13 @@
-"""What to submit: candidate settings scored on the test prompts, and the winner.
+"""What to submit: candidate settings, the weights each samples with, and the rule that picks the winner.
 
-A `helpers.setting.Setting` is everything that decides the test-set images besides the prompts. The
-selection sweep (04_sample) samples a fixed, seeded subset of the test prompts at every candidate setting
-(same seeds everywhere, so only the setting differs) and scores it with a judge (helpers.judges: the
-course's scorer for hw6, the probe for the demo). Each finished cell is appended to
-`<run>/selection/cells.jsonl` at once, so an interrupted sweep resumes where it stopped, and a cell is
-only reused while its snapshot's weights, prompts and judge are the same. `choose` applies the judge's
-stated rule; 04_sample writes the choice to metrics.json and the test set of exactly that choice
-(helpers.submission.write_test_set).
+A `helpers.setting.Setting` is everything that decides the test-set images besides the prompts. This module
+loads the weights a setting samples with and identifies them (`setting_weights_id`: a cell is only reused while
+they are the same), builds the candidate settings (`sweep_axes`, `sweep_settings`), and applies the judge's stated
+rule (`choose`). The selection itself is `helpers.staged.staged_sweep` (successive halving over seeded test
+prompts, judged by helpers.judges: the course's scorer for hw6, the probe for the demo; with no stages it is the
+full sweep, every cell on every prompt); it keeps per-cell records in `<run>/selection/staged/` and appends the
+finalists' rows to `<run>/selection/cells.jsonl` (`read_cells`, `append_cell`). 04_sample writes the choice to
+metrics.json and the test set of exactly that choice (helpers.submission.write_test_set).
 """
 from __future__ import annotations
 
@@ -18,12 +18,9 @@ import itertools
 import json
 from pathlib import Path
 
-from .progress import progress_bar
-
 from .config import RunConfig
 from .files import json_safe, read_json, safetensors_problem
 from .layout import WEIGHTS_FILE
-from .sample import sample_images
 from .setting import FINAL, FIRST_SNAPSHOT, NO_GUIDE, Setting
 
 
@@ -348,31 +345,7 @@ def _example(field: str) -> str:
             "guide_weight": "[1.5, 2]"}[field]
 
 
-# ---------------------------------------------------------------- the sweep
-
-
-def selection_sweep(model, cfg: RunConfig, judge, settings: list[Setting], prompts: list[str], seeds: list[int], *,
-                    batch_size: int, progress: bool = True) -> list[dict]:
-    """One row {"setting", "weights", "context", **judge.evaluate(images)} per setting, reusing finished cells."""
-    cells = cfg.layout.cells
-    context = {"prompts": hashlib.sha256(json.dumps([prompts, seeds]).encode()).hexdigest()[:16],
-               "judge": judge.key}
-    done = {_cell_key(r["setting"], r["weights"], r["context"]): r for r in read_cells(cells) if _scored(r, judge, cells)}
-    hashes = {_weights_key(s): setting_weights_id(cfg, s) for s in settings}
-    todo = [s for s in settings if _cell_key(s.to_dict(), hashes[_weights_key(s)], context) not in done]
-    if len(todo) < len(settings):
-        print(f"Reusing {len(settings) - len(todo)} of {len(settings)} sweep cells already in {cells}")
-    current, setting_model = None, None
-    bar = progress_bar(todo, desc="selection sweep", unit="cell", disable=not progress)
-    for s in bar:
-        bar.set_postfix_str(s.label(), refresh=False)
-        if _weights_key(s) != current:  # the same weights for consecutive cells: loaded once
-            current, setting_model = _weights_key(s), with_setting(model, cfg, s)
-        images = sample_images(setting_model, prompts, seeds, s, batch_size=batch_size)
-        row = {"setting": s.to_dict(), "weights": hashes[current], "context": context, **judge.evaluate(images)}
-        append_cell(cells, row)
-        done[_cell_key(row["setting"], row["weights"], context)] = row
-    return [done[_cell_key(s.to_dict(), hashes[_weights_key(s)], context)] for s in settings]
+# ---------------------------------------------------------------- the sweep's cells and choice
 
 
 def _weights_key(s: Setting) -> tuple:
@@ -387,28 +360,12 @@ def choose(rows: list[dict], judge) -> dict:
     return min(rows, key=judge.rank)
 
 
-def _scored(row: dict, judge, path: Path) -> bool:
-    """Whether a recorded cell holds what the judge ranks by (a hand-edited one may not)."""
-    try:
-        judge.rank(row)
-        return True
-    except (KeyError, TypeError, ValueError) as e:
-        if row["context"].get("judge") == judge.key:
-            print(f"{path}: the cell of {row['setting']} lacks the judge's scores ({type(e).__name__}: {e}); "
-                  "it is sampled again")
-        return False
-
-
-def _cell_key(setting: dict, weights: str, context: dict) -> str:
-    return json.dumps([setting, weights, context], sort_keys=True)
-
-
 CELL_FIELDS = ("setting", "weights", "context")
 
 
 def read_cells(path: Path) -> list[dict]:
-    """The sweep's finished cells. A line that is cut (an interrupted write) or damaged by hand is reported
-    with its number and left out, so its setting is sampled again; it is never a traceback."""
+    """The rows in `path` (selection/cells.jsonl: the sweep's judged finalists). A line that is cut (an
+    interrupted write) or damaged by hand is reported with its number and left out; it is never a traceback."""
     if not path.exists():
         return []
     rows = []
@@ -424,7 +381,7 @@ def read_cells(path: Path) -> list[dict]:
             missing = [k for k in CELL_FIELDS if k not in row]
             problem = f"no {', '.join(missing)}" if missing else _setting_problem(row["setting"])
         if problem:
-            print(f"{path}, line {n}: {problem}; that cell is sampled again")
+            print(f"{path}, line {n}: {problem}; left out (a sweep that finishes that cell writes its row again)")
             continue
         rows.append(row)
     return rows

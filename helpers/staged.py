@@ -8,7 +8,7 @@ the finalists are judged on every prompt by the judge's own leaderboard rule (`h
 A prompt keeps its seed (cfg.seed + its index in test.json), so a stage's images are exactly those the next stage
 and the test set would make: each cell's per-prompt judge records are kept in `<run>/selection/staged/<cell>.npz`
 and a later stage samples only the prompts a cell lacks. An interrupted sweep resumes from those files; the
-finalists' rows are appended to `selection/cells.jsonl` as the full sweep's are, and `selection/stages.json`
+finalists' rows are appended to `selection/cells.jsonl` (once each), and `selection/stages.json`
 records the plan and who moved on at each stage.
 """
 from __future__ import annotations
@@ -181,10 +181,13 @@ class CellRecords:
             self._load()
 
     def _load(self) -> None:
+        import zipfile
+        import zlib
+
         try:
             with np.load(self.path, allow_pickle=False) as z:
                 arrays = {k: z[k] for k in z.files}
-        except (OSError, ValueError, EOFError) as e:
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as e:  # a cut or damaged file
             print(f"{self.path}: unreadable ({type(e).__name__}: {e}); this cell's prompts are sampled again")
             return
         sampled = arrays.pop("sampled", None)

@@ -209,21 +209,15 @@ def test_sweep_over_ema_lengths_and_guides_loads_each_weight_set_once(run, monke
     settings = selection.sweep_settings(Setting(scheduler="ddim"), **axes)
     assert len(settings) == 4
 
-    class Brightness:
-        key, columns = "mean", ["brightness"]
+    from helpers.staged import staged_sweep
+    from judges_for_tests import BrightJudge
 
-        def evaluate(self, images):
-            return {"brightness": float(images.mean())}
-
-        def rank(self, row):
-            return (-row["brightness"],)
-
-    rows = selection.selection_sweep(load_model(run), run, Brightness(), settings, ["a monster number 2."], [1],
-                                     batch_size=1, progress=False)
-    assert len(loads) == 4 and len({r["weights"] for r in rows}) == 4 and len({r["brightness"] for r in rows}) == 4
-    again = selection.selection_sweep(load_model(run), run, Brightness(), settings, ["a monster number 2."], [1],
-                                      batch_size=1, progress=False)
-    assert again == rows and len(loads) == 4 and "Reusing 4 of 4" in capsys.readouterr().out
+    sweep = lambda: staged_sweep(load_model(run), run, BrightJudge(), settings, ["a monster number 2."], [1],  # noqa: E731
+                                 batch_size=1, stage_prompts=[], budget_hours=0, progress=False)[0]
+    rows = sweep()
+    assert len(loads) == 4 and len({r["weights"] for r in rows}) == 4 and len({r["clip_t"] for r in rows}) == 4
+    again = sweep()
+    assert again == rows and len(loads) == 4 and "stage 1 was sampled earlier" in capsys.readouterr().out
 
 
 def test_sweep_axes_of_ema_and_guides_come_from_the_config_and_are_checked(run):

@@ -133,10 +133,11 @@ def test_a_flow_run_resumes_exactly_and_goes_through_post_hoc_ema_autoguidance_s
     from helpers.model import load_model
     from helpers.panel import make_panel
     from helpers.sample import sample_images
-    from helpers.selection import selection_sweep, sweep_settings, with_setting
+    from helpers.selection import sweep_settings, with_setting
+    from helpers.staged import staged_sweep
     from helpers.train import train
     from helpers.trainlog import read_log
-    from test_selection import MeanJudge
+    from judges_for_tests import BrightJudge
     from test_train import make_run
 
     settings = dict(max_steps=4, checkpoint_every=2, snapshot_every=2, logit_mean=0.5, immiscible_noise=True,
@@ -160,9 +161,9 @@ def test_a_flow_run_resumes_exactly_and_goes_through_post_hoc_ema_autoguidance_s
     assert images.shape[0] == 1 and images.isfinite().all()
     settings = sweep_settings(Setting(scheduler="dpm++2m"), snapshot=b.layout.snapshot_names(), guidance=[1.0, 4.0],
                               steps=[2])
-    rows = selection_sweep(model, b, MeanJudge(), settings, ["a monster number 1.", "a monster number 2."], [5, 6],
-                           batch_size=2, progress=False)
-    assert len({r["brightness"] for r in rows}) == 4  # snapshot and guidance both change the flow run's images
+    rows, _ = staged_sweep(model, b, BrightJudge(), settings, ["a monster number 1.", "a monster number 2."], [5, 6],
+                           batch_size=2, stage_prompts=[], budget_hours=0, progress=False)
+    assert len({r["clip_t"] for r in rows}) == 4  # snapshot and guidance both change the flow run's images
     panel = make_panel(model, setting=Setting("model", 3.0, 4, "dpm++2m", (0.3, 5.0)), n=1)
     assert list(panel.c["scheduler"].options) == list(FLOW_SCHEDULERS)
     # the panel opens at the run's choice: 3 dpm++2m flow steps, t = .999, .666, .333 -> sigma 999, 2, 0.5

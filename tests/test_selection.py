@@ -1,31 +1,29 @@
-"""Choosing what to submit: the selection sweep over snapshots x guidance x steps, its judges and the choice."""
+"""Choosing what to submit: the full sweep over snapshots x guidance x steps (helpers.staged.staged_sweep with
+no stages), its judges and the choice."""
 import json
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-import helpers.selection as selection
+import helpers.sample
 from helpers.judges import CourseJudge, ProbeJudge
 from helpers.model import load_model
 from helpers.data import seeded_subset
-from helpers.selection import (choose, chosen_setting, selection_sweep, spread, sweep_axes,
-                               sweep_settings, sweep_table)
+from helpers.selection import (choose, chosen_setting, read_cells, spread, sweep_axes, sweep_settings,
+                               sweep_table)
 from helpers.setting import FINAL, Setting
+from helpers.staged import staged_sweep
+from judges_for_tests import BrightJudge
 from test_train import make_run
 from helpers.train import train
 
 
-class MeanJudge:
-    """A stand-in judge: the images' mean brightness, higher is better."""
-
-    key, columns = "mean", ["brightness"]
-
-    def evaluate(self, images):
-        return {"brightness": float(images.mean())}
-
-    def rank(self, row):
-        return (-row["brightness"], row["setting"]["guidance"])
+def full_sweep(model, cfg, judge, settings, prompts, seeds, *, batch_size, folder=None) -> list[dict]:
+    """The selection's rows of a full sweep (no stages: every cell judged on every prompt)."""
+    return staged_sweep(model, cfg, judge, settings, prompts, seeds, batch_size=batch_size, stage_prompts=[],
+                        budget_hours=0, progress=False, folder=folder)[0]
 
 
 @pytest.fixture(scope="module")
@@ -38,33 +36,36 @@ def run(tmp_path_factory):
     return cfg
 
 
-def test_sweep_samples_each_setting_once_and_resumes_from_its_cells(run, monkeypatch, capsys):
-    model = load_model(run)
+def test_sweep_samples_each_setting_once_and_resumes_from_its_records(run, monkeypatch, capsys):
+    model, judge = load_model(run), BrightJudge()
     calls = []
-    real_sample = selection.sample_images
-    monkeypatch.setattr(selection, "sample_images", lambda *a, **k: calls.append(k) or real_sample(*a, **k))
+    real_sample = helpers.sample.sample_images
+    monkeypatch.setattr(helpers.sample, "sample_images", lambda *a, **k: calls.append(k) or real_sample(*a, **k))
     assert run.layout.snapshot_names() == ["step-000002", "step-000004"]
     settings = sweep_settings(Setting(scheduler="ddim"), snapshot=run.layout.snapshot_names(), guidance=[1.0, 4.0],
                               steps=[2])
     prompts, seeds = ["a monster number 1.", "a monster number 2. The monster is attacking."], [5, 6]
-    rows = selection_sweep(model, run, MeanJudge(), settings, prompts, seeds, batch_size=2, progress=False)
+    sweep = lambda: full_sweep(model, run, judge, settings, prompts, seeds, batch_size=2)  # noqa: E731
+    before = len(read_cells(run.layout.cells))
+    rows = sweep()
     assert [Setting.from_dict(r["setting"]) for r in rows] == settings and len(calls) == 4
     assert rows[0]["weights"] != rows[2]["weights"]  # each snapshot is its own model
-    assert len({r["brightness"] for r in rows}) == 4  # guidance and snapshot both change the images
-    again = selection_sweep(model, run, MeanJudge(), settings, prompts, seeds, batch_size=2, progress=False)
-    assert again == rows and len(calls) == 4 and "Reusing 4 of 4 sweep cells" in capsys.readouterr().out
-    # more training rewrote a snapshot: only its cells are sampled again; a half-written cell line is skipped,
-    # and the cells appended after it stay whole (the cut line is closed first)
+    assert len({r["clip_t"] for r in rows}) == 4  # guidance and snapshot both change the images
+    assert len(read_cells(run.layout.cells)) == before + 4  # one row per cell in selection/cells.jsonl
+    again = sweep()
+    assert again == rows and len(calls) == 4 and "stage 1 was sampled earlier" in capsys.readouterr().out
+    # more training rewrote a snapshot: only its cells are sampled again; a half-written cells.jsonl line is
+    # skipped, and the rows appended after it stay whole (the cut line is closed first)
     weights = run.run_dir / "snapshots" / "step-000004" / "diffusion_pytorch_model.safetensors"
     save_file({k: v * 1.01 for k, v in load_file(str(weights)).items()}, str(weights))
     with run.layout.cells.open("a") as f:
         f.write('{"setting": {"snap')
-    newer = selection_sweep(model, run, MeanJudge(), settings, prompts, seeds, batch_size=2, progress=False)
+    newer = sweep()
     assert len(calls) == 6 and newer[:2] == rows[:2] and newer[2]["weights"] != rows[2]["weights"]
-    assert "line 5: not JSON" in capsys.readouterr().out
-    assert selection_sweep(model, run, MeanJudge(), settings, prompts, seeds, batch_size=2, progress=False) == newer
-    assert len(calls) == 6  # both cells written after the cut line were read back
-    table = sweep_table(newer, MeanJudge.columns, choose(newer, MeanJudge()))
+    assert f"line {before + 5}: not JSON" in capsys.readouterr().out
+    assert sweep() == newer and len(calls) == 6
+    assert len(read_cells(run.layout.cells)) == before + 6  # both rows written after the cut line were read back
+    table = sweep_table(newer, judge.columns, choose(newer, judge))
     assert table.count("*") == 1 and "step-000004" in table
 
 
@@ -127,22 +128,36 @@ def test_spread_keeps_the_last_and_seeded_subset_is_seeded():
     assert seeded_subset(10, 0, 0) == list(range(10)) and len(seeded_subset(10, 4, 0)) == 4
 
 
-def test_hand_damaged_sweep_records_are_reported_by_line_and_sampled_again(run, capsys):
-    model, judge = load_model(run), MeanJudge()
+def test_hand_damaged_sweep_records_are_reported_and_sampled_again(run, capsys, tmp_path):
+    model, judge, folder = load_model(run), BrightJudge(), tmp_path / "staged"
     settings = sweep_settings(Setting(scheduler="ddim", steps=2), snapshot=["step-000002"], guidance=[2.0, 5.0])
     prompts, seeds = ["a monster number 3."], [1]
-    rows = selection_sweep(model, run, judge, settings, prompts, seeds, batch_size=1, progress=False)
-    recorded = [json.loads(x) for x in run.layout.cells.read_text().splitlines() if x.endswith("}")]
-    kept = [r for r in recorded if r["setting"]["guidance"] not in (2.0, 5.0)]
-    no_weights = {k: v for k, v in rows[0].items() if k != "weights"}
-    no_score = {k: v for k, v in rows[1].items() if k != "brightness"}
-    run.layout.cells.write_text("\n".join(map(json.dumps, kept + [42, no_weights, no_score])) + "\n")
-    again = selection_sweep(model, run, judge, settings, prompts, seeds, batch_size=1, progress=False)
+    calls = []
+    real_sample = helpers.sample.sample_images
+    sampling = lambda *a, **k: calls.append(k) or real_sample(*a, **k)  # noqa: E731
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(helpers.sample, "sample_images", sampling)
+        rows = full_sweep(model, run, judge, settings, prompts, seeds, batch_size=1, folder=folder)
+        assert len(calls) == 2
+        # each cell's per-prompt records: one cut (an interrupted copy), one with another number of prompts
+        cut, other = sorted(p for p in folder.glob("*.npz") if not p.name.startswith("reference-"))
+        cut.write_bytes(cut.read_bytes()[:40])
+        np.savez_compressed(other, sampled=np.ones(3, bool), clip_t=np.zeros(3))
+        # and selection/cells.jsonl: a line that is not a cell, one without its weights
+        recorded = [json.loads(x) for x in run.layout.cells.read_text().splitlines() if x.endswith("}")]
+        kept = [r for r in recorded if r["setting"] not in (rows[0]["setting"], rows[1]["setting"])]
+        no_weights = {k: v for k, v in rows[0].items() if k != "weights"}
+        run.layout.cells.write_text("\n".join(map(json.dumps, kept + [42, no_weights, rows[1]])) + "\n")
+        again = full_sweep(model, run, judge, settings, prompts, seeds, batch_size=1, folder=folder)
     said = capsys.readouterr().out
     n = len(kept)
+    assert f"{cut}: unreadable (" in said and f"{other}: not 1 judged prompts" in said
+    assert len(calls) == 4  # both cells sampled again
     assert f"line {n + 1}: a int, not a cell object" in said and f"line {n + 2}: no weights" in said
-    assert "lacks the judge's scores (KeyError" in said and "Traceback" not in said
-    assert [r["brightness"] for r in again] == pytest.approx([r["brightness"] for r in rows], abs=1e-6)
+    assert "Traceback" not in said
+    assert [r["clip_t"] for r in again] == pytest.approx([r["clip_t"] for r in rows], abs=1e-6)
+    # the row left out is written again, once
+    assert [r["setting"] for r in read_cells(run.layout.cells)[n:]] == [rows[1]["setting"], rows[0]["setting"]]
 
 
 @pytest.mark.parametrize("given, message", [
@@ -204,8 +219,7 @@ def test_course_judge_path_end_to_end_with_stand_in_networks(run, monkeypatch):
     assert sorted(p.name for p in (run.run_dir / "selection" / "val_real").glob("*.png"))  # the real reference
     assert (run.run_dir / "selection" / "val_stats" / "test_mu.npy").exists()
     settings = sweep_settings(Setting(scheduler="ddim", steps=2), snapshot=["step-000004"], guidance=[1.0, 3.0])
-    rows = selection_sweep(load_model(run), run, judged.judge, settings, judged.texts, judged.seeds, batch_size=3,
-                           progress=False)
+    rows = full_sweep(load_model(run), run, judged.judge, settings, judged.texts, judged.seeds, batch_size=3)
     assert all(r["fid"] >= 0 and -1 <= r["clip_t"] <= 1 for r in rows)
     assert choose(rows, judged.judge) is min(rows, key=lambda r: r["fid"])
 

@@ -7,30 +7,12 @@ import helpers.sample
 from helpers.estimators import kid, kid_to_gaussian, scores_from, screen_score
 from helpers.model import load_model
 from helpers.score import feature_statistics, frechet_distance
-from helpers.selection import read_cells, selection_sweep, sweep_settings
+from helpers.selection import read_cells, sweep_settings
 from helpers.setting import Setting
 from helpers.staged import (Plan, best, cells_per_stage, halving, prompt_order, stage_sizes, staged_sweep,
                             trim_to_budget)
+from judges_for_tests import BrightJudge, FreshBrightJudge
 from test_selection import run  # noqa: F401 (the trained tiny run, a module-scoped fixture)
-
-
-class BrightJudge:
-    """A stand-in course judge: each image's mean brightness as its "CLIP-T" (a per-prompt mean, higher is better)."""
-
-    key, kind, columns, reference = "bright", "course", ["clip_t"], {}
-
-    def per_prompt(self, images, positions=None):
-        return {"clip_t": images.double().mean((1, 2, 3)).numpy()}
-
-    def evaluate(self, images):
-        return scores_from(self.kind, self.reference, self.per_prompt(images))
-
-    def rank(self, row):
-        return (-row["clip_t"], row["setting"]["guidance"])
-
-
-class FreshBrightJudge(BrightJudge):
-    key = "bright-full"
 
 
 
@@ -129,7 +111,7 @@ def _counting(monkeypatch, fail_after=None):
     return calls
 
 
-def test_staged_sweep_reuses_stage_images_resumes_and_matches_the_full_sweep(run, monkeypatch, capsys):
+def test_staged_sweep_reuses_stage_images_resumes_and_matches_the_full_sweep(run, monkeypatch, capsys, tmp_path):
     model, judge = load_model(run), BrightJudge()
     settings = sweep_settings(Setting(scheduler="ddim", steps=2), snapshot=run.layout.snapshot_names(),
                               guidance=[1.0, 2.0, 4.0])
@@ -153,11 +135,16 @@ def test_staged_sweep_reuses_stage_images_resumes_and_matches_the_full_sweep(run
     assert all(c[1] == [PROMPTS[p] for p in order[4:8]] and c[2] == [SEEDS[p] for p in order[4:8]] for c in calls[2:])
     # the finalists' rows are those of the full sweep over the same cells (stage images are the final ones)
     winners = [Setting.from_dict(r["setting"]) for r in rows]
-    fresh = FreshBrightJudge()  # its own cells, not the staged sweep's rows
-    full = selection_sweep(model, run, fresh, winners, PROMPTS, SEEDS, batch_size=8, progress=False)
+    # the full sweep (no stages) with a judge of another key, in a records folder of its own: it samples every
+    # prompt of those cells afresh rather than reading the staged sweep's records
+    fresh, own = FreshBrightJudge(), dict(batch_size=8, stage_prompts=[], budget_hours=0, progress=False,
+                                          folder=tmp_path / "full")
+    calls = _counting(monkeypatch)
+    full, _ = staged_sweep(model, run, fresh, winners, PROMPTS, SEEDS, **own)
+    assert sorted(sum((c[1] for c in calls), [])) == sorted(PROMPTS * len(winners))
     assert [r["clip_t"] for r in rows] == pytest.approx([r["clip_t"] for r in full], abs=1e-5)
     # and the halving kept the best of the screened cells: the full sweep's winner over all six is among them
-    everything = selection_sweep(model, run, fresh, settings, PROMPTS, SEEDS, batch_size=8, progress=False)
+    everything, _ = staged_sweep(model, run, fresh, settings, PROMPTS, SEEDS, **own)
     assert min(everything, key=judge.rank)["setting"] in [r["setting"] for r in rows]
     # a second run samples nothing and adds no duplicate rows to cells.jsonl
     calls = _counting(monkeypatch)
