@@ -10,7 +10,7 @@ saying which use they decide for (`use="train"` or `"sample"`).
 On a CPU "auto" depends on the use (benchmarks/bench_cpu.py, the demo's U-Net):
 - a CPU that computes bf16 natively (AMX or AVX512-BF16, `cpu_native_bf16`): bf16 autocast for sampling
   (1.79x fp32's images/s on a Xeon with AMX, 1.41x on an AMD host), fp32 for training (bf16 training measured
-  0.74x there: its backward pass gains nothing and pays for the casts).
+  0.74x fp32's images/s on that Xeon).
 - any other CPU: fp32 for both (bf16 would be emulated).
 - another device (e.g. MPS): fp32.
 An explicit "no", "fp16" or "bf16" is taken as asked, for both uses, with a warning where the card emulates bf16
