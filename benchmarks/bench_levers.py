@@ -7,6 +7,10 @@
                                                   # post-hoc EMA / autoguidance: one model, >= 3 seeds x 240 prompts
     python benchmarks/bench_levers.py --objectives v,epsilon,flow,flow-mean-0.5 --seeds 3 --guidances 2
                                                   # training objectives: a run per objective and training seed
+    python benchmarks/bench_levers.py --cpu-precision --seeds 3 --max-steps 600 --guidances 2 --steps 10
+                                                  # fp32 against bf16 sampling, paired on each training seed
+    python benchmarks/bench_levers.py --cpu-precision --run-dirs outputs/levers-600/runs/lever-flow-600-seed0,...
+                                                  # the same on runs trained before
 
 Each lever trains a run of the demo profile from scratch with one setting changed (the latent cache and the
 probe are shared, keyed by what made them), samples every demo test prompt (attribute combinations never seen
@@ -31,6 +35,14 @@ interval and scheduler); its images are scored as the handed-in PNGs read back (
 the model's resolution) by one probe (run seed 0's). The table gives mean ± sd over training seeds of eyes, the
 mean of colour, shape and action, probe FD, and each one's paired difference to "v" (the demo before flow) on the same
 seed, plus images/s of sampling. Rows go to <outputs-dir>/objectives.json.
+
+`--cpu-precision` measures what bf16 sampling (helpers.precision: "auto" on a CPU with AMX or AVX512-BF16) costs in
+quality: each trained model (the demo's objective, "flow", trained for each of `--seeds` training seeds as
+`--objectives flow` names it, so those runs are reused; or the runs of `--run-dirs`) samples all test prompts at one
+fixed setting (final EMA U-Net, the first of `--guidances`, `--steps`) twice, with the same seeds: fp32 and bf16
+autocast. Both are scored the same way, as handed in, by one probe (run seed 0's): accuracy per attribute and probe FD.
+The table pairs them per training seed (bf16 − fp32) and gives mean ± sd of the paired differences. Rows go to
+<outputs-dir>/cpu_precision/, one file each, and <outputs-dir>/cpu_precision.json.
 """
 from __future__ import annotations
 
@@ -174,6 +186,94 @@ def print_objective_table(rows: list, baseline: str = "v") -> None:
               f"{statistics.mean(r['train_s'] for r in mine):.0f} |")
 
 
+CPU_PRECISIONS = {"fp32": "no", "bf16": "bf16"}  # row label -> mixed_precision: explicit, whatever "auto" picks here
+
+
+def precision_runs(run_dirs: list[str], outputs_dir: Path, data_dir: str, max_steps: int, seeds: list[int],
+                   size: str) -> list:
+    """The configs to pair: the runs in `run_dirs` as they are, else a demo-objective run per training seed (trained
+    here unless `--objectives flow` trained it into `outputs_dir` already)."""
+    from helpers.config import load_config
+
+    if run_dirs:
+        return [load_config(d) for d in run_dirs]
+    return [trained_run(f"flow-{max_steps}-seed{seed}", outputs_dir, data_dir, max_steps, size,
+                        {**OBJECTIVES["flow"], "seed": seed})[0] for seed in seeds]
+
+
+def measure_cpu_precision(cfgs: list, outputs_dir: Path, guidance: float, steps: int, size: str) -> list:
+    """Rows {run, seed, precision, images_per_s, scores} of each run sampled in fp32 and in bf16, same prompts and
+    seeds, scored by one probe (run seed 0's config: differences are the precision's, not the judge's)."""
+    import dataclasses
+
+    from helpers.judges import judge_for_run
+    from helpers.model import load_model
+    from helpers.precision import decide
+    from helpers.sample import sample_images
+    from helpers.setting import Setting
+
+    judged, row_dir = None, outputs_dir / "cpu_precision"
+    row_dir.mkdir(parents=True, exist_ok=True)
+    for cfg in cfgs:
+        if judged is None:
+            judged, _ = judge_for_run(dataclasses.replace(cfg, seed=0), 0, probe_steps=50 if size == "tiny" else 400)
+        model = load_model(cfg)
+        setting = Setting.from_config(cfg).replace(guidance=guidance, steps=steps)
+        for label, mode in CPU_PRECISIONS.items():
+            as_set = dataclasses.replace(model, cfg=dataclasses.replace(cfg, mixed_precision=mode))
+            t0 = time.perf_counter()
+            images = sample_images(as_set, judged.texts, judged.seeds, setting, batch_size=cfg.sample_batch_size)
+            row = {"run": cfg.run_name, "seed": cfg.seed, "precision": label, "device": str(model.device),
+                   "auto_here": decide("auto", model.device, use="sample").reason,  # what "auto" samples in here
+                   "setting": setting.to_dict(), "images_per_s": round(len(images) / (time.perf_counter() - t0), 1),
+                   **judged.judge.evaluate(as_handed_in(images, cfg.output_size))}
+            (row_dir / f"{cfg.run_name}-{label}.json").write_text(json.dumps(row, indent=1))
+    rows = [json.loads(p.read_text()) for p in sorted(row_dir.glob("*.json"))]
+    (outputs_dir / "cpu_precision.json").write_text(json.dumps(rows, indent=1))
+    return rows
+
+
+PRECISION_COLUMNS = ("color", "shape", "eyes", "extra", "action")
+
+
+def precision_scores(row: dict) -> list[float]:
+    """The table's columns of a row: accuracy per attribute, mean of colour, shape, action, probe FD, images/s."""
+    return [row["accuracy"][a] for a in PRECISION_COLUMNS] + [row["mean_accuracy"], row["frechet_distance"],
+                                                              row["images_per_s"]]
+
+
+def _cell(value: float, i: int, sign: str = "") -> str:
+    return f"{value:{sign}.{3 if i < 6 else 1}f}"  # accuracies to 0.001; FD and images/s to 0.1
+
+
+def print_cpu_precision_table(rows: list) -> None:
+    """Per run: fp32, bf16 and their difference; then mean ± sd over runs of each and of the difference."""
+    import statistics
+
+    def ms(column, i, sign):
+        spread = f" ± {_cell(statistics.stdev(column), i)}" if len(column) > 1 else " (1 run)"
+        return _cell(statistics.mean(column), i, sign) + spread
+
+    print("| seed | run | precision | colour | shape | eyes | extra | action | mean (c, s, a) | probe FD | images/s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    by_run = {(r["run"], r["precision"]): r for r in rows}
+    paired = {"fp32": [], "bf16": [], "Δ bf16 − fp32": []}
+    for run in dict.fromkeys(r["run"] for r in rows):
+        if (run, "fp32") not in by_run or (run, "bf16") not in by_run:
+            continue  # half measured (stopped): nothing to pair
+        fp32, bf16 = (precision_scores(by_run[run, k]) for k in ("fp32", "bf16"))
+        for label, values in zip(paired, (fp32, bf16, [b - a for a, b in zip(fp32, bf16)])):
+            paired[label].append(values)
+            sign = "+" if label.startswith("Δ") else ""
+            print(f"| {by_run[run, 'fp32']['seed']} | {run} | {label} | "
+                  + " | ".join(_cell(v, i, sign) for i, v in enumerate(values)) + " |")
+    for label, table in paired.items():
+        sign = "+" if label.startswith("Δ") else ""
+        if table:
+            print(f"| all | {len(table)} runs | {label} | "
+                  + " | ".join(ms(list(column), i, sign) for i, column in enumerate(zip(*table))) + " |")
+
+
 def measure_settings(levers: list[str], outputs_dir: Path, data_dir: str, max_steps: int, guidances, steps: int,
                      n_seeds: int, size: str) -> list:
     """Rows {lever, guidance, seed_set, setting, scores} of each setting lever on one model, `n_seeds` seed sets."""
@@ -277,20 +377,29 @@ def main(argv=None):
     ap.add_argument("--size", choices=["demo", "tiny"], default="demo")
     ap.add_argument("--setting-levers", default="", help=f"comma-separated, of {', '.join(SETTING_LEVERS)}")
     ap.add_argument("--seeds", type=int, default=3,
-                    help="seed sets per setting lever; training seeds per objective")
+                    help="seed sets per setting lever; training seeds per objective or --cpu-precision")
     ap.add_argument("--objectives", default="",
                     help=f"comma-separated, of {', '.join(OBJECTIVES)}; name@N trains N steps instead of --max-steps")
     ap.add_argument("--seed-list", default="", help="training seeds to measure instead of 0 .. --seeds - 1, e.g. 2,3")
+    ap.add_argument("--cpu-precision", action="store_true",
+                    help="pair fp32 and bf16 sampling on each training seed's model (or --run-dirs')")
+    ap.add_argument("--run-dirs", default="", help="with --cpu-precision: comma-separated trained run folders")
     args = ap.parse_args(argv)
     outputs_dir = Path(args.outputs_dir).resolve()
     guidances = [float(g) for g in args.guidances.split(",")]
+    seeds = [int(k) for k in args.seed_list.split(",")] if args.seed_list else list(range(args.seeds))
+    if args.cpu_precision:
+        cfgs = precision_runs([d for d in args.run_dirs.split(",") if d], outputs_dir, args.data_dir, args.max_steps,
+                              seeds, args.size)
+        rows = measure_cpu_precision(cfgs, outputs_dir, guidances[0], args.steps, args.size)
+        print_cpu_precision_table(rows)
+        return rows
     if args.objectives:
         objectives = args.objectives.split(",")
         unknown = [x for x in objectives if objective_spec(x, 0)[0] not in OBJECTIVES]
         if unknown:
             ap.error(f"--objectives: unknown {', '.join(unknown)} (known: {', '.join(OBJECTIVES)})")
         outputs_dir.mkdir(parents=True, exist_ok=True)
-        seeds = [int(k) for k in args.seed_list.split(",")] if args.seed_list else list(range(args.seeds))
         rows = measure_objectives(objectives, outputs_dir, args.data_dir, args.max_steps, guidances, args.steps,
                                   seeds, args.size)
         print_objective_table(rows)

@@ -75,7 +75,7 @@ class RunConfig:
     max_grad_norm: float = 1.0
 
     # ---- fit, precision and time (02/03: helpers.fit, helpers.precision, helpers.session)
-    mixed_precision: str = "auto"  # auto (by the card: bf16 on sm_80+, fp16 + loss scaling below) | no | bf16 | fp16
+    mixed_precision: str = "auto"  # auto (helpers.precision: by the card and, on a CPU, the use) | no | bf16 | fp16
     compile: bool = False
     gradient_checkpointing: bool = False
     micro_splits: int = 1  # forward + backward each batch in this many chunks: same step, less activation memory

@@ -127,7 +127,7 @@ def measure_step(cfg: RunConfig, unet, batch: tuple, micro_splits: int = 1, grad
     saved: list[int] = []
 
     run_loss = loss_function(training_objective(cfg, device), unet)
-    precision = decide(cfg.mixed_precision, device)
+    precision = decide(cfg.mixed_precision, device, use="train")
 
     def loss_of(*chunk):
         hooks = saved_for_backward(params, saved) if not saved and not on_cuda(device) else contextlib.nullcontext()

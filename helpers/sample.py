@@ -8,8 +8,9 @@ One sampler serves training previews, the test set, the notebook's widget (helpe
 - guidance can be limited to an interval of noise levels (Kynkäänniemi et al. 2024, "Applying guidance in a
   limited interval improves sample and distribution quality"): outside it the plain conditional prediction is
   used, one U-Net call per image;
-- on CUDA the U-Net and the decoder run under the card's autocast (helpers.precision: bf16 on sm_80+, fp16 below),
-  the scheduler's arithmetic stays float32.
+- the U-Net and the decoder run under the device's autocast for sampling (helpers.precision: bf16 on sm_80+, fp16
+  below; bf16 on a CPU that computes it natively, AMX or AVX512-BF16), printed once per process where sampling
+  starts; the scheduler's arithmetic stays float32.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from PIL import Image
 from .progress import progress_bar
 
 from .images import tensor_to_pil
-from .precision import Precision, decide
+from .precision import Precision, decide, report_once
 from .setting import Setting
 
 from .schedulers import COMMON_KWARGS, SCHEDULERS, make_scheduler  # noqa: F401 (re-exported)
@@ -80,13 +81,14 @@ def sample_latents(unet, sampler, cond, uncond, seeds, setting: Setting, *, late
     (g - 1) + (w - 1) fixed. U-Net calls per step: one (the prompt and, on CFG steps, "" in the same batch) plus one
     of the guide while it is active (w != 1). w = 1, or a guide equal to the main U-Net, changes nothing.
     `on_step(done, total)` is called after each step (e.g. to move a progress bar; raising there stops).
-    `precision`: the autocast of the U-Net calls (default: the card's, helpers.precision.decide("auto", device)).
+    `precision`: the autocast of the U-Net calls (default: the device's for sampling,
+    helpers.precision.decide("auto", device, use="sample")).
     """
     from diffusers.guiders.guider_utils import rescale_noise_cfg
 
     p = next(unet.parameters())
     device, batch = p.device, len(seeds)
-    precision = precision or decide("auto", device)
+    precision = precision or decide("auto", device, use="sample")
     if cond.shape[0] != batch:
         raise ValueError(f"{cond.shape[0]} prompt embeddings for {batch} seeds")
     cond = cond.to(device, p.dtype)
@@ -157,7 +159,8 @@ def sample_images(model, prompts, seeds, setting: Setting, *, batch_size: int = 
     check_holds(model, setting)
     sampler = make_scheduler(setting.scheduler, model.scheduler_config)
     device = model.device
-    precision = decide(model.cfg.mixed_precision, device)
+    precision = decide(model.cfg.mixed_precision, device, use="sample")
+    report_once(precision, f"Sampling on {device.type}")
     uncond = model.encode_prompts([""]).to(device)
     out = []
     starts = range(0, len(prompts), batch_size)

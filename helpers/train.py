@@ -56,7 +56,7 @@ def make_accelerator(cfg: RunConfig):
     if cuda:  # TF32 matmuls: free speed for the fp32 parts on Ampere and newer
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    precision = decide(cfg.mixed_precision, "cuda" if cuda else "cpu")
+    precision = decide(cfg.mixed_precision, "cuda" if cuda else "cpu", use="train")
     # cpu=True on a machine without GPUs lets torchrun / `accelerate launch --multi_gpu` run gloo processes
     accelerator = Accelerator(mixed_precision=precision.mode, gradient_accumulation_steps=cfg.grad_accum,
                               log_with=None, cpu=not cuda)

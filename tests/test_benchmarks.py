@@ -83,3 +83,25 @@ def test_bench_levers_objectives_train_each_seed_and_pair_against_v(tmp_path):
     assert "| v | 2 | 3 | 3 | " in out and "| v@3 | 3 | 3 | 1 | " in out and "| flow-mean-0.5 | 2 | 3 | 2 | " in out
     rows = json.loads((tmp_path / "out" / "objectives.json").read_text())
     assert len(rows) == 6 and {r["max_steps"] for r in rows if r["objective"] == "v@3"} == {3}
+
+
+@pytest.mark.slow
+def test_bench_levers_cpu_precision_pairs_fp32_and_bf16_sampling_on_trained_and_existing_runs(tmp_path):
+    import json
+
+    (tmp_path / "data").mkdir()
+    common = ("--size", "tiny", "--data-dir", str(tmp_path / "data"), "--cpu-precision", "--max-steps", "2",
+              "--guidances", "3", "--steps", "2")
+    out = run("bench_levers.py", *common, "--outputs-dir", str(tmp_path / "out"), "--seeds", "1")
+    run_dir = tmp_path / "out" / "runs" / "lever-flow-2-seed0"  # named as --objectives flow names it: reused
+    assert json.loads((run_dir / "config.json").read_text())["prediction_type"] == "flow_prediction"
+    for label in ("fp32", "bf16", "Δ bf16 − fp32"):
+        assert f"| 0 | lever-flow-2-seed0 | {label} | " in out and f"| all | 1 runs | {label} | " in out
+    rows = json.loads((tmp_path / "out" / "cpu_precision.json").read_text())
+    assert [r["precision"] for r in rows] == ["bf16", "fp32"] and rows[0]["setting"] == rows[1]["setting"]
+    assert all(0 <= r["accuracy"]["eyes"] <= 1 and r["frechet_distance"] >= 0 for r in rows)
+    # a model trained before: sampled and scored again into another folder, nothing trained
+    out = run("bench_levers.py", *common, "--outputs-dir", str(tmp_path / "again"), "--run-dirs", str(run_dir))
+    assert "| 0 | lever-flow-2-seed0 | Δ bf16 − fp32 | " in out and not (tmp_path / "again" / "runs").exists()
+    again = json.loads((tmp_path / "again" / "cpu_precision.json").read_text())
+    assert [r["frechet_distance"] for r in again] == [r["frechet_distance"] for r in rows]  # same probe, same images
