@@ -18,16 +18,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from test_train import make_run, model_weights
 
-import helpers.precision as precision
 import helpers.train as train_module
+from helpers import precision
 from helpers.checkpoint import latest_checkpoint, list_checkpoints
 from helpers.precision import LossScaleWatch
 from helpers.train import train
 from helpers.trainlog import read_log
-from test_train import make_run, model_weights
-
 
 # ---------------------------------------------------------------- fp16 with a real GradScaler
 
@@ -127,6 +125,9 @@ def expected_scales(state: dict, skipped: list[bool]) -> list[float]:
     return out
 
 
+# A skipped first step means the LR schedule steps before the optimizer ever has: PyTorch warns. The loop steps its
+# schedule once per step, taken or skipped (as diffusers' training scripts do), so that is expected here.
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)` before `optimizer.step\\(\\)`")
 def test_fp16_steps_with_a_real_loss_scaler_skip_overflows_and_resume_exactly(tmp_path, course_dir, monkeypatch,
                                                                                fresh_accelerate):
     sessions = fp16_on_a_cpu(monkeypatch)
@@ -154,7 +155,7 @@ def test_fp16_steps_with_a_real_loss_scaler_skip_overflows_and_resume_exactly(tm
             same = all(torch.equal(x, y) for x, y in zip(before, after))
             assert same == skip
         assert [scale for _, scale, _, _ in s.steps] == expected_scales(start, skipped)
-    flags = lambda s: [skip for skip, _, _, _ in s.steps]  # noqa: E731
+    flags = lambda s: [skip for skip, _, _, _ in s.steps]
     # skipped steps happen (the scale starts too high) and are counted: TrainResult == LossScaleWatch == the steps
     assert flags(one) == [True, True, False, False, True, False]  # as SCALER's comment says
     assert straight.skipped_steps == sum(flags(one))
@@ -174,3 +175,132 @@ def test_fp16_steps_with_a_real_loss_scaler_skip_overflows_and_resume_exactly(tm
         wa, wb = model_weights(a, folder), model_weights(b, folder)
         for name in wa:
             torch.testing.assert_close(wa[name], wb[name], rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------- two processes (gloo) == one at twice the batch
+
+WORKER = Path(__file__).with_name("train_worker.py")
+
+
+def _launch(outputs: Path, out: Path, *runs: str) -> str:
+    """tests/train_worker.py on 2 gloo processes under torchrun (as tests/test_shards.py launches its worker)."""
+    from test_shards import _free_port
+
+    out.mkdir(exist_ok=True)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    torchrun = shutil.which("torchrun") or str(Path(sys.executable).with_name("torchrun"))
+    args = [torchrun, "--nproc_per_node", "2", "--master_port", str(_free_port()), str(WORKER), str(outputs),
+            str(out), *runs]
+    done = subprocess.run(args, capture_output=True, text=True, timeout=240, env=env)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    assert "rank 0 done" in done.stdout and "rank 1 done" in done.stdout
+    return done.stdout
+
+
+def record_steps(monkeypatch, ranks_draws: bool = False) -> dict:
+    """What train() in this process draws, as train_worker.py records it: the cache rows of each micro-step and
+    the gradient norm each step clips. `ranks_draws`: a one-process step at 2b draws each half of its batch with
+    the generator a process of a two-process run uses for it, (seed, step, micro-step, rank) with rank 0 for the
+    first half and rank 1 for the second, in place of rank 0 for the whole batch."""
+    from accelerate import Accelerator
+
+    from helpers import step as step_module
+
+    drawn, key = {"rows": [], "grad_norms": []}, {}
+    batch, generator, clip = step_module.DeviceCache.batch, step_module.step_generator, Accelerator.clip_grad_norm_
+
+    def keyed_generator(seed, *parts, device="cpu"):
+        key.update(seed=seed, parts=parts, device=device)
+        return generator(seed, *parts, device=device)
+
+    def recording_batch(self, rows, gen, *args, **kwargs):
+        drawn["rows"].append(rows.clone())
+        if not ranks_draws:
+            return batch(self, rows, gen, *args, **kwargs)
+        (step, micro, rank), half = key["parts"], len(rows) // 2
+        assert rank == 0 and len(rows) == 2 * half
+        halves = [batch(self, rows[r * half:(r + 1) * half], generator(key["seed"], step, micro, r,
+                                                                       device=key["device"]), *args, **kwargs)
+                  for r in (0, 1)]
+        return tuple(torch.cat(parts) for parts in zip(*halves))
+
+    def recording_clip(self, *args, **kwargs):
+        norm = clip(self, *args, **kwargs)
+        drawn["grad_norms"].append(float(norm))
+        return norm
+
+    monkeypatch.setattr(train_module, "step_generator", keyed_generator)
+    monkeypatch.setattr(step_module.DeviceCache, "batch", recording_batch)
+    monkeypatch.setattr(Accelerator, "clip_grad_norm_", recording_clip)
+    return drawn
+
+
+def differences(cfg_a, cfg_b, folder: str) -> torch.Tensor:
+    """|a - b| of every weight of the two runs' saved U-Nets (`folder`: unet or unet_ema), flattened."""
+    wa, wb = model_weights(cfg_a, folder), model_weights(cfg_b, folder)
+    assert wa.keys() == wb.keys()
+    return torch.cat([(wa[k].float() - wb[k].float()).abs().flatten() for k in wa])
+
+
+@pytest.mark.slow
+def test_two_processes_train_as_one_at_twice_the_batch_and_resume_exactly(tmp_path, course_dir, monkeypatch):
+    n, k, b = 4, 2, 4
+    lr = 1e-3
+    # a constant lr: a run trained to max_steps=k, then extended to n, follows the lr of one trained to n
+    settings = dict(max_steps=n, lr=lr, lr_schedule="constant", warmup_steps=0, checkpoint_every=k, snapshot_every=0)
+    two = make_run(tmp_path, course_dir, name="two", batch_size=b, **settings)  # 2 processes x b
+    paused = make_run(tmp_path, course_dir, name="paused", batch_size=b, **settings)  # the same, in two launches
+    out = tmp_path / "drawn"
+    _launch(tmp_path, out, f"two:{n}", f"paused:{k}")
+    resumed = _launch(tmp_path, out, f"paused:{n}")  # a new launch: the resume reads the checkpoint from disk
+    assert f"rank 0: paused steps {k + 1}-{n}" in resumed and f"rank 1: paused steps {k + 1}-{n}" in resumed
+    drawn = lambda name, steps, rank: torch.load(out / f"drawn-{name}-{steps}-rank{rank}.pt")
+    rows = lambda name, steps, rank: [r.tolist() for r in drawn(name, steps, rank)["rows"]]
+
+    # one process at 2b, as a notebook trains it
+    one = make_run(tmp_path, course_dir, name="one", batch_size=2 * b, **settings)
+    one_drawn = record_steps(monkeypatch)
+    train(one, progress=False)
+    # The design (helpers.step, README "Several GPUs"): the processes split one seeded stream of images; step s
+    # of process r takes b items from position + r*b. So the two processes' rows side by side are exactly the rows
+    # of the one process at 2b, step by step.
+    assert [len(r) for r in one_drawn["rows"]] == [2 * b] * n
+    assert [x + y for x, y in zip(rows("two", n, 0), rows("two", n, 1))] == [r.tolist() for r in one_drawn["rows"]]
+    # But each process draws its items' noise, timesteps, caption choice and dropout from a generator of its own,
+    # seeded by (seed, step, micro-step, rank): one process at 2b trains the same images with other noise, so it is
+    # another run, not the two processes' run: its weights differ by about n * lr (Adam moves a weight by up to lr
+    # per step), not by rounding.
+    other_draw = differences(one, two, "unet")
+    assert float(other_draw.median()) > 0.1 * lr and float(other_draw.max()) > n * lr
+
+    # One process at 2b whose halves draw with the two processes' generators: the same batch, split differently.
+    # DDP averages the processes' gradients of their b-image mean losses: the gradient of the 2b-image mean loss,
+    # up to float rounding (sums in another order). The clipped gradient norms show it before Adam (a sum in
+    # place of the average would double them).
+    drawn_as_two = make_run(tmp_path, course_dir, name="drawn_as_two", batch_size=2 * b, **settings)
+    monkeypatch.undo()  # the recording above, replaced by this one
+    as_two_drawn = record_steps(monkeypatch, ranks_draws=True)
+    train(drawn_as_two, progress=False)
+    assert [r.tolist() for r in as_two_drawn["rows"]] == [r.tolist() for r in one_drawn["rows"]]
+    norms = drawn("two", n, 0)["grad_norms"]
+    assert drawn("two", n, 1)["grad_norms"] == norms  # every process clips the same averaged gradient
+    assert as_two_drawn["grad_norms"] == pytest.approx(norms, rel=1e-5)
+    assert read_log(drawn_as_two)["loss"] == pytest.approx(read_log(two)["loss"], rel=1e-5)  # mean over processes
+    # The weights: Adam divides each gradient element by its own running RMS, so the bulk of the weights differ
+    # by rounding (median < 1e-6), but an element whose gradient is a near-cancelling sum keeps a rounding error
+    # that is large next to it, and Adam turns that into a lr-sized relative change of its step: measured here
+    # up to ~3e-5 (1 % of n * lr), against > n * lr for another draw. The bound: 5 % of n * lr.
+    for folder in ("unet", "unet_ema"):
+        diff = differences(drawn_as_two, two, folder)
+        assert float(diff.median()) < 1e-6 and float(diff.max()) < 0.05 * n * lr, folder
+
+    # resume: trained to k in one launch and on to n in another, the two processes equal the uninterrupted run
+    for rank in (0, 1):  # each process goes on drawing where it stopped in the stream
+        assert rows("paused", k, rank) + rows("paused", n, rank) == rows("two", n, rank)
+    assert read_log(paused)["step"] == [float(s) for s in range(1, n + 1)]  # one writer, no duplicated rows
+    assert read_log(paused)["loss"] == pytest.approx(read_log(two)["loss"], rel=1e-5, abs=1e-6)
+    for folder in ("unet", "unet_ema"):
+        wa, wb = model_weights(two, folder), model_weights(paused, folder)
+        for name in wa:
+            torch.testing.assert_close(wa[name], wb[name], rtol=1e-5, atol=1e-6)
+    assert [p.name for p in list_checkpoints(paused.run_dir / "checkpoints")] == [f"step-{k:06d}", f"step-{n:06d}"]
