@@ -205,4 +205,3 @@ def test_several_processes_slurm_and_papermill_blocks(data, student, tmp_path):
     run_dir = tmp_path / "runs" / "demo"
     on_disk = {p.name: p.read_bytes() for p in (run_dir / "results").glob("*.png")}
     assert zipped_pngs(run_dir / "hw6_2024_001.zip") == on_disk  # -r kept the id as typed, not hw6_2024001.zip
-    assert (run_dir / "results.history" / "1").is_dir()  # the set of the step-10 choice, kept aside
