@@ -23,20 +23,27 @@ TORCH_CPU_LINKS ?= $(if $(wildcard /opt/wheels/torch-*+cpu-*.whl),/opt/wheels,ht
 
 env: $(VENV)/.installed
 
-$(VENV)/.installed: requirements-cpu.lock requirements-cuda.lock pyproject.toml
+$(VENV)/.installed: $(wildcard requirements-cpu.lock requirements-cuda.lock) requirements.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q $(TORCH)
 	@# The lock that fits the torch just installed, less torch itself (pip installed it from $$TORCH; never reinstalled):
 	@# CPU torch: requirements-cpu.lock. CUDA torch: requirements-cuda.lock, which adds the course scorer's parts
 	@# (torchvision of that torch, open_clip). A TORCH with its own index (cu128) brings its own CUDA libraries
 	@# (pinned by that torch wheel), so those lines are left out and torchvision comes from the same index.
+	@# A copy without the locks (the hand-in's code/) installs the unpinned requirements.txt instead, and says so.
 	if ! $(BIN)/python -W ignore -c "import torch, sys; sys.exit(0 if torch.version.cuda else 1)"; then \
-	  grep -v '^torch==' requirements-cpu.lock > $(VENV)/lock.txt; \
-	elif [ -z "$(wordlist 2,99,$(TORCH))" ]; then \
-	  grep -v '^torch==' requirements-cuda.lock > $(VENV)/lock.txt; \
+	  if [ -f requirements-cpu.lock ]; then grep -v '^torch==' requirements-cpu.lock; \
+	  else echo "WARNING: no requirements-cpu.lock: installing the unpinned requirements.txt" >&2; \
+	    grep -v '^torch==' requirements.txt; fi > $(VENV)/lock.txt; \
 	else \
-	  $(BIN)/pip install -q --no-deps "$$(grep '^torchvision==' requirements-cuda.lock)" $(wordlist 2,99,$(TORCH)) && \
-	  grep -v -E '^(torch|torchvision|triton|nvidia-[a-z0-9-]*|cuda-[a-z-]*)==' requirements-cuda.lock > $(VENV)/lock.txt; \
+	  vision=$$(grep -s '^torchvision==' requirements-cuda.lock || $(BIN)/python -W ignore -c \
+	    "import torch; print('torchvision==0.%d.*' % (int(torch.__version__.split('.')[1]) + 15))"); \
+	  if [ -n "$(wordlist 2,99,$(TORCH))" ]; then \
+	    $(BIN)/pip install -q --no-deps "$$vision" $(wordlist 2,99,$(TORCH)) || exit 1; fi; \
+	  if [ -f requirements-cuda.lock ]; then \
+	    grep -v -E '^(torch$(if $(wordlist 2,99,$(TORCH)),|torchvision|triton|nvidia-[a-z0-9-]*|cuda-[a-z-]*))==' requirements-cuda.lock; \
+	  else echo "WARNING: no requirements-cuda.lock: installing the unpinned requirements.txt" >&2; \
+	    grep -v '^torch==' requirements.txt; echo "$$vision"; echo open_clip_torch; fi > $(VENV)/lock.txt; \
 	fi
 	if [ "$(INSTALLER)" = uv ] && { test -x $(UV) || $(BIN)/pip install -q uv==$(UV_VERSION); }; then \
 	  $(UV) pip install -q --python $(BIN)/python -r $(VENV)/lock.txt || \
