@@ -13,7 +13,8 @@ from pathlib import Path
 from .layout import WEIGHTS_FILE
 
 CODE_DIRS = ("helpers", "notebooks")
-CODE_FILES = ("requirements.txt", "README.md", "Makefile", "pyproject.toml")  # pip install -r …, then -e .
+CODE_FILES = ("requirements.txt", "requirements-cpu.lock", "requirements-cuda.lock", "requirements-cuda.in", "README.md",
+              "Makefile", "pyproject.toml")  # make env (or pip install -r …, then -e .)
 REPORT = "report.pdf"
 PLACEHOLDER_ID = "STUDENT_ID"  # a zip packed without a student_id: named so, and said so, never handed in silently
 _ID = re.compile(r"[A-Za-z0-9_-]+")
