@@ -130,11 +130,12 @@ def gb(n: int) -> str:
     return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
 
 
-def check_room(plan: Plan, sizes: WriteSizes, folder: Path) -> str:
-    """One line with the estimate and the free space; NotEnoughDiskError (with settings that fit) if it cannot fit."""
+def check_room(plan: Plan, sizes: WriteSizes, folder: Path, shown: str | None = None) -> str:
+    """One line with the estimate and the free space; NotEnoughDiskError (with settings that fit) if it cannot fit.
+    `shown`: the folder as the line names it (a run as runs/<name>, the same on every machine)."""
     free, need = free_bytes(folder), plan.bytes(sizes) + RESERVE_BYTES
     line = (f"Disk: steps {plan.start + 1}-{plan.max_steps} will write {plan.describe(sizes)}; "
-            f"{gb(free)} free where {folder} is")
+            f"{gb(free)} free where {shown or folder} is")
     if need <= free:
         return line
     raise NotEnoughDiskError(

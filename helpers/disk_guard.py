@@ -38,7 +38,7 @@ class DiskGuard:
             plan = Plan(start, cfg.max_steps, cfg.snapshot_every, cfg.checkpoint_every, cfg.keep_checkpoints,
                         len(list_checkpoints(cfg.layout.checkpoints)), cfg.phema_every)
             try:
-                line = check_room(plan, self.sizes, cfg.run_dir)
+                line = check_room(plan, self.sizes, cfg.run_dir, cfg.layout.shown(cfg.run_dir))
             except NotEnoughDiskError as e:
                 problem = str(e)
         if any_process(self.accelerator, problem is not None):

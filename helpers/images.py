@@ -141,13 +141,14 @@ def upscale(im: Image.Image, cell: int) -> Image.Image:
     return im.resize((cell, cell), method)
 
 
-def image_grid(images: list[Image.Image], cols: int, cell: int | None = None) -> Image.Image:
-    """Tile PIL images into one picture, each upscaled by a whole factor to about `cell` px (see pixel_cell)."""
+def image_grid(images: list[Image.Image], cols: int, cell: int | None = None, gap: int = 0) -> Image.Image:
+    """Tile PIL images into one picture, each scaled by a whole factor to about `cell` px (see pixel_cell), `gap`
+    white pixels between them (so that sprites on white do not run into each other)."""
     cell = pixel_cell(images[0].size[0], cell)
     rows = (len(images) + cols - 1) // cols
-    grid = Image.new("RGB", (cols * cell, rows * cell), (255, 255, 255))
+    grid = Image.new("RGB", (cols * cell + (cols - 1) * gap, rows * cell + (rows - 1) * gap), (255, 255, 255))
     for i, im in enumerate(images):
-        grid.paste(upscale(im, cell), ((i % cols) * cell, (i // cols) * cell))
+        grid.paste(upscale(im, cell), ((i % cols) * (cell + gap), (i // cols) * (cell + gap)))
     return grid
 
 

@@ -262,7 +262,7 @@ def train_probe(data_dir, *, resolution: int, cache_dir, steps: int = 400, batch
         meta = read_json(out / "probe.json")
         net = ProbeNet(resolution, width)
         net.load_state_dict(load_file(out / "probe.safetensors"))
-        print(f"Reusing the probe in {out} (same dataset files, resolution and settings)")
+        print(f"Reusing the probe in {out.parent.name}/{out.name} (same dataset files, resolution and settings)")
         return Probe(net.eval(), resolution, meta["heldout_accuracy"], meta["reference_accuracy"], out)
 
     records, _ = load_course_data(data_dir)

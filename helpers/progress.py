@@ -1,10 +1,11 @@
 """Progress bars that read well where they are looked at: a live widget in JupyterLab, text lines elsewhere.
 
 A notebook executed headless (papermill / nbclient) has no browser to move a widget bar, so the saved copy would
-show every bar frozen at 0 %. There, and wherever `MONSTER_PROGRESS=text`, a bar prints one plain text line every
-`TEXT_INTERVAL_S` seconds, at most one per tenth of the bar (and at the end) instead: the executed notebook then
-reads like a log of a dozen lines per bar, however long the job. A line is never cut at a width, and a line that
-would only repeat the one before (tqdm redraws the last state on close) is not printed again. Libraries' own bars
+show every bar frozen at 0 %. There, and wherever `MONSTER_PROGRESS=text`, a bar prints plain text lines instead:
+its final state when it closes (done, or where it stopped), and before that one line per `TEXT_QUIET_S` of a long
+job, so a bar of seconds leaves one line and an hour's training a few dozen; never a "0%" start line. A line is never
+cut at a width, and a line that would only repeat the one before (tqdm redraws the last state on close) is not
+printed again. Libraries' own bars
 (transformers' "Loading weights", diffusers' loaders) are switched off by `quiet_library_bars`: they would show as a
 frozen 0 % line in an executed notebook.
 """
@@ -33,19 +34,21 @@ def headless() -> bool:
     return kernel is not None and not getattr(kernel, "_allow_stdin", True)
 
 
-TEXT_STEP_PERCENT = 10  # a text line when the bar moved this much since the last one...
-TEXT_QUIET_S = 120.0  # ...or this long after it: a long job stays a dozen lines and still shows it is alive
+TEXT_QUIET_S = 120.0  # a line at most this often while a bar runs: a long job still shows it is alive
+
+
+def _now() -> float:
+    import time
+
+    return time.monotonic()
 
 
 class _LineWriter:
-    """A file for tqdm that turns each carriage-return redraw into its own line: at most one per
-    TEXT_STEP_PERCENT of progress (or per TEXT_QUIET_S), never the same state twice."""
+    """A file for tqdm that turns its carriage-return redraws into lines: one per TEXT_QUIET_S while the bar runs,
+    the last state when it closes (`finish`), never a bar's start (0 of n) and never the same state twice."""
 
-    def __init__(self, stream, clock=None):
-        import time
-
-        self.stream, self.last, self.clock = stream, None, clock or time.monotonic
-        self.last_percent, self.last_time = None, 0.0
+    def __init__(self, stream):
+        self.stream, self.last, self.pending, self.last_time = stream, None, None, _now()
 
     def write(self, text: str) -> None:
         import re
@@ -55,13 +58,20 @@ class _LineWriter:
         if not text or state == self.last:
             return
         found = re.search(r"\| *(\d+)/(\d+) *$", state)  # the count, not tqdm's rounded "100%" at 99.5 %
-        percent = 100 * int(found.group(1)) / int(found.group(2)) if found and int(found.group(2)) else None
-        now = self.clock()
-        if percent is not None and self.last_percent is not None and percent < 100 and \
-                0 <= percent - self.last_percent < TEXT_STEP_PERCENT and now - self.last_time < TEXT_QUIET_S:
-            return
+        done = found is not None and int(found.group(1)) >= int(found.group(2)) > 0
+        if done or (found and int(found.group(1)) > 0 and _now() - self.last_time >= TEXT_QUIET_S):
+            self._emit(text, state)
+        else:
+            self.pending = (text, state)
+
+    def _emit(self, text: str, state: str) -> None:
         self.stream.write(text + "\n")
-        self.last, self.last_percent, self.last_time = state, percent, now
+        self.last, self.pending, self.last_time = state, None, _now()
+
+    def finish(self) -> None:
+        """The bar closed: its last state, if not printed yet (a bar stopped early says where)."""
+        if self.pending and self.pending[1] != self.last:
+            self._emit(*self.pending)
 
     def flush(self) -> None:
         self.stream.flush()
@@ -72,12 +82,17 @@ def progress_bar(iterable=None, **kwargs):
     if headless():
         from tqdm.std import tqdm
 
+        class TextBar(tqdm):
+            def close(self):
+                super().close()
+                lines.finish()
+
         kwargs.setdefault("mininterval", TEXT_INTERVAL_S)
         kwargs.setdefault("maxinterval", TEXT_INTERVAL_S * 6)
         # no ncols: tqdm would cut a long description or postfix at that width; without a terminal its bar is
         # 10 characters wide and the line as long as its text
-        return tqdm(iterable, file=_LineWriter(sys.stdout), ascii=True, dynamic_ncols=False,
-                    **{**kwargs, "leave": True})
+        lines = _LineWriter(sys.stdout)
+        return TextBar(iterable, file=lines, ascii=True, dynamic_ncols=False, **{**kwargs, "leave": True})
     from tqdm.auto import tqdm
 
     return tqdm(iterable, **kwargs)
@@ -91,3 +106,26 @@ def quiet_library_bars() -> None:
             __import__(module, fromlist=["disable_progress_bar"]).disable_progress_bar()
         except ImportError:
             pass
+
+
+_said: set[str] = set()
+_watching = False
+
+
+def say_once(line: str) -> None:
+    """print(line), unless the running notebook cell (or, outside a notebook, this process) printed it already: a
+    rebuild or a decision that many sweep cells repeat is said once where the student reads it."""
+    global _watching
+    if not _watching:
+        _watching = True
+        try:
+            from IPython import get_ipython
+
+            shell = get_ipython()
+            if shell is not None:
+                shell.events.register("pre_run_cell", lambda *_: _said.clear())
+        except ImportError:
+            pass
+    if line not in _said:
+        _said.add(line)
+        print(line)

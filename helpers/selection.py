@@ -19,6 +19,7 @@ import json
 from pathlib import Path
 
 from .config import RunConfig
+from .progress import say_once
 from .files import json_safe, read_json, safetensors_problem
 from .layout import WEIGHTS_FILE
 from .setting import FINAL, FIRST_SNAPSHOT, NO_GUIDE, Setting
@@ -96,7 +97,7 @@ def setting_unet(cfg: RunConfig, snapshot: str, ema_length: float = 0.0, device=
         if unexpected or params & set(missing):
             raise ValueError(f"{cfg.layout.phema}: the stored post-hoc EMA profiles do not fit the U-Net of "
                              f"{snapshot!r} (missing {sorted(params & set(missing))[:3]}, unexpected {unexpected[:3]})")
-        print(f"{snapshot}: {rebuild.line()}")
+        say_once(f"{snapshot}: {rebuild.line()}")
     return unet.to(device).eval().requires_grad_(False)
 
 

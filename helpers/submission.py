@@ -66,7 +66,7 @@ def write_test_set(model, prompts: list[Prompt], results_dir, setting, weights: 
     target, changed = shards.broadcast(_prepare_target(results_dir, partial, prompts, want, record)
                                        if shards.is_main else None)
     if shards.is_main:
-        print(f"Test set: {setting.label()}, seed {seed}, {size}px, {len(prompts)} prompts -> {target}"
+        print(f"Test set: {setting.label()}, seed {seed}, {size}px, {len(prompts)} prompts -> {shown(target)}"
               + (f" ({shards.world} processes)" if shards.world > 1 else ""))
     stats = generate_test_set(model, prompts, target, setting, batch_size=batch_size, seed=seed, size=size)
     if shards.is_main:
@@ -90,8 +90,8 @@ def _prepare_target(results_dir: Path, partial: Path, prompts: list[Prompt], wan
     ours = [p.image_name for p in prompts if (results_dir / p.image_name).exists()]
     target = partial if (ours or have) and changed else results_dir
     if target is partial:
-        print(f"{results_dir} holds {len(ours)} images of another setting ({'; '.join(changed)}): writing the new "
-              f"set beside it in {partial}; the earlier one stays in place until the new one is complete and valid")
+        print(f"{shown(results_dir)} holds {len(ours)} images of another setting ({'; '.join(changed)}): writing the "
+              f"new set beside it in {shown(partial)}; the earlier one stays in place until the new one is complete and valid")
         _keep_other_partial(partial, prompts, want, _history(results_dir))
     elif have is not None:
         recorded = have.get("images") or {}
@@ -99,7 +99,7 @@ def _prepare_target(results_dir: Path, partial: Path, prompts: list[Prompt], wan
         if altered:
             kept = keep_aside(results_dir, altered)
             print(f"{len(altered)} image(s) differ from what manifest.json recorded (e.g. {altered[0]}): moved them "
-                  f"to {kept} and writing them again")
+                  f"to {shown(kept)} and writing them again")
     target.mkdir(parents=True, exist_ok=True)
     atomic_write_json(target / MANIFEST, {**want, "complete": False, "commit": project_commit()})
     return target, changed
@@ -125,7 +125,8 @@ def _keep_other_partial(partial: Path, prompts: list[Prompt], want: dict, histor
     theirs = [p.image_name for p in prompts if (partial / p.image_name).exists()]
     if (theirs or have) and manifest_differences(have, want):
         kept = keep_aside(partial, theirs + ([MANIFEST] if have is not None else []), history)
-        print(f"{partial} held an unfinished set of another setting: moved its {len(theirs)} images to {kept}")
+        print(f"{shown(partial)} held an unfinished set of another setting: moved its {len(theirs)} images to "
+              f"{shown(kept)}")
 
 
 def _swap_in(partial: Path, results_dir: Path, prompts: list[Prompt], changed: list[str]) -> None:
@@ -136,12 +137,21 @@ def _swap_in(partial: Path, results_dir: Path, prompts: list[Prompt], changed: l
     if old:
         kept = keep_aside(results_dir, old)
         print(f"Swapped in the new test set; the earlier one ({len(old) - 1 if MANIFEST in old else len(old)} "
-              f"images; {'; '.join(changed)}) is in {kept} ({_megabytes(kept)}; nothing is deleted)")
+              f"images; {'; '.join(changed)}) is in {shown(kept)} ({_megabytes(kept)}; nothing is deleted)")
     results_dir.mkdir(parents=True, exist_ok=True)
     for name in names + [MANIFEST]:
         os.replace(partial / name, results_dir / name)
     with contextlib.suppress(OSError):  # only if empty: a user's file in it stays
         partial.rmdir()
+
+
+def shown(path: Path) -> str:
+    """A path in a run as runs/<run>/..., the same on every machine (the test set lives in <run>/results...)."""
+    path = Path(path)
+    for root in (path.parent, path.parent.parent):
+        if (root / "config.json").exists():
+            return RunLayout(root).shown(path)
+    return str(path)
 
 
 def _check_writable(folders: tuple[Path, ...]) -> None:
@@ -202,7 +212,8 @@ def generate_test_set(model, prompts: list[Prompt], out_dir, setting, *, batch_s
     skipped = len(prompts) - len(todo)
     todo = [todo[i] for i in shards.share(len(todo))]  # each process writes its own share of the PNGs
     if skipped and shards.is_main:
-        print(f"Skipping {skipped} of {len(prompts)} images already in {out_dir} (written earlier with the same setting)")
+        print(f"Skipping {skipped} of {len(prompts)} images already in {shown(out_dir)} (written earlier with the same "
+              "setting)")
     start = time.perf_counter()
     for b in progress_bar(range(0, len(todo), batch_size), desc="test set", unit="batch", disable=not todo):
         batch = todo[b:b + batch_size]

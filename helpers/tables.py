@@ -118,3 +118,31 @@ def sweep_table_html(rows: list[dict], columns: list[str], choice: dict | None =
             'are left out</div>')
     table = f'<table class="monster-sweep" {_TABLE}><thead>{head}</thead><tbody>{"".join(body)}</tbody></table>'
     return Table(table + note, sweep_table(rows, columns, choice))
+
+
+# 05's measures by the names a report uses
+MEASURES = {"accuracy.color": "colour accuracy", "accuracy.shape": "shape accuracy", "accuracy.eyes": "eyes accuracy",
+            "accuracy.extra": "extra accuracy", "accuracy.action": "action accuracy",
+            "mean_accuracy": "mean accuracy (colour, shape, action)", "frechet_distance": "probe Fréchet distance",
+            "fid": "FID", "clip_t": "CLIP-T", "clip_i": "CLIP-I", "kid": "KID"}
+
+
+def chosen_table(chosen: dict, title: str = "") -> Table:
+    """05's scores of the handed-in set as one table: a row per measure; its value on every test prompt, then on the
+    sweep's prompts, next to what the sweep measured for the same setting on those prompts."""
+    scores = [(k, v) for k, v in flatten({k: v for k, v in chosen.items() if k not in (
+        "setting", "prompts", "skipped", "read_back", "weights_sha256", "on_sweep_prompts")})]
+    again = chosen.get("on_sweep_prompts") or {}
+    handed, sweep = dict(flatten(again.get("handed_in", {}))), dict(flatten(again.get("sweep", {})))
+    columns = ["handed in, every prompt"] + (["handed in, sweep's prompts", "sweep, same prompts"] if again else [])
+    rows = [[MEASURES.get(k, k), fmt(v)] + ([fmt(handed.get(k)), fmt(sweep.get(k))] if again else [])
+            for k, v in scores]
+    width = [max(len(r[i]) for r in rows + [["measure"] + columns]) for i in range(len(columns) + 1)]
+    text = "\n".join(([title] if title else []) + ["  ".join(c.ljust(w) for c, w in zip(r, width))
+                                                   for r in [["measure"] + columns] + rows])
+    th = f'style="{_CELL};border-bottom:1px solid #999"'
+    head = "<tr>" + "".join(f"<th {th}>{html.escape(c)}</th>" for c in ["measure"] + columns) + "</tr>"
+    body = "".join("<tr>" + f'<td style="{_CELL};text-align:left">{html.escape(r[0])}</td>'
+                   + "".join(f'<td style="{_CELL}">{html.escape(c)}</td>' for c in r[1:]) + "</tr>" for r in rows)
+    caption = f'<caption style="text-align:left;font-weight:bold">{html.escape(title)}</caption>' if title else ""
+    return Table(f'<table class="monster-scores" {_TABLE}>{caption}<thead>{head}</thead>{body}</table>', text)

@@ -1,10 +1,34 @@
 """The whole chain, headless: all five notebooks under papermill on a tiny demo dataset."""
 import json
+import re
 
 import pytest
 from PIL import Image
 
+from helpers.config import PROJECT_ROOT
 from helpers.runs import NOTEBOOKS, run_pipeline
+
+
+def cell_texts(path) -> list[str]:
+    """The text each code cell of an executed notebook printed (streams and plain-text results)."""
+    texts = []
+    for cell in json.loads(path.read_text())["cells"]:
+        parts = [o.get("text") or o.get("data", {}).get("text/plain", "") for o in cell.get("outputs", [])]
+        texts.append("".join("".join(p) if isinstance(p, list) else p for p in parts))
+    return texts
+
+
+def noise(path, roots) -> list[str]:
+    """What an executed notebook should not show: absolute paths under `roots`, a raw dict, a progress bar's "0%"
+    start line, a line repeated within a cell."""
+    found = []
+    for text in cell_texts(path):
+        lines = [line for line in text.splitlines() if line.strip()]
+        found += [f"absolute path: {line}" for line in lines if any(str(r) in line for r in roots)]
+        found += [f"raw dict: {line}" for line in lines if line.lstrip().startswith("{'")]
+        found += [f"0% line: {line}" for line in lines if re.search(r"\b0%\|", line)]
+        found += [f"repeated: {line}" for line in set(lines) if lines.count(line) > 1]
+    return found
 
 
 @pytest.mark.slow
@@ -19,6 +43,8 @@ def test_all_notebooks_run_headless_and_write_their_outputs(tmp_path, capfd):
         nb = json.loads((run_dir / "notebooks" / f"{name}.ipynb").read_text())
         assert any(c.get("outputs") for c in nb["cells"] if c["cell_type"] == "code"), name
         assert "requires torchvision" not in json.dumps(nb), name  # transformers' image-processor warning
+    for name in ("03_train_cfg", "04_sample", "05_eval"):  # issue 33: what a student reads, without noise
+        assert noise(run_dir / "notebooks" / f"{name}.ipynb", [tmp_path, PROJECT_ROOT]) == [], name
     config = json.loads((run_dir / "config.json").read_text())
     assert config["profile"] == "tiny" and config["data_dir"] == str(tmp_path / "data")
     # 01: report, split, cache pointer

@@ -13,7 +13,7 @@ def test_forced_text_mode_prints_one_line_per_update(monkeypatch, capsys):
         pass
     lines = capsys.readouterr().out.splitlines()
     assert "\r" not in "".join(lines) and lines[-1].startswith("work: 100%") and "3/3" in lines[-1]
-    assert len(lines) >= 2
+    assert len(lines) == 1  # a bar of a moment: its end, no "0%" start line
 
 
 @pytest.mark.parametrize("allow_stdin, expected", [(False, True), (True, False)])
@@ -45,8 +45,8 @@ def test_text_lines_are_never_cut_or_repeated(monkeypatch, capsys):
             break
     bar.close()  # tqdm redraws the last state (40 %) once more on close: not a second line
     lines = capsys.readouterr().out.splitlines()
-    assert len(lines) == 5 and all(f" {k}/10 [" in line for k, line in enumerate(lines))
-    assert all(line.endswith("would not fit a hundred characters ]") for line in lines[1:])  # never cut
+    assert len(lines) == 1 and " 4/10 [" in lines[0]  # where it stopped, once
+    assert lines[0].endswith("would not fit a hundred characters ]")  # never cut
 
 
 def test_library_bars_are_switched_off():
@@ -60,11 +60,13 @@ def test_library_bars_are_switched_off():
     assert not diffusers.utils.logging.is_progress_bar_enabled()
 
 
-def test_a_long_bar_prints_about_one_line_per_tenth(monkeypatch, capsys):
+def test_a_long_bar_prints_a_line_per_quiet_interval_and_its_end(monkeypatch, capsys):
+    clock = iter(range(0, 10**6, 1))  # one second per reading
+    monkeypatch.setattr(helpers.progress, "_now", lambda: float(next(clock)))
     monkeypatch.setenv("MONSTER_PROGRESS", "text")
     for _ in progress_bar(range(1000), desc="train", mininterval=0, miniters=1):
         pass
     lines = capsys.readouterr().out.splitlines()
     counts = [int(line.split("/1000")[0].split()[-1]) for line in lines]
-    assert len(lines) == 11 and counts[0] == 0 and counts[-1] == 1000 and "100%" in lines[-1]
-    assert all(99 <= b - a <= 101 for a, b in zip(counts[:-1], counts[1:-1]))  # one per tenth
+    assert counts[0] > 0 and counts[-1] == 1000 and "100%" in lines[-1]  # no start line, the end
+    assert 3 <= len(lines) <= 10  # about one per TEXT_QUIET_S (120 readings), not one per update
