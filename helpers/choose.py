@@ -35,6 +35,7 @@ class Outcome:
     stages: dict | None = None
     written: dict | None = None  # write_test_set's stats
     seconds: float = 0.0
+    no_sweep: str = ""  # why nothing was swept, when nothing was
 
 
 def choose_and_write(cfg: RunConfig, model, prompts, judged=None, *, settings: list[Setting] = (),
@@ -51,7 +52,8 @@ def choose_and_write(cfg: RunConfig, model, prompts, judged=None, *, settings: l
         return Outcome(Setting.from_config(cfg), "select_dry_run=True: nothing was sampled or written", overrides)
     with results_lock(cfg, "choose and write the test set", shards):
         outcome = _sweep(cfg, model, judged, settings, stage_prompts, progress, shards) if select and judged \
-            else Outcome(*_earlier_choice(cfg))
+            else Outcome(*_earlier_choice(cfg), no_sweep="select=False" if not select else
+                         "no metric can judge here (see above)")
         outcome.overrides = overrides
         outcome.setting = outcome.setting.replace(**overrides).checked()
         if write:
@@ -196,6 +198,8 @@ def show_outcome(outcome: Outcome, judged=None) -> None:
         print(f"{len(outcome.rows)} finalists of {counts[0]} settings on {judged.note}")
         display(sweep_table_html(outcome.rows, judged.judge.columns, outcome.choice))
         print(f"chosen (★): {outcome.setting.label()}\nrule: {judged.judge.rule}")
+    elif outcome.no_sweep:
+        print(f"no sweep: {outcome.no_sweep}")
     print(outcome_line(outcome))
     if outcome.written:
         display(score_table(outcome.written, "test set"))
@@ -285,7 +289,7 @@ def outcome_line(outcome: Outcome) -> str:
     test_set = (f"; test set: {wrote['written']} images written, {wrote['skipped']} already there"
                 if wrote else "")
     given = f", with {_listed(outcome.overrides)}" if outcome.overrides else ""
-    return f"setting: {outcome.setting.label()} ({outcome.source}{given}){test_set} in {outcome.seconds:.0f} s"
+    return (f"setting: {outcome.setting.label()}, from {outcome.source}{given}{test_set} in {outcome.seconds:.0f} s")
 
 
 if __name__ == "__main__":

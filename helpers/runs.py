@@ -113,8 +113,9 @@ def route_parameters(parameters: dict, notebooks: list[str]) -> tuple[dict[str, 
                             + (f" (did you mean {close[0]!r}?)" if close else ""))
     if problems:
         raise ValueError("Unknown parameter(s): " + "; ".join(problems))
-    parameters = {k: as_bool(v, k) if any(declared[n].get(k) in ("True", "False") for n in notebooks if k in declared[n])
-                  else v for k, v in parameters.items()}
+    parameters = {k: as_bool(v, k) if k in OPTIONAL_BOOLS or any(
+        declared[n].get(k) in ("True", "False") for n in notebooks if k in declared[n]) else v
+        for k, v in parameters.items()}
     RunConfig().replace(**{k: v for k, v in parameters.items() if k in fields})  # every value checked, nothing saved
     for key, value in parameters.items():  # the notebooks' own parameters, as the notebooks will check them
         if key in NOTEBOOK_CHECKS and value is not None:
@@ -173,6 +174,8 @@ def kernel_config():
         return Config({"KernelManager": {"transport_encryption": "auto"}})
     return Config()
 
+
+OPTIONAL_BOOLS = {"make_zip"}  # yes/no parameters whose default None means "decided from the others"
 
 # -p values are Python literals, except these: they stay the text typed (student_id=2024_001 is not 2024001, a
 # snapshot named 1e3 is not 1000.0); the config's text fields join them below

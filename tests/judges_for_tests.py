@@ -6,6 +6,7 @@ class BrightJudge:
     """A stand-in course judge: each image's mean brightness as its "CLIP-T" (a per-prompt mean, higher is better)."""
 
     key, kind, columns, reference = "bright", "course", ["clip_t"], {}
+    rule = "highest mean brightness (a stand-in for CLIP-T); ties: less guidance"
 
     def per_prompt(self, images, positions=None):
         return {"clip_t": images.double().mean((1, 2, 3)).numpy()}

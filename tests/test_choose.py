@@ -109,6 +109,27 @@ def test_an_interrupted_test_set_leaves_one_story_and_05_refuses_the_earlier_set
     check_is_the_choice(fresh, check_record(fresh.layout.results, fresh.layout.test_set_record))
 
 
+def test_handing_in_again_keeps_a_zip_that_already_holds_exactly_this(fresh, model, prompts, tmp_path):
+    from helpers.results import results_manifest
+    from helpers.selection import setting_weights_id
+    from helpers.submission import hand_in
+
+    choose_and_write(fresh, model, prompts, select=False, overrides=GOOD.to_dict(), progress=False)
+    want = results_manifest(GOOD, setting_weights_id(fresh, GOOD), prompts, seed=fresh.seed, size=fresh.output_size)
+    report = tmp_path / "report.pdf"
+    report.write_bytes(b"%PDF-1.4\n%%EOF\n")
+    first = hand_in(fresh, GOOD, prompts, want, student_id="2024_001", report=report)
+    packed = fresh.layout.hand_in("2024_001")
+    stamp = packed.stat().st_mtime_ns
+    again = hand_in(fresh, GOOD, prompts, want, student_id="2024_001", report=report)
+    assert first.startswith("wrote runs/t/hw6_2024_001.zip") and "already holds exactly this test set" in again
+    assert packed.stat().st_mtime_ns == stamp
+    report.write_bytes(b"%PDF-1.4\n% another report\n%%EOF\n")  # a new report: packing again would change it
+    with pytest.raises(FileExistsError, match="overwrite_zip=True"):
+        hand_in(fresh, GOOD, prompts, want, student_id="2024_001", report=report)
+    packed.unlink()
+
+
 # ---------------------------------------------------------------- the command line
 
 

@@ -312,7 +312,10 @@ def test_runner_only_needs_at_least_one_name(capsys):
 def test_a_notebooks_exception_is_one_line_naming_the_notebook_and_the_executed_copy(tmp_path, capfd):
     from helpers.runs import main
 
-    open_run("r", "tiny", outputs_dir=str(tmp_path), data_dir=str(tmp_path / "no-data"))
+    cfg = open_run("r", "tiny", outputs_dir=str(tmp_path), data_dir=str(tmp_path / "no-data"))
+    for folder in ("unet_ema", "scheduler"):  # as if trained, so that 05 itself runs and fails
+        (cfg.layout.model / folder).mkdir(parents=True)
+    (cfg.layout.model / "unet_ema" / "diffusion_pytorch_model.safetensors").write_bytes(b"")
     with pytest.raises(SystemExit) as stop:  # 05 on a run without a test set
         main(["--profile", "tiny", "--run-name", "r", "--outputs-dir", str(tmp_path), "--only", "05_eval"])
     assert stop.value.code == 1

@@ -142,9 +142,6 @@ def test_colab_loop_trains_over_three_sessions_then_hands_in(data, student, tmp_
     assert "all 5 notebooks ran" in said[2].stdout
     run_dir = out / "runs" / "hw6"
     assert_handed_in(run_dir)
-    again = run(script, student, **session)  # the same command once more: nothing sampled, the zip kept
-    assert again.returncode == 0 and "already holds exactly this test set" in (run_dir / "notebooks" / "05_eval.ipynb"
-                                                                               ).read_text()
     # score the handed-in folder as the README's scorer block says (no Inception or CLIP here: both say skipped)
     stats = student / "public_data" / "score"
     stats.mkdir(parents=True)
