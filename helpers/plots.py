@@ -217,6 +217,7 @@ def selection_overview(cells: list, judge, rule: str, bootstrap: int | None = No
             bar = fig.colorbar(matplotlib.cm.ScalarMappable(norm=norm, cmap=cmap), ax=[a for a, _, _ in panels],
                                pad=0.02, fraction=0.04)
             bar.set_label("prompts judged")
+            bar.ax.minorticks_off()
             bar.set_ticks(counts, labels=[str(c) for c in counts])
         handles, labels = axes[0][0].get_legend_handles_labels()
         axes[0][0].legend(handles, [f"{lab} ({len(cells)})" if lab == SCREENED else lab for lab in labels],
@@ -287,6 +288,8 @@ def selection_axes(cells: list, judge, choice_setting: dict, kind: str | None = 
                             ax.plot([x], [y], "*", color="crimson", markersize=15, zorder=5)
             if not numeric:
                 ax.set_xticks(range(len(values)), [fmt(json.loads(v)) for v in values], rotation=15, fontsize=FONT - 3)
+            elif len(values) <= 8:
+                ax.set_xticks(sorted({c.setting[f] for c in cells}))
             ax.set_xlabel(SHORT.get(f, f) if f in SHORT else f.replace("_", " "))
             ax.set_title(f"{f.replace('_', ' ')} ({len(line)} of {len(values)} values)")
             ax.set_label(f"axis:{f}")
@@ -294,9 +297,8 @@ def selection_axes(cells: list, judge, choice_setting: dict, kind: str | None = 
         if not fields:
             axes[0][0].text(0.5, 0.5, "no setting field varies", ha="center", va="center")
             axes[0][0].set_axis_off()
-        fig.suptitle("each setting field that varies, the others at the choice (★); "
-                     + " and ".join(f"{lab} ({'dashed, right' if i else 'solid, left'})"
-                                    for i, (_, lab, _) in enumerate(quantity))
-                     + "; bars ±1 bootstrap sd, n = prompts judged", fontsize=FONT - 1, wrap=True)
-        fig.tight_layout()
+        fig.suptitle("each setting field that varies, the others at the choice (★); bars ±1 bootstrap sd, n = prompts "
+                     "judged\n" + " and ".join(f"{lab} ({'dashed, right axis' if i else 'solid, left axis'})"
+                                               for i, (_, lab, _) in enumerate(quantity)), fontsize=FONT - 1)
+        fig.tight_layout(rect=(0, 0, 1, 1 - 0.38 / (3.7 * rows_)))
     return fig

@@ -27,7 +27,7 @@ BOOTSTRAP = 200  # resamples per cell
 FID_BOOTSTRAP = 50  # ... for FID on more than FID_FAST_MAX prompts (an eigendecomposition of n x n per resample)
 FID_FAST_MAX = 400
 # (key, label) of the rule's first quantity and its tie-break, by judge kind; "higher is better" where True
-RULE_QUANTITIES = {"probe": (("mean_accuracy", "mean probe accuracy (colour, shape, action)", True),
+RULE_QUANTITIES = {"probe": (("mean_accuracy", "mean accuracy (colour, shape, action)", True),
                              ("frechet_distance", "probe Fréchet distance", False)),
                    "course": (("fid", "FID", False), ("clip_t", "CLIP-T", True))}
 
