@@ -182,21 +182,22 @@ def _xy(cell, x_key: str, y_key: str):
 def selection_overview(cells: list, judge, rule: str, bootstrap: int | None = None):
     """matplotlib Figure: every screened cell (left) at the judge's own quantities (x: realism, y: the rule's prompt
     adherence), ±1 bootstrap sd as error bars, colour = prompts judged; finalists ringed, the choice starred.
-    Right (when some cells did not reach the final): the finalists alone, on their own axes, labelled by guidance."""
+    Right (when two or more, but not all, cells moved on past the first screen): those cells alone, on their own
+    axes, labelled by the setting fields that differ among them."""
     import matplotlib
     import matplotlib.pyplot as plt
 
     (x_key, x_label), (y_key, y_label_) = _axes_of(judge, cells)
-    finalists = [c for c in cells if c.finalist]
     counts = sorted({c.prompts for c in cells})
     norm = matplotlib.colors.LogNorm(vmin=min(counts), vmax=max(max(counts), min(counts) + 1)) if cells else None
     cmap = matplotlib.colormaps["viridis_r"]
     with plt.rc_context({"font.size": FONT, "axes.titlesize": FONT + 1, "legend.fontsize": FONT - 1}):
-        two = bool(finalists) and len(finalists) < len(cells)
+        moved = [c for c in cells if c.stage > 0]
+        two = 2 <= len(moved) < len(cells)
         fig, axes = plt.subplots(1, 2 if two else 1, figsize=(13, 6.2) if two else (9, 6.2), squeeze=False)
         panels = [(axes[0][0], cells, f"every setting screened ({len(cells)})")]
         if two:
-            panels.append((axes[0][1], finalists, f"the {len(finalists)} finalists, on their own axes"))
+            panels.append((axes[0][1], moved, f"the {len(moved)} that moved on past the first screen"))
         for ax, shown, title in panels:
             pts = [_xy(c, x_key, y_key) for c in shown]
             colours = [cmap(norm(c.prompts)) for c in shown]
@@ -229,9 +230,11 @@ def selection_overview(cells: list, judge, rule: str, bootstrap: int | None = No
         if two:
             ax = panels[1][0]
             ax.figure.canvas.draw()
-            points = [(_xy(c, x_key, y_key)[0], _xy(c, x_key, y_key)[1]) for c in finalists]
-            for (x, y), c, (dx, dy) in zip(points, finalists, spread_labels(points, ax)):
-                ax.annotate(_cell_label(c, finalists), (x, y), xytext=(dx, dy), textcoords="offset points",
+            points = [(_xy(c, x_key, y_key)[0], _xy(c, x_key, y_key)[1]) for c in moved]
+            labels = [_cell_label(c, moved) for c in moved]
+            width = 0.62 * (FONT - 2) * max(len(t) for t in labels)  # points, about
+            for (x, y), text, (dx, dy) in zip(points, labels, spread_labels(points, ax, width_pt=width)):
+                ax.annotate(text, (x, y), xytext=(dx, dy), textcoords="offset points",
                             fontsize=FONT - 2)
     return fig
 
@@ -270,7 +273,8 @@ def selection_axes(cells: list, judge, choice_setting: dict, kind: str | None = 
             line = along(cells, choice_setting, f)
             values = list(dict.fromkeys(json.dumps(c.setting[f]) for c in cells))
             numeric = all(isinstance(c.setting[f], (int, float)) and not isinstance(c.setting[f], bool) for c in cells)
-            pos = (lambda c: c.setting[f]) if numeric else (lambda c: values.index(json.dumps(c.setting[f])))
+            def pos(c, f=f, values=values, numeric=numeric):
+                return c.setting[f] if numeric else values.index(json.dumps(c.setting[f]))
             line = sorted(line, key=pos)
             twin = ax.twinx() if len(quantity) > 1 else None
             for (key, label, _), target, style, colour in zip(quantity, (ax, twin), ("-o", "--s"),

@@ -11,8 +11,8 @@ import pytest
 matplotlib.use("Agg")
 
 from helpers.estimators import PROBE_ATTRIBUTES, scores_from  # noqa: E402
-from helpers.staged import CellRecords, cell_id, context_id, prompt_order, save_reference  # noqa: E402
 from helpers.setting import Setting  # noqa: E402
+from helpers.staged import CellRecords, cell_id, prompt_order, save_reference  # noqa: E402
 from helpers.sweep_view import _fid_of_resample, screened_cells  # noqa: E402
 
 N, SIZES, SEED, D = 12, [4, 12], 7, 3
