@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .estimators import scores_from
+from .estimators import PROBE_ATTRIBUTES, PROBE_GATED, scores_from
 from .staged import context_id, prompt_order
 
 BOOTSTRAP = 200  # resamples per cell
@@ -144,14 +144,31 @@ def bootstrap_sd(kind: str, reference: dict, arrays: dict, positions, resamples:
                 values["fid"].append(_fid_of_resample(feats, gram, sgram, reference["mu"], trace_ref, pick))
             if "clip_t" in arrays:
                 values["clip_t"].append(float(np.asarray(arrays["clip_t"])[positions[pick]].mean()))
-        else:
-            try:
-                scores = scores_from(kind, reference, arrays, positions[pick])
-            except ValueError:
-                continue
-            for k in keys:
-                values[k].append(scores[k])
+        else:  # the probe: the same quantities as scores_from, the Fréchet distance without a d x d sqrtm
+            rows = positions[pick]
+            hits = np.asarray(arrays["correct"], np.float64)[rows]
+            values["mean_accuracy"].append(float(np.mean([hits[:, PROBE_ATTRIBUTES.index(a)].mean()
+                                                          for a in PROBE_GATED])))
+            values["frechet_distance"].append(max(frechet_of_rows(np.asarray(arrays["features"])[rows],
+                                                                  np.asarray(reference["real_features"])[rows]), 0.0))
     return {k: float(np.std(v, ddof=1)) for k, v in values.items() if len(v) > 1}
+
+
+def frechet_of_rows(x1: np.ndarray, x2: np.ndarray) -> float:
+    """The Fréchet distance between the Gaussians of two [n, d] samples (helpers.score's formula, covariances with
+    n - 1): tr sqrt(C1 C2) is the nuclear norm of the centred cross-Gram X1 X2^T / (n - 1) (n <= d), or from the
+    d x d matrices' symmetric square roots (n > d); no general sqrtm."""
+    x1, x2 = np.asarray(x1, np.float64), np.asarray(x2, np.float64)
+    n, d = x1.shape
+    m1, m2 = x1.mean(0), x2.mean(0)
+    c1, c2 = x1 - m1, x2 - m2
+    if n <= d:
+        cross = np.linalg.svd(c1 @ c2.T, compute_uv=False).sum()
+    else:
+        w, v = np.linalg.eigh(c2.T @ c2)
+        root = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+        cross = np.sqrt(np.clip(np.linalg.eigvalsh(root @ (c1.T @ c1) @ root), 0, None)).sum()
+    return float((m1 - m2) @ (m1 - m2) + ((c1 * c1).sum() + (c2 * c2).sum() - 2 * cross) / (n - 1))
 
 
 def _fid_of_resample(feats, gram, sgram, mu, trace_ref: float, pick) -> float:

@@ -114,3 +114,15 @@ def test_the_fast_bootstrap_fid_is_the_fid():
     want = scores_from("course", {"mu": mu, "sigma": sigma}, {"inception": feats}, pick)["fid"]
     got = _fid_of_resample(feats, feats @ feats.T, feats @ sigma @ feats.T, mu, float(np.trace(sigma)), pick)
     assert got == pytest.approx(want, rel=1e-6, abs=1e-6)
+
+
+@pytest.mark.parametrize("n, d", [(6, 9), (15, 4)])
+def test_the_fast_bootstrap_frechet_distance_is_the_probes(n, d):
+    from helpers.sweep_view import frechet_of_rows
+
+    rng = np.random.default_rng(n)
+    real, features = rng.normal(size=(n, d)), rng.normal(size=(n, d)) * 1.5 + 0.3
+    pick = rng.integers(0, n, n)
+    want = scores_from("probe", {"real_features": real},
+                       {"features": features, "correct": np.ones((n, 5), bool)}, pick)["frechet_distance"]
+    assert frechet_of_rows(features[pick], real[pick]) == pytest.approx(want, rel=1e-6, abs=1e-6)
