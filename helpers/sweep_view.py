@@ -106,24 +106,44 @@ def screened_cells(summary: dict, folder: Path, finalists: list[dict] = (), choi
     final = {json.dumps(r["setting"], sort_keys=True) for r in finalists}
     chosen = json.dumps(choice["setting"], sort_keys=True) if choice else None
     cells = []
-    for k, s in enumerate(summary["stages"][0]["cells"]):
-        key = json.dumps(s, sort_keys=True)
-        if key not in records:
-            continue
-        sampled, arrays = records[key]
-        positions = np.flatnonzero(sampled)
-        if seed is not None:
-            wanted = prompt_order(len(sampled), seed)[:summary["stages"][last[key]]["prompts"]]
-            if sampled[wanted].all():
-                positions = np.asarray(sorted(wanted))
-        if len(positions) < 2:
-            continue
-        scores = scores_from(kind, reference, arrays, positions)
-        rng = np.random.default_rng([bootstrap_seed, k])
-        cells.append(ScreenedCell(s, len(positions), last[key], scores,
-                                  bootstrap_sd(kind, reference, arrays, positions, bootstrap, rng),
-                                  key in final, key == chosen))
+    with _one_blas_thread():
+        for k, s in enumerate(summary["stages"][0]["cells"]):
+            cell = _screened(k, s, records, last, summary, seed, kind, reference, bootstrap, bootstrap_seed, final,
+                             chosen)
+            if cell is not None:
+                cells.append(cell)
     return cells
+
+
+def _one_blas_thread():
+    """Small matrices, many of them: one BLAS thread is faster, and far faster on cores that other jobs keep busy
+    (a 2-thread OpenBLAS on 2 busy cores: 20x slower here)."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # not installed: BLAS as it is
+        import contextlib
+
+        return contextlib.nullcontext()
+    return threadpool_limits(1, user_api="blas")
+
+
+def _screened(k, s, records, last, summary, seed, kind, reference, bootstrap, bootstrap_seed, final, chosen):
+    """One screened cell, or None where its records are missing or hold fewer than 2 prompts."""
+    key = json.dumps(s, sort_keys=True)
+    if key not in records:
+        return None
+    sampled, arrays = records[key]
+    positions = np.flatnonzero(sampled)
+    if seed is not None:
+        wanted = prompt_order(len(sampled), seed)[:summary["stages"][last[key]]["prompts"]]
+        if sampled[wanted].all():
+            positions = np.asarray(sorted(wanted))
+    if len(positions) < 2:
+        return None
+    scores = scores_from(kind, reference, arrays, positions)
+    rng = np.random.default_rng([bootstrap_seed, k])
+    return ScreenedCell(s, len(positions), last[key], scores,
+                        bootstrap_sd(kind, reference, arrays, positions, bootstrap, rng), key in final, key == chosen)
 
 
 def bootstrap_sd(kind: str, reference: dict, arrays: dict, positions, resamples: int, rng) -> dict:
