@@ -186,11 +186,12 @@ def selection_overview(cells: list, judge, rule: str, bootstrap: int | None = No
     axes, labelled by the setting fields that differ among them."""
     import matplotlib
     import matplotlib.pyplot as plt
+    import numpy as np
 
     (x_key, x_label), (y_key, y_label_) = _axes_of(judge, cells)
     counts = sorted({c.prompts for c in cells})
     norm = matplotlib.colors.LogNorm(vmin=min(counts), vmax=max(max(counts), min(counts) + 1)) if cells else None
-    cmap = matplotlib.colormaps["viridis_r"]
+    cmap = matplotlib.colors.ListedColormap(matplotlib.colormaps["viridis_r"](np.linspace(0.25, 1, 256)))  # no pale
     with plt.rc_context({"font.size": FONT, "axes.titlesize": FONT + 1, "legend.fontsize": FONT - 1}):
         moved = [c for c in cells if c.stage > 0]
         two = 2 <= len(moved) < len(cells)
@@ -229,12 +230,16 @@ def selection_overview(cells: list, judge, rule: str, bootstrap: int | None = No
                      f"of each cell's judged prompts\nrule: {rule}", fontsize=FONT)
         if two:
             ax = panels[1][0]
+            ax.margins(x=0.3, y=0.12)  # room for the labels, right of their points
             ax.figure.canvas.draw()
             points = [(_xy(c, x_key, y_key)[0], _xy(c, x_key, y_key)[1]) for c in moved]
             labels = [_cell_label(c, moved) for c in moved]
             width = 0.62 * (FONT - 2) * max(len(t) for t in labels)  # points, about
+            lo, hi = ax.get_xlim()
             for (x, y), text, (dx, dy) in zip(points, labels, spread_labels(points, ax, width_pt=width)):
-                ax.annotate(text, (x, y), xytext=(dx, dy), textcoords="offset points",
+                left = (x - lo) / (hi - lo) > 0.55  # a label right of a point there would leave the axes
+                ax.annotate(text, (x, y), xytext=(-dx if left else dx, dy), textcoords="offset points",
+                            ha="right" if left else "left",
                             fontsize=FONT - 2)
     return fig
 
@@ -246,7 +251,12 @@ def _cell_label(cell, among: list) -> str:
 
     fields = varying_fields(among)
     fields = (["guidance"] if "guidance" in fields else []) + [f for f in fields if f != "guidance"]
-    return ", ".join(f"{'g' if f == 'guidance' else column_name(f)} {fmt(cell.setting[f])}" for f in fields[:3])
+
+    def word(f):
+        v = fmt(cell.setting[f])
+        return {"guidance": f"g {v}", "steps": f"{v} steps", "snapshot": v}.get(f, f"{column_name(f)} {v}")
+
+    return ", ".join(word(f) for f in fields[:4])
 
 
 def selection_axes(cells: list, judge, choice_setting: dict, kind: str | None = None):
@@ -266,7 +276,7 @@ def selection_axes(cells: list, judge, choice_setting: dict, kind: str | None = 
     cols = min(n, 3)
     rows_ = -(-n // cols)
     with plt.rc_context({"font.size": FONT - 1, "axes.titlesize": FONT}):
-        fig, axes = plt.subplots(rows_, cols, figsize=(4.6 * cols, 3.7 * rows_), squeeze=False)
+        fig, axes = plt.subplots(rows_, cols, figsize=(4.6 * cols, 4.0 * rows_), squeeze=False)
         for ax in axes.flat[len(fields):]:
             ax.set_visible(False)
         for ax, f in zip(axes.flat, fields):
@@ -304,5 +314,5 @@ def selection_axes(cells: list, judge, choice_setting: dict, kind: str | None = 
         fig.suptitle("each setting field that varies, the others at the choice (★); bars ±1 bootstrap sd, n = prompts "
                      "judged\n" + " and ".join(f"{lab} ({'dashed, right axis' if i else 'solid, left axis'})"
                                                for i, (_, lab, _) in enumerate(quantity)), fontsize=FONT - 1)
-        fig.tight_layout(rect=(0, 0, 1, 1 - 0.38 / (3.7 * rows_)))
+        fig.tight_layout(rect=(0, 0, 1, 1 - 0.38 / (4.0 * rows_)))
     return fig
