@@ -307,6 +307,7 @@ def selection_axes(cells: list, judge, choice_setting: dict, kind: str | None = 
             ax.set_xlabel(SHORT.get(f, f) if f in SHORT else f.replace("_", " "))
             ax.set_title(f"{f.replace('_', ' ')} ({len(line)} of {len(values)} values)")
             ax.set_label(f"axis:{f}")
+            ax.margins(x=0.12)
             ax.grid(alpha=0.3)
         if not fields:
             axes[0][0].text(0.5, 0.5, "no setting field varies", ha="center", va="center")

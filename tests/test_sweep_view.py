@@ -126,3 +126,14 @@ def test_the_fast_bootstrap_frechet_distance_is_the_probes(n, d):
     want = scores_from("probe", {"real_features": real},
                        {"features": features, "correct": np.ones((n, 5), bool)}, pick)["frechet_distance"]
     assert frechet_of_rows(features[pick], real[pick]) == pytest.approx(want, rel=1e-6, abs=1e-6)
+
+
+def test_a_run_without_stage_records_has_no_screened_cells_and_one_with_them_has_all(tmp_path):
+    from helpers.sweep_view import run_cells
+
+    cfg = types.SimpleNamespace(layout=types.SimpleNamespace(selection=tmp_path), seed=SEED)
+    assert run_cells(cfg, {}) == []
+    summary, rows, settings, _ = synthetic_sweep(tmp_path / "staged")
+    (tmp_path / "stages.json").write_text(json.dumps(summary))
+    cells = run_cells(cfg, {"table": rows, "choice": rows[0]}, bootstrap=10)
+    assert len(cells) == len(settings) and sum(c.finalist for c in cells) == 3 and cells[1].chosen
