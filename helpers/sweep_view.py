@@ -232,9 +232,10 @@ def along(cells: list[ScreenedCell], choice: dict, axis: str) -> list[ScreenedCe
     return [c for c in cells if all(c.setting.get(k) == v for k, v in choice.items() if k != axis)]
 
 
-def caption(cells: list[ScreenedCell], rule: str) -> str:
+def caption(cells: list[ScreenedCell], rule: str, bootstrap: int = BOOTSTRAP) -> str:
+    """Two lines under 05's plot: how many settings were screened (the number the plot holds), and the rule."""
     finalists = sum(c.finalist for c in cells)
     counts = sorted({c.prompts for c in cells})
     return (f"{len(cells)} settings screened ({' / '.join(map(str, counts))} prompts), {finalists} finalist(s) "
-            f"judged on every prompt; ±1 sd from {BOOTSTRAP} bootstrap resamples of each cell's own prompts; "
+            f"judged on every prompt; ±1 sd from {bootstrap} bootstrap resamples of each cell's own prompts\n"
             f"rule: {rule}")

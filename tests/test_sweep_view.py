@@ -137,3 +137,8 @@ def test_a_run_without_stage_records_has_no_screened_cells_and_one_with_them_has
     (tmp_path / "stages.json").write_text(json.dumps(summary))
     cells = run_cells(cfg, {"table": rows, "choice": rows[0]}, bootstrap=10)
     assert len(cells) == len(settings) and sum(c.finalist for c in cells) == 3 and cells[1].chosen
+    from helpers.sweep_view import caption
+
+    assert caption(cells, "the rule").splitlines() == [
+        "8 settings screened (4 / 12 prompts), 3 finalist(s) judged on every prompt; ±1 sd from 200 bootstrap "
+        "resamples of each cell's own prompts", "rule: the rule"]
