@@ -9,6 +9,8 @@ labelled by guidance; labels are nudged apart so that none overlaps another.
 """
 from __future__ import annotations
 
+import json
+
 from .selection import lookup
 
 ZOOM = 12  # the right panel's settings: this many best by the judge's rule
@@ -155,3 +157,163 @@ def spread_labels(points: list[tuple[float, float]], ax, height_pt: float = 13.0
         placed.append((x, y + dy))
         offsets.append((4.0, dy))
     return offsets
+
+
+# ---------------------------------------------------------------- the whole staged selection (helpers.sweep_view)
+
+SCREENED = "screened"  # the label of the scatter that holds one point per screened cell
+FINALISTS = "finalists (judged on every prompt)"
+
+
+def _axes_of(judge, cells) -> tuple[tuple[str, str], tuple[str, str]]:
+    """(x, y) as (key, label): the judge's own plot axes; for a judge without one of them here (the course without
+    FID), the prompt count stands in on x."""
+    (x_key, x_label), (y_key, y_label_) = judge.plot_axes
+    if cells and any(c.value(x_key) is None for c in cells):
+        return ("prompts", "prompts judged"), (y_key, y_label_)
+    return (x_key, x_label), (y_key, y_label_)
+
+
+def _xy(cell, x_key: str, y_key: str):
+    x = cell.prompts if x_key == "prompts" else cell.value(x_key)
+    return x, cell.value(y_key), cell.sd.get(x_key, 0.0), cell.sd.get(y_key, 0.0)
+
+
+def selection_overview(cells: list, judge, rule: str, bootstrap: int | None = None):
+    """matplotlib Figure: every screened cell (left) at the judge's own quantities (x: realism, y: the rule's prompt
+    adherence), ±1 bootstrap sd as error bars, colour = prompts judged; finalists ringed, the choice starred.
+    Right (when two or more, but not all, cells moved on past the first screen): those cells alone, on their own
+    axes, labelled by the setting fields that differ among them."""
+    import matplotlib
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    (x_key, x_label), (y_key, y_label_) = _axes_of(judge, cells)
+    counts = sorted({c.prompts for c in cells})
+    norm = matplotlib.colors.LogNorm(vmin=min(counts), vmax=max(max(counts), min(counts) + 1)) if cells else None
+    cmap = matplotlib.colors.ListedColormap(matplotlib.colormaps["viridis_r"](np.linspace(0.25, 1, 256)))  # no pale
+    with plt.rc_context({"font.size": FONT, "axes.titlesize": FONT + 1, "legend.fontsize": FONT - 1}):
+        moved = [c for c in cells if c.stage > 0]
+        two = 2 <= len(moved) < len(cells)
+        fig, axes = plt.subplots(1, 2 if two else 1, figsize=(13, 6.2) if two else (9, 6.2), squeeze=False)
+        panels = [(axes[0][0], cells, f"every setting screened ({len(cells)})")]
+        if two:
+            panels.append((axes[0][1], moved, f"the {len(moved)} that moved on past the first screen"))
+        for ax, shown, title in panels:
+            pts = [_xy(c, x_key, y_key) for c in shown]
+            colours = [cmap(norm(c.prompts)) for c in shown]
+            for (x, y, sx, sy), colour in zip(pts, colours):
+                ax.errorbar([x], [y], xerr=[sx], yerr=[sy], fmt="none", ecolor=colour, alpha=0.45, lw=1)
+            ax.scatter([p[0] for p in pts], [p[1] for p in pts], c=[c.prompts for c in shown], cmap=cmap, norm=norm,
+                       s=26, zorder=3, label=SCREENED if ax is panels[0][0] else "_finalists")
+            ring = [p for p, c in zip(pts, shown) if c.finalist]
+            if ring:
+                ax.scatter([p[0] for p in ring], [p[1] for p in ring], s=110, facecolors="none", edgecolors="black",
+                           linewidths=1.3, zorder=4, label=FINALISTS)
+            star = [p for p, c in zip(pts, shown) if c.chosen]
+            if star:
+                ax.plot([star[0][0]], [star[0][1]], "*", color="crimson", markersize=18, zorder=5, label="chosen")
+            ax.set(xlabel=x_label, ylabel=y_label_, title=title)
+            ax.grid(alpha=0.3)
+        if cells:
+            bar = fig.colorbar(matplotlib.cm.ScalarMappable(norm=norm, cmap=cmap), ax=[a for a, _, _ in panels],
+                               pad=0.02, fraction=0.04)
+            bar.set_label("prompts judged")
+            bar.ax.minorticks_off()
+            bar.set_ticks(counts, labels=[str(c) for c in counts])
+        handles, labels = axes[0][0].get_legend_handles_labels()
+        axes[0][0].legend(handles, [f"{lab} ({len(cells)})" if lab == SCREENED else lab for lab in labels],
+                          loc="best", framealpha=0.8)
+        from .sweep_view import BOOTSTRAP
+
+        fig.suptitle(f"{len(cells)} settings screened; bars: ±1 sd over {bootstrap or BOOTSTRAP} bootstrap resamples "
+                     f"of each cell's judged prompts\nrule: {rule}", fontsize=FONT)
+        if two:
+            ax = panels[1][0]
+            ax.margins(x=0.3, y=0.12)  # room for the labels, right of their points
+            ax.figure.canvas.draw()
+            points = [(_xy(c, x_key, y_key)[0], _xy(c, x_key, y_key)[1]) for c in moved]
+            labels = [_cell_label(c, moved) for c in moved]
+            width = 0.62 * (FONT - 2) * max(len(t) for t in labels)  # points, about
+            lo, hi = ax.get_xlim()
+            for (x, y), text, (dx, dy) in zip(points, labels, spread_labels(points, ax, width_pt=width)):
+                left = (x - lo) / (hi - lo) > 0.55  # a label right of a point there would leave the axes
+                ax.annotate(text, (x, y), xytext=(-dx if left else dx, dy), textcoords="offset points",
+                            ha="right" if left else "left",
+                            fontsize=FONT - 2)
+    return fig
+
+
+def _cell_label(cell, among: list) -> str:
+    """The setting fields that differ among `among`, guidance first, short."""
+    from .sweep_view import varying_fields
+    from .tables import column_name, fmt
+
+    fields = varying_fields(among)
+    fields = (["guidance"] if "guidance" in fields else []) + [f for f in fields if f != "guidance"]
+
+    def word(f):
+        v = fmt(cell.setting[f])
+        return {"guidance": f"g {v}", "steps": f"{v} steps", "snapshot": v}.get(f, f"{column_name(f)} {v}")
+
+    return ", ".join(word(f) for f in fields[:4])
+
+
+def selection_axes(cells: list, judge, choice_setting: dict, kind: str | None = None):
+    """matplotlib Figure: one panel per setting field that varies among `cells`, the others held at the choice:
+    the rule's quantity (left axis, solid) and its tie-break (right axis, dashed grey) against that field's values,
+    ±1 bootstrap sd, each point labelled with its prompt count (n=); the choice starred."""
+    import matplotlib.pyplot as plt
+
+    from .sweep_view import along, quantities, varying_fields
+    from .tables import SHORT, fmt
+
+    kind = kind or judge.kind
+    fields = varying_fields(cells)
+    sample = cells[0].scores if cells else None
+    quantity = quantities(kind, sample)
+    n = max(len(fields), 1)
+    cols = min(n, 3)
+    rows_ = -(-n // cols)
+    with plt.rc_context({"font.size": FONT - 1, "axes.titlesize": FONT}):
+        fig, axes = plt.subplots(rows_, cols, figsize=(4.6 * cols, 4.0 * rows_), squeeze=False)
+        for ax in axes.flat[len(fields):]:
+            ax.set_visible(False)
+        for ax, f in zip(axes.flat, fields):
+            line = along(cells, choice_setting, f)
+            values = list(dict.fromkeys(json.dumps(c.setting[f]) for c in cells))
+            numeric = all(isinstance(c.setting[f], (int, float)) and not isinstance(c.setting[f], bool) for c in cells)
+            def pos(c, f=f, values=values, numeric=numeric):
+                return c.setting[f] if numeric else values.index(json.dumps(c.setting[f]))
+            line = sorted(line, key=pos)
+            twin = ax.twinx() if len(quantity) > 1 else None
+            for (key, label, _), target, style, colour in zip(quantity, (ax, twin), ("-o", "--s"),
+                                                              ("tab:blue", "0.45")):
+                xs = [pos(c) for c in line]
+                ys = [c.value(key) for c in line]
+                target.errorbar(xs, ys, yerr=[c.sd.get(key, 0.0) for c in line], fmt=style, color=colour, capsize=3,
+                                ms=5, lw=1.3)
+                target.set_ylabel(label, color=colour if target is twin else "black")
+                if target is ax:
+                    for c, x, y in zip(line, xs, ys):
+                        ax.annotate(f"n={c.prompts}", (x, y), xytext=(3, 4), textcoords="offset points",
+                                    fontsize=FONT - 3, color="dimgray")
+                        if c.setting == choice_setting:
+                            ax.plot([x], [y], "*", color="crimson", markersize=15, zorder=5)
+            if not numeric:
+                ax.set_xticks(range(len(values)), [fmt(json.loads(v)) for v in values], rotation=15, fontsize=FONT - 3)
+            elif len(values) <= 8:
+                ax.set_xticks(sorted({c.setting[f] for c in cells}))
+            ax.set_xlabel(SHORT.get(f, f) if f in SHORT else f.replace("_", " "))
+            ax.set_title(f"{f.replace('_', ' ')} ({len(line)} of {len(values)} values)")
+            ax.set_label(f"axis:{f}")
+            ax.margins(x=0.12)
+            ax.grid(alpha=0.3)
+        if not fields:
+            axes[0][0].text(0.5, 0.5, "no setting field varies", ha="center", va="center")
+            axes[0][0].set_axis_off()
+        fig.suptitle("each setting field that varies, the others at the choice (★); bars ±1 bootstrap sd, n = prompts "
+                     "judged\n" + " and ".join(f"{lab} ({'dashed, right axis' if i else 'solid, left axis'})"
+                                               for i, (_, lab, _) in enumerate(quantity)), fontsize=FONT - 1)
+        fig.tight_layout(rect=(0, 0, 1, 1 - 0.38 / (4.0 * rows_)))
+    return fig

@@ -146,3 +146,45 @@ def chosen_table(chosen: dict, title: str = "") -> Table:
                    + "".join(f'<td style="{_CELL}">{html.escape(c)}</td>' for c in r[1:]) + "</tr>" for r in rows)
     caption = f'<caption style="text-align:left;font-weight:bold">{html.escape(title)}</caption>' if title else ""
     return Table(f'<table class="monster-scores" {_TABLE}>{caption}<thead>{head}</thead>{body}</table>', text)
+
+
+def _plus_minus(cell, key: str) -> str:
+    value = cell.value(key)
+    if value is None:
+        return "–"
+    sd = cell.sd.get(key)
+    return fmt(value) + (f" ± {fmt(sd)}" if sd is not None else "")
+
+
+def screened_table_html(cells: list, kind: str, open_: bool = False) -> Table:
+    """Every cell the staged selection screened (helpers.sweep_view), one row each, in an expandable <details>:
+    the setting fields that vary, the prompts it was judged on, the last stage it reached and the rule's
+    quantities ± 1 bootstrap sd; finalists marked ●, the choice ★ (highlighted). Rows: furthest stage first,
+    then by the rule's first quantity."""
+    from .sweep_view import quantities, varying_fields
+
+    if not cells:
+        return Table("<p>(no staged sweep records)</p>", "(no staged sweep records)")
+    fields = varying_fields(cells) or ["guidance"]
+    quantity = quantities(kind, cells[0].scores)
+    first_key, _, higher = quantity[0]
+    order = sorted(cells, key=lambda c: (-c.stage, -(c.value(first_key) or 0) if higher else (c.value(first_key)
+                                                                                              or 0)))
+    header = [""] + [column_name(f) for f in fields] + ["prompts", "stage"] + [column_name(k) for k, _, _ in quantity]
+    rows = [["★" if c.chosen else "●" if c.finalist else "", *[fmt(c.setting.get(f)) for f in fields],
+             str(c.prompts), str(c.stage + 1), *[_plus_minus(c, k) for k, _, _ in quantity]] for c in order]
+    th = f'style="{_CELL};border-bottom:1px solid #999"'
+    head = "<tr>" + "".join(f"<th {th}>{html.escape(h)}</th>" for h in header) + "</tr>"
+    body = []
+    for c, r in zip(order, rows):
+        style = f' style="background:{CHOSEN_BACKGROUND};font-weight:bold"' if c.chosen else ""
+        body.append(f'<tr class="monster-screened"{style}>'
+                    + "".join(f'<td style="{_CELL}">{html.escape(x)}</td>' for x in r) + "</tr>")
+    summary = (f"every setting screened ({len(cells)}): prompts judged, stage reached, the rule's quantities "
+               "± 1 bootstrap sd (● finalist, ★ the choice)")
+    table = (f'<details class="monster-screened"{" open" if open_ else ""}><summary>{html.escape(summary)}</summary>'
+             f'<table class="monster-screened" {_TABLE}><thead>{head}</thead><tbody>{"".join(body)}</tbody></table>'
+             "</details>")
+    width = [max(len(r[i]) for r in rows + [header]) for i in range(len(header))]
+    text = "\n".join([summary] + ["  ".join(x.rjust(w) for x, w in zip(r, width)) for r in [header] + rows])
+    return Table(table, text)

@@ -61,6 +61,8 @@ def workdir(tmp_path_factory):
     (lab / "04_panel.ipynb").write_text(json.dumps(panel_notebook(run_dir, run_dir.parent.parent)))
     (lab / "choice.json").write_text(json.dumps(json.loads((run_dir / "metrics.json").read_text())
                                                 ["selection"]["choice"]["setting"]))
+    stages = json.loads((run_dir / "selection" / "stages.json").read_text())["stages"]
+    (lab / "screened.json").write_text(json.dumps(len(stages[0]["cells"])))  # what the selection screened
     return lab
 
 
@@ -405,6 +407,10 @@ def test_the_executed_notebooks_read_cleanly_at_a_laptop_width(browser, lab_url,
         plot = page.locator(".jp-Cell", has=page.locator("table.monster-sweep")).locator("img")
         if name.startswith("05") and plot.count():
             plot.first.screenshot(path=shots / "05-sweep-plot.png")
+        if name.startswith("05"):  # the plot holds as many settings as the selection screened (its caption says so)
+            screened = json.loads((lab_url[2] / "screened.json").read_text())
+            assert f"{screened} settings screened" in "\n".join(outputs)
+            assert page.locator("details.monster-screened tr.monster-screened").count() == screened
     finally:
         page.close()
         shut_down_kernels(lab_url)

@@ -14,7 +14,8 @@ LAYERS = [  # lowest first; a module may import from its own layer or below
     {"model", "cache", "demo_data", "step", "saves", "disk_guard", "repair", "probe", "results", "handin", "command"},
     {"sample", "fit", "metrics", "score", "estimators", "shards"},
     {"previews", "baseline", "export", "grids", "selection"},
-    {"judges", "panel_controls", "panel", "plots", "tables", "submission", "staged", "selection_cost", "replay"},
+    {"judges", "panel_controls", "panel", "plots", "tables", "submission", "staged", "selection_cost", "replay",
+     "sweep_view"},
     {"train", "runs", "choose"},
 ]
 
