@@ -217,3 +217,20 @@ def test_runs_on_a_missing_or_unfinished_run_says_what_to_run_and_creates_nothin
                    "--only", "04_sample", "05_eval")
     assert done.returncode == 1 and "has not finished training" in done.stderr and "run 03_train_cfg" in done.stderr
     assert sorted(p.name for p in unfinished.iterdir()) == ["config.json", "notebooks"]
+
+
+def test_replay_on_a_run_without_a_full_sweep_or_with_cut_records_ends_in_one_line(fresh, capsys):
+    from helpers.replay import load_full_sweep, main
+
+    with pytest.raises(SystemExit) as stop:
+        main(["--run-name", str(fresh.run_dir), "--records", str(fresh.run_dir / "nothing-here")])
+    assert stop.value.code == 1 and "no sweep records there" in capsys.readouterr().err
+    records = fresh.run_dir / "cut-records"
+    records.mkdir(exist_ok=True)
+    (records / "0123.npz").write_bytes(b"PK\x03\x04 cut off")  # an interrupted write
+    with pytest.raises(FileNotFoundError, match="no cell judged on every prompt"):
+        load_full_sweep(records)
+    assert "0123.npz: unreadable" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as stop:
+        main(["--run-name", str(fresh.run_dir), "--records", str(records), "--alpha", "2"])
+    assert stop.value.code == 2 and "not between 0 and 1" in capsys.readouterr().err
