@@ -165,14 +165,19 @@ def kernel_config():
 
     ipykernel >= 7 warns "Kernel is running over TCP without encryption" at every start unless the kernel
     manager provisions Curve keys, which jupyter_client does only when asked (its default is "disabled").
+    The kernels' own log is kept to critical lines: jupyter_client interrupts every kernel it shuts down (SIGINT
+    before the shutdown request), and a kernel that is between two messages then logs "[IPKernelApp] ERROR |
+    KeyboardInterrupt caught in kernel." on the runner's stderr after a notebook that succeeded. A notebook's own
+    errors are in the executed copy and end the runner with one line (NotebookFailed).
     """
     import zmq
     from jupyter_client import KernelManager
     from traitlets.config import Config
 
+    config = Config({"NotebookClient": {"extra_arguments": ["--IPKernelApp.log_level=CRITICAL"]}})
     if zmq.has("curve") and KernelManager.class_traits().get("transport_encryption") is not None:
-        return Config({"KernelManager": {"transport_encryption": "auto"}})
-    return Config()
+        config["KernelManager"] = Config({"transport_encryption": "auto"})
+    return config
 
 
 OPTIONAL_BOOLS = {"make_zip"}  # yes/no parameters whose default None means "decided from the others"

@@ -73,3 +73,13 @@ def hw6_excerpt(tmp_path) -> Path:
 # on two cores shared by two xdist workers, oversubscribed OpenMP threads spin-wait and run many times slower.
 os.environ["OMP_NUM_THREADS"] = "1"
 torch.set_num_threads(1)
+
+
+LONGEST_FIRST = ("test_readme.py", "test_notebooks.py", "test_browser.py")  # whole pipelines: a minute or more each
+
+
+def pytest_collection_modifyitems(items):
+    """The longest tests first, so that on two xdist workers the short ones fill in around them instead of one
+    worker finishing a pipeline alone at the end."""
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(LONGEST_FIRST)))

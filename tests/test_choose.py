@@ -234,3 +234,20 @@ def test_replay_on_a_run_without_a_full_sweep_or_with_cut_records_ends_in_one_li
     with pytest.raises(SystemExit) as stop:
         main(["--run-name", str(fresh.run_dir), "--records", str(records), "--alpha", "2"])
     assert stop.value.code == 2 and "not between 0 and 1" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_kernels_started_by_the_runner_log_only_critical_lines(tmp_path):
+    """jupyter_client interrupts each kernel it shuts down; the kernel's "KeyboardInterrupt caught" log line must not
+    reach the runner's stderr after a notebook that succeeded: the runner's kernels log critical lines only."""
+    import nbformat
+    import papermill
+
+    from helpers.runs import kernel_config
+
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("import sys\nprint(sys.argv)")])
+    nbformat.write(nb, tmp_path / "argv.ipynb")
+    papermill.execute_notebook(str(tmp_path / "argv.ipynb"), str(tmp_path / "out.ipynb"), kernel_name="python3",
+                               progress_bar=False, log_output=False, config=kernel_config())
+    printed = json.loads((tmp_path / "out.ipynb").read_text())["cells"][0]["outputs"][0]["text"]
+    assert "--IPKernelApp.log_level=CRITICAL" in "".join(printed)
