@@ -230,17 +230,17 @@ def selection_overview(cells: list, judge, rule: str, bootstrap: int | None = No
                      f"of each cell's judged prompts\nrule: {rule}", fontsize=FONT)
         if two:
             ax = panels[1][0]
-            ax.margins(x=0.3, y=0.12)  # room for the labels, right of their points
+            ax.margins(x=0.3, y=0.12)  # room for the finalists' labels, beside their points
             ax.figure.canvas.draw()
-            points = [(_xy(c, x_key, y_key)[0], _xy(c, x_key, y_key)[1]) for c in moved]
-            labels = [_cell_label(c, moved) for c in moved]
+            named = [c for c in moved if c.finalist] or moved  # the rest are in the table below the plot
+            points = [(_xy(c, x_key, y_key)[0], _xy(c, x_key, y_key)[1]) for c in named]
+            labels = [_cell_label(c, named) for c in named]
             width = 0.62 * (FONT - 2) * max(len(t) for t in labels)  # points, about
             lo, hi = ax.get_xlim()
             for (x, y), text, (dx, dy) in zip(points, labels, spread_labels(points, ax, width_pt=width)):
                 left = (x - lo) / (hi - lo) > 0.55  # a label right of a point there would leave the axes
                 ax.annotate(text, (x, y), xytext=(-dx if left else dx, dy), textcoords="offset points",
-                            ha="right" if left else "left",
-                            fontsize=FONT - 2)
+                            ha="right" if left else "left", fontsize=FONT - 2, annotation_clip=True)
     return fig
 
 
