@@ -218,6 +218,7 @@ def main(argv=None) -> int:
     import argparse
 
     from .command import add_run_arguments, ends_in_one_line, existing_run
+    from .config import count_argument
     from .selection import TrainingNotFinishedError
 
     p = argparse.ArgumentParser(prog="python -m helpers.choose", description=main.__doc__.split("\n\n")[0],
@@ -227,7 +228,8 @@ def main(argv=None) -> int:
     p.add_argument("--no-select", action="store_true", help="no sweep: write the test set of the earlier choice")
     p.add_argument("--no-test-set", action="store_true", help="choose only; write no test set")
     p.add_argument("--dry-run", action="store_true", help="print the selection's plan; sample and write nothing")
-    p.add_argument("--probe-steps", type=int, default=400, help="the demo probe's training steps (cached)")
+    p.add_argument("--probe-steps", type=count_argument(1), default=400,
+                   help="the demo probe's training steps (cached)")
     args = p.parse_args(argv)
     with ends_in_one_line("helpers.choose", TrainingNotFinishedError):
         cfg = existing_run(args)

@@ -160,6 +160,14 @@ def test_choose_while_another_writer_holds_the_results_is_refused_in_one_line(fr
     assert "helpers.choose: 1 process" in done.stdout and not fresh.layout.results.exists()
 
 
+def test_choose_refuses_an_out_of_range_probe_length_before_anything_runs(capsys):
+    from helpers.choose import main
+
+    with pytest.raises(SystemExit) as stop:
+        main(["--run-name", "nosuch", "--probe-steps", "-1"])
+    assert stop.value.code == 2 and "should be a whole number >= 1" in capsys.readouterr().err
+
+
 def test_the_process_count_says_when_accelerate_started_only_one(monkeypatch):
     from helpers.choose import processes_line
 
