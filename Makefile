@@ -8,7 +8,7 @@ BIN    := $(VENV)/bin
 # (the version must equal requirements.txt's torch pin: tests/test_lock.py checks it)
 TORCH  ?= torch==2.13.0
 RUN    ?= demo
-PYTEST_ARGS ?= -n 2 --dist worksteal
+PYTEST_ARGS ?= -n 2 --maxschedchunk 2
 # uv installs the lock in seconds; INSTALLER=pip installs the same lock with pip (also the fallback when uv fails).
 # torch is installed by pip with --no-compile, as uv installs (bytecode is written at first import): ~40 s less here.
 INSTALLER  ?= uv

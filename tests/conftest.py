@@ -79,7 +79,15 @@ LONGEST_FIRST = ("test_readme.py", "test_notebooks.py", "test_browser.py")  # wh
 
 
 def pytest_collection_modifyitems(items):
-    """The longest tests first, so that on two xdist workers the short ones fill in around them instead of one
-    worker finishing a pipeline alone at the end."""
+    """The longest tests first: with `-n 2 --maxschedchunk 2` (make test) each worker takes the next test when it is
+    free, so the short ones fill in around the pipelines instead of one worker finishing a pipeline alone at the end."""
     rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(LONGEST_FIRST)))
+
+
+@pytest.fixture(autouse=True)
+def _said_nothing_yet():
+    """helpers.progress.say_once prints a line once per notebook cell; each test is a cell of its own."""
+    import helpers.progress
+
+    helpers.progress._said.clear()
