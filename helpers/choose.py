@@ -43,6 +43,7 @@ def choose_and_write(cfg: RunConfig, model, prompts, judged=None, *, settings: l
                      dry_run: bool = False, write: bool = True, progress: bool = True) -> Outcome:
     """Sweep `settings` with `judged` (helpers.judges.judge_for_run; None or select=False: no sweep), choose by the
     judge's rule, and write the test set of the choice with `overrides` (setting fields; None keeps the choice's)."""
+    from .selection import chosen_setting
     from .shards import Shards
 
     began, shards = time.perf_counter(), Shards.current()
@@ -52,7 +53,7 @@ def choose_and_write(cfg: RunConfig, model, prompts, judged=None, *, settings: l
         return Outcome(Setting.from_config(cfg), "select_dry_run=True: nothing was sampled or written", overrides)
     with results_lock(cfg, "choose and write the test set", shards):
         outcome = _sweep(cfg, model, judged, settings, stage_prompts, progress, shards) if select and judged \
-            else Outcome(*_earlier_choice(cfg), no_sweep="select=False" if not select else
+            else Outcome(*chosen_setting(cfg), no_sweep="select=False" if not select else
                          "no metric can judge here (see above)")
         outcome.overrides = overrides
         outcome.setting = outcome.setting.replace(**overrides).checked()
@@ -127,22 +128,17 @@ def _sweep(cfg, model, judged, settings, stage_prompts, progress, shards) -> Out
                    stages=stages)
 
 
-def _earlier_choice(cfg: RunConfig) -> tuple[Setting, str]:
-    from .selection import chosen_setting
-
-    return chosen_setting(cfg)
-
-
 def _write(cfg: RunConfig, model, prompts, outcome: Outcome, shards) -> dict:
     """The test set of outcome.setting, announced in metrics.json `test_set` first (what 05 checks results/ by)."""
     from .metrics import write_metrics
-    from .selection import setting_weights_id, with_setting
+    from .selection import read_metrics_selection, setting_weights_id, with_setting
     from .submission import write_test_set
 
     weights = setting_weights_id(cfg, outcome.setting)
-    if shards.is_main:
+    if shards.is_main:  # `choice`: the sweep's choice it follows, so a later choose-only run is not handed in stale
         write_metrics(cfg.run_dir, {"test_set": {
             "setting": outcome.setting.to_dict(), "weights": weights, "source": outcome.source,
+            "choice": (outcome.choice or read_metrics_selection(cfg).get("choice") or {}).get("setting"),
             "overrides": sorted([k, v] for k, v in outcome.overrides.items()),
             "started": time.strftime("%Y-%m-%d %H:%M:%S")}})
     shards.barrier()
@@ -176,6 +172,13 @@ def check_is_the_choice(cfg: RunConfig, manifest: dict) -> None:
     if not isinstance(meant, dict) or "setting" not in meant:
         raise ValueError(f"{shown(cfg.layout.metrics)} does not say which test set the run hands in (no 'test_set'; "
                          "a set written by an older version?): run 04_sample again (select=False keeps the choice)")
+    swept = (metrics.get("selection") or {}).get("choice") or {}
+    if swept.get("setting") is not None and swept["setting"] != meant.get("choice", swept["setting"]):
+        raise ValueError(
+            f"the selection sweep now chooses {Setting.from_dict(swept['setting']).label()}, but the run's test set "
+            f"follows an earlier choice ({shown(cfg.layout.metrics)}; a choose-only run, --no-test-set?): run "
+            f"04_sample with select=False (or python -m helpers.choose --run-name {cfg.run_name} --no-select) to write "
+            "the set of the current choice; nothing was packed")
     held = manifest_setting(manifest, str(cfg.layout.results / "manifest.json"))
     chosen = Setting.from_dict(meant["setting"], where=f"{cfg.layout.metrics}: test_set.setting")
     if held != chosen or manifest.get("weights_sha256") != meant.get("weights"):

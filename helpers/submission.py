@@ -11,11 +11,13 @@ SHA-256 once the set is complete. `pack_submission` zips exactly the bytes it ve
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import subprocess
 import time
 import zipfile
+import zlib
 from collections import Counter
 from pathlib import Path
 
@@ -272,7 +274,7 @@ def pack_submission(run_dir, out_zip, unet_dir, prompts: list[Prompt], *, size: 
         if fp16:
             half = stack.enter_context(_scratch(out_zip.with_name(f".fp16-{out_zip.stem}")))
             sources["model/unet_ema"] = fp16_copy(unet_dir, half / "unet_ema")
-        return atomic_write(out_zip, lambda tmp: _write_zip(tmp, sources, files, results_dir, recorded, top))
+        return atomic_write(out_zip, lambda tmp: _write_zip(tmp, sources, files, results_dir, recorded, top, fp16))
 
 
 def _sizes(sources: dict[str, Path], files: dict[str, Path], results_dir: Path, fp16: bool) -> str:
@@ -302,8 +304,9 @@ def _scratch(folder: Path):
 
 
 def _write_zip(path: Path, sources: dict[str, Path], files: dict[str, Path], results_dir: Path,
-               recorded: dict[str, str], top: str = "") -> None:
+               recorded: dict[str, str], top: str = "", fp16: bool = False) -> None:
     with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.comment = json.dumps({"fp16_model": fp16}).encode()  # how it was packed (already_packed reads it)
         for name, digest in progress_bar(sorted(recorded.items()), desc="zip results", disable=len(recorded) < 200):
             data = (results_dir / name).read_bytes()
             if sha256_bytes(data) != digest:  # changed since it was checked a moment ago
@@ -341,24 +344,38 @@ def zipped_results_match(zip_path, results_dir) -> int:
     return len(zipped)
 
 
-def already_packed(zip_path, results_dir, student_id: str, report=None) -> bool:
-    """Whether `zip_path` already hands in exactly this: the course's layout for `student_id`, every result PNG and
-    the manifest byte-identical to `results_dir`, the same report (or none). Then packing again changes nothing."""
+def already_packed(zip_path, results_dir, student_id: str, report=None, fp16: bool = False) -> bool:
+    """Whether `zip_path` already hands in exactly what packing now would: the course's layout for `student_id`,
+    every result PNG and the manifest byte-identical to `results_dir` (so the same setting and weights), the U-Net
+    packed the same way (fp16 or not), every code file as it is now (CRC) and the same report (or none)."""
     from .handin import check_zip_layout
 
     zip_path, results_dir = Path(zip_path), Path(results_dir)
     if not zip_path.is_file():
         return False
+    top = f"{top_folder(student_id)}/"
     try:
         names = check_zip_layout(zip_path, student_id)
         zipped_results_match(zip_path, results_dir)
-        top = f"{top_folder(student_id)}/"
         with zipfile.ZipFile(zip_path) as zf:
+            packed_as = json.loads(zf.comment or b"{}")
             same_manifest = zf.read(f"{top}results/{MANIFEST}") == (results_dir / MANIFEST).read_bytes()
             zipped_report = zf.read(top + REPORT) if top + REPORT in names else None
+            code = {i.filename[len(top):]: i.CRC for i in zf.infolist() if i.filename.startswith(f"{top}code/")}
     except (ValueError, KeyError, OSError, zipfile.BadZipFile):
         return False
-    return same_manifest and zipped_report == (Path(report).read_bytes() if report else None)
+    return (same_manifest and packed_as.get("fp16_model") == fp16 and code == _code_crcs()
+            and zipped_report == (Path(report).read_bytes() if report else None))
+
+
+def _code_crcs(code_dirs=CODE_DIRS, code_files=CODE_FILES) -> dict[str, int]:
+    """{arcname: CRC-32} of the code/ that pack_submission would zip now."""
+    found = {f"code/{Path(f).name}": resolve_path(f) for f in code_files}
+    for d in code_dirs:
+        root = resolve_path(d)
+        found.update({f"code/{root.name}/{f.relative_to(root).as_posix()}": f for f in sorted(root.rglob("*"))
+                      if f.is_file() and not _is_clutter(f)})
+    return {arc: zlib.crc32(f.read_bytes()) for arc, f in found.items() if f.is_file()}
 
 
 def hand_in(cfg, setting, prompts: list[Prompt], want: dict, *, student_id: str | None, report=None,
@@ -378,7 +395,7 @@ def hand_in(cfg, setting, prompts: list[Prompt], want: dict, *, student_id: str 
         print(f"student_id not set: packing hw6_{PLACEHOLDER_ID}.zip; the course wants hw6_<your id>.zip: run again "
               "with student_id=<your id>")
     with run_lock(cfg.run_dir, "05_eval: hand-in zip", RESULTS_LOCK):  # results/ cannot change while it is packed
-        if not overwrite and already_packed(out_zip, cfg.layout.results, handin_id, report):
+        if not overwrite and already_packed(out_zip, cfg.layout.results, handin_id, report, fp16):
             return (f"{shown(out_zip)} already holds exactly this test set ({setting.label()}) and report: nothing "
                     "to pack again (overwrite_zip=True repacks it)")
         zip_path = pack_submission(cfg.run_dir, out_zip, setting_unet_folder(cfg, setting), prompts,

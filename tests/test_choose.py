@@ -48,6 +48,14 @@ def test_choose_and_write_records_the_choice_then_writes_exactly_its_set(fresh, 
     assert outcome.written["written"] == len(prompts) and not (fresh.run_dir / "results.lock").exists()
     manifest = check_record(fresh.layout.results, fresh.layout.test_set_record)
     check_is_the_choice(fresh, manifest)  # what 05 checks before it scores or packs
+    # a choose-only run that picks another setting leaves the written set stale: 05 refuses it
+    record["selection"]["choice"] = {**record["selection"]["choice"],
+                                     "setting": outcome.setting.replace(guidance=9.0).to_dict()}
+    fresh.layout.metrics.write_text(json.dumps(record))
+    with pytest.raises(ValueError, match=r"the selection sweep now chooses .*guidance 9.*follows an earlier choice"):
+        check_is_the_choice(fresh, manifest)
+    record["selection"]["choice"]["setting"] = outcome.setting.to_dict()
+    fresh.layout.metrics.write_text(json.dumps(record))
     # select=False keeps the choice: nothing sampled again
     again = choose_and_write(fresh, model, prompts, select=False, progress=False)
     assert again.setting == outcome.setting and again.written["written"] == 0
@@ -124,6 +132,8 @@ def test_handing_in_again_keeps_a_zip_that_already_holds_exactly_this(fresh, mod
     again = hand_in(fresh, GOOD, prompts, want, student_id="2024_001", report=report)
     assert first.startswith("wrote runs/t/hw6_2024_001.zip") and "already holds exactly this test set" in again
     assert packed.stat().st_mtime_ns == stamp
+    with pytest.raises(FileExistsError, match="overwrite_zip=True"):  # asked for fp16 weights: not what is packed
+        hand_in(fresh, GOOD, prompts, want, student_id="2024_001", report=report, fp16=True)
     report.write_bytes(b"%PDF-1.4\n% another report\n%%EOF\n")  # a new report: packing again would change it
     with pytest.raises(FileExistsError, match="overwrite_zip=True"):
         hand_in(fresh, GOOD, prompts, want, student_id="2024_001", report=report)
