@@ -44,6 +44,7 @@ class RunLayout:
     results = property(lambda self: self.root / "results")
     results_history = property(lambda self: self.root / "results.history")
     score = property(lambda self: self.root / "score.json")
+    budget = property(lambda self: self.root / "budget.json")  # the time plan, its correction, sessions (helpers.budget)
     submission = property(lambda self: self.root / "submission.zip")  # before student_id: see hand_in()
 
     def shown(self, path) -> str:

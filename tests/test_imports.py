@@ -15,7 +15,7 @@ LAYERS = [  # lowest first; a module may import from its own layer or below
     {"sample", "fit", "metrics", "score", "estimators", "shards"},
     {"previews", "baseline", "export", "grids", "selection"},
     {"judges", "panel_controls", "panel", "plots", "tables", "submission", "staged", "selection_cost", "replay",
-     "sweep_view"},
+     "sweep_view", "budget"},
     {"train", "runs", "choose"},
 ]
 
