@@ -179,26 +179,26 @@ def plan_the_hours(cfg: RunConfig, cache, cost: StepCost, n_images: int, acceler
 # ---------------------------------------------------------------- what 04 will take
 
 
-def sampling_seconds_per_eval(cfg: RunConfig, unet, cache, device, batch: int, repeats: int = 2) -> float:
+def sampling_seconds_per_eval(cfg: RunConfig, unet, cache, device, batch: int, repeats: int = 5) -> float:
     """Seconds of one U-Net evaluation of one image when sampling `batch` prompts with CFG (2 x batch rows per
-    forward) in the sampling precision on `device`: the unit the sweep, the grids and the test set are counted in."""
+    forward) in the sampling precision on `device`: the unit the sweep, the grids and the test set are counted in.
+    The median of `repeats` timed forwards, after one that chooses kernels and allocates."""
     from .precision import decide
 
     precision = decide(cfg.mixed_precision, device, use="sample")
-    c, size = cache.mean.shape[2], cache.mean.shape[-1]
-    rows = 2 * batch
+    c, size, rows = cache.mean.shape[2], cache.mean.shape[-1], 2 * batch
     x = torch.randn(rows, c, size, size, device=device)
     text = cache.embeddings[:1].to(device, torch.float32).expand(rows, *cache.embeddings.shape[1:]).contiguous()
     t = torch.full((rows,), 500, device=device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    times = []
     with torch.no_grad(), precision.autocast(device):
-        unet(x, t, encoder_hidden_states=text)  # warm-up: kernels chosen, memory allocated
-        sync()
-        start = perf_counter()
-        for _ in range(repeats):
+        for _ in range(repeats + 1):
+            start = perf_counter()
             unet(x, t, encoder_hidden_states=text)
-        sync()
-    return (perf_counter() - start) / (repeats * rows)
+            sync()
+            times.append(perf_counter() - start)
+    return sorted(times[1:])[repeats // 2] / rows
 
 
 def png_seconds(size: int) -> float:
