@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from helpers.config import open_run
+from helpers.run_folder import open_run
 from helpers.data import load_prompts
 from helpers.handin import fp16_copy
 from helpers.layout import WEIGHTS_FILE

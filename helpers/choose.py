@@ -221,7 +221,7 @@ def main(argv=None) -> int:
     import argparse
 
     from .command import add_run_arguments, ends_in_one_line, existing_run
-    from .config import count_argument
+    from .values import count_argument
     from .selection import TrainingNotFinishedError
 
     p = argparse.ArgumentParser(prog="python -m helpers.choose", description=main.__doc__.split("\n\n")[0],

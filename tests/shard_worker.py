@@ -4,7 +4,7 @@ import sys
 
 import torch
 
-from helpers.config import open_run
+from helpers.run_folder import open_run
 from helpers.data import load_prompts
 from helpers.model import load_model
 from helpers.selection import setting_weights_id

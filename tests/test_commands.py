@@ -22,7 +22,8 @@ import torch
 from safetensors.torch import load_file
 
 from helpers.checkpoint import checkpoint_config, list_checkpoints
-from helpers.config import PROJECT_ROOT, RunConfig, load_config, open_run, profile_config
+from helpers.config import PROJECT_ROOT, RunConfig, profile_config
+from helpers.run_folder import load_config, open_run
 from helpers.train import train
 from helpers.trainlog import read_log
 from test_score import StandInFeatures, results, write_sprites  # noqa: F401 (results: the fixture, shared)
@@ -62,7 +63,7 @@ def files_under(folder: Path) -> dict[str, int]:
 
 
 def test_hw6_with_max_steps_30000_trains_30000_steps(capsys):
-    from helpers.config import resolve_length
+    from helpers.length import resolve_length
 
     cfg = profile_config("hw6", max_steps=30000, batch_size=128)  # the example of helpers/runs.py's docstring
     assert "max_steps=30000 is set, so it replaces max_epochs=60" in capsys.readouterr().out
@@ -77,7 +78,7 @@ def test_hw6_with_max_steps_30000_trains_30000_steps(capsys):
 
 
 def test_warmup_steps_set_by_the_user_replace_the_profiles_fraction():
-    from helpers.config import resolve_length
+    from helpers.length import resolve_length
 
     cfg = profile_config("hw6", warmup_steps=100)
     resolved, line = resolve_length(cfg, 38_970)

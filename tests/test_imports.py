@@ -8,10 +8,11 @@ HELPERS = Path(__file__).resolve().parent.parent / "helpers"
 
 LAYERS = [  # lowest first; a module may import from its own layer or below
     {"files", "progress", "hub", "images", "unet", "diffusion", "disk", "runlock", "notebook_meta", "schedulers",
-     "precision", "session", "trainlog"},
-    {"setting", "layout", "checkpoint", "data", "text", "autoencoder", "phema", "resume"},
+     "precision", "session", "trainlog", "values"},
+    {"setting", "layout", "checkpoint", "data", "text", "autoencoder", "phema", "resume", "length"},
     {"config"},
-    {"model", "cache", "demo_data", "step", "saves", "disk_guard", "repair", "probe", "results", "handin", "command"},
+    {"run_folder", "model", "cache", "demo_data", "step", "saves", "disk_guard", "repair", "probe", "results", "handin",
+     "command"},
     {"sample", "fit", "metrics", "score", "estimators", "shards"},
     {"previews", "baseline", "export", "grids", "selection"},
     {"judges", "panel_controls", "panel", "plots", "tables", "submission", "staged", "selection_cost", "replay",

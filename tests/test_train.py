@@ -15,7 +15,8 @@ from safetensors.torch import load_file
 
 from helpers.cache import build_cache, load_cache, write_split
 from helpers.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
-from helpers.config import PROJECT_ROOT, open_run
+from helpers.config import PROJECT_ROOT
+from helpers.run_folder import open_run
 from helpers.data import load_records
 from helpers.diffusion import Objective
 from helpers.model import training_objective
