@@ -194,7 +194,7 @@ def show_outcome(outcome: Outcome, judged=None) -> None:
     """04's report of choose_and_write: the finalists (the choice starred), the rule, what was written."""
     from IPython.display import display
 
-    from .tables import score_table, sweep_table_html
+    from .tables import scores_as_table, sweep_table_html
 
     if outcome.rows:
         counts = outcome.stages["plan"]["counts"]
@@ -205,7 +205,7 @@ def show_outcome(outcome: Outcome, judged=None) -> None:
         print(f"no sweep: {outcome.no_sweep}")
     print(outcome_line(outcome))
     if outcome.written:
-        display(score_table(outcome.written, "test set"))
+        display(scores_as_table(outcome.written, "test set"))
 
 
 # ---------------------------------------------------------------- command line (accelerate launch, torchrun)

@@ -498,7 +498,7 @@ def score_results(results_dir, test_json, *, reference_stats_dir=None, real_dir=
     return {**out, "fid_reference": None if stats_dir is None else str(stats_dir)}
 
 
-def score_table(result: dict) -> str:
+def scores_as_text(result: dict) -> str:
     """The scores, one per line, then one "metric: SKIPPED: reason" line per skipped metric."""
     lines = [f"{result['images']} images, CLIP backend: {result.get('clip_backend') or '-'}"]
     for name in METRICS:
@@ -550,7 +550,7 @@ def main(argv=None) -> int:
     except (ValueError, OSError) as e:  # a bad folder, test.json or image (BadImageError is a ValueError)
         print(f"error: {_one_line(e)}", file=sys.stderr)
         return 2
-    print(score_table(result))
+    print(scores_as_text(result))
     replaced = out.exists()
     with os_errors_end_in_one_line("helpers.score"):  # atomic: a failed write leaves the old file, or none
         atomic_write_json(out, result, indent=2)

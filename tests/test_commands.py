@@ -377,7 +377,7 @@ def fake_free(monkeypatch, free):
 
 def test_a_run_that_cannot_fit_is_refused_before_step_1_with_settings_that_fit(tmp_path, course_dir, monkeypatch,
                                                                               capsys):
-    from helpers.disk import RESERVE_BYTES, NotEnoughDiskError, Plan, WriteSizes, check_room
+    from helpers.disk import RESERVE_BYTES, NotEnoughDiskError, DiskPlan, WriteSizes, check_room
     from helpers.cache import load_cache
     from helpers.train import main
     from helpers.step import unet_for_cache
@@ -395,9 +395,9 @@ def test_a_run_that_cannot_fit_is_refused_before_step_1_with_settings_that_fit(t
     files_after = files_under(cfg.run_dir)
     assert files_after == {**before, "config.json": files_after["config.json"]}  # no checkpoint, snapshot or log
     every = int(re.search(r"snapshot_every=(\d+)", line).group(1))
-    assert every > 1 and check_room(Plan(0, 8, every, 4, 2), sizes, cfg.run_dir)  # the advice does fit
+    assert every > 1 and check_room(DiskPlan(0, 8, every, 4, 2), sizes, cfg.run_dir)  # the advice does fit
     with pytest.raises(NotEnoughDiskError):
-        check_room(Plan(0, 8, every - 1, 4, 2), sizes, cfg.run_dir)  # and it is the smallest that does
+        check_room(DiskPlan(0, 8, every - 1, 4, 2), sizes, cfg.run_dir)  # and it is the smallest that does
 
 
 def test_a_disk_filling_up_mid_run_stops_with_a_resumable_checkpoint(tmp_path, course_dir, monkeypatch):
