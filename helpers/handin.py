@@ -10,7 +10,7 @@ import re
 import zipfile
 from pathlib import Path
 
-from .layout import WEIGHTS_FILE
+from .layout import WEIGHTS_FILE, RunLayout
 
 CODE_DIRS = ("helpers", "notebooks")
 CODE_FILES = ("requirements.txt", "requirements-cpu.lock", "requirements-cuda.lock", "requirements-cuda.in", "README.md",
@@ -31,7 +31,7 @@ def check_student_id(student_id) -> str:
     if not isinstance(student_id, str) or not _ID.fullmatch(student_id):
         raise ValueError(f"student_id={student_id!r} should be your student id: letters, digits, '_' or '-' only "
                          "(it names hw6_<student_id>.zip and its top folder)")
-    if len(zip_name(student_id).encode()) > NAME_MAX:
+    if len(RunLayout(Path()).hand_in(student_id).name.encode()) > NAME_MAX:  # the zip's name, wherever the run is
         raise ValueError(f"student_id={student_id[:20]}... is {len(student_id)} characters: hw6_<student_id>.zip would "
                          f"be longer than the {NAME_MAX} bytes a file name may have")
     return student_id
@@ -39,10 +39,6 @@ def check_student_id(student_id) -> str:
 
 def top_folder(student_id: str) -> str:
     return f"hw6_{student_id}"
-
-
-def zip_name(student_id: str) -> str:
-    return f"{top_folder(student_id)}.zip"
 
 
 def check_report(report, base: Path | None = None) -> Path | None:

@@ -50,11 +50,11 @@ def check_prompt_names(prompts: list[Prompt]) -> None:
 def write_test_set(model, prompts: list[Prompt], results_dir, setting, weights: str, *, seed: int, size: int,
                    batch_size: int, record=None) -> dict:
     """The test set of exactly `setting` in `results_dir`, with a manifest of every image's hash: resumed if the
-    folder holds that setting already; else written beside it in `<results_dir>.partial/` and swapped in only once
+    folder holds that setting already; else written beside it in results.partial/ and swapped in only once
     complete and valid (what the project wrote there before goes to results.history/<n>/). `record`: a file that
     keeps a copy of the final manifest (the run's own record, which 05_eval checks the folder's manifest against)."""
     results_dir = Path(results_dir)
-    partial = results_dir.with_name(results_dir.name + ".partial")
+    partial = RunLayout(results_dir.parent).results_partial
     for folder in (results_dir, partial, _history(results_dir)):
         if folder.exists() and not folder.is_dir():
             raise NotADirectoryError(f"{folder}: is a file where the test set needs a folder; move it away, run again")
@@ -183,7 +183,8 @@ def keep_aside(results_dir: Path, names: list[str], history: Path | None = None)
 
 
 def _history(results_dir: Path) -> Path:
-    return results_dir.with_name(results_dir.name + ".history")
+    """Where a run's earlier test sets go: `results_dir` is a run's results/ (helpers.layout.RunLayout.results)."""
+    return RunLayout(results_dir.parent).results_history
 
 
 def _megabytes(folder: Path) -> str:
