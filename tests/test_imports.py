@@ -11,12 +11,12 @@ LAYERS = [  # lowest first; a module may import from its own layer or below
      "precision", "session", "trainlog", "values"},
     {"setting", "layout", "checkpoint", "data", "text", "autoencoder", "phema", "resume", "length"},
     {"config"},
-    {"run_folder", "model", "cache", "demo_data", "step", "saves", "disk_guard", "repair", "probe", "results", "handin",
+    {"run_folder", "model", "cache", "demo_data", "step", "saves", "disk_guard", "repair", "probe", "results",
      "command"},
     {"sample", "fit", "metrics", "score", "estimators", "shards"},
     {"previews", "baseline", "export", "grids", "selection"},
-    {"judges", "panel_controls", "panel", "plots", "tables", "submission", "staged", "selection_cost", "replay",
-     "sweep_view"},
+    {"judges", "panel_controls", "panel", "plots", "tables", "submission", "handin", "staged", "selection_cost",
+     "replay", "sweep_view"},
     {"train", "runs", "choose"},
 ]
 

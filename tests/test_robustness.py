@@ -435,7 +435,7 @@ def truncated_png_in_preview(tmp, course):
 
 
 def zip_exists(tmp, course):
-    from helpers.submission import pack_submission
+    from helpers.handin import pack_submission
 
     _write(tmp / "run" / "submission.zip", "old")
     return (lambda: pack_submission(tmp / "run", tmp / "run" / "submission.zip", tmp / "run" / "model" / "unet_ema",
