@@ -77,3 +77,16 @@ def test_every_module_has_a_layer_and_imports_only_its_own_or_lower_layers():
     assert sorted(set(layer) - set(edges)) == [], "these modules are gone: take them out of LAYERS and the docs"
     upward = [f"{m} -> {d}" for m, ds in edges.items() for d in ds if layer[d] > layer[m]]
     assert upward == []
+
+
+def test_the_design_docs_module_table_has_one_row_per_module_in_its_layer():
+    import re
+
+    text = (HELPERS.parent / "docs" / "design.md").read_text(encoding="utf-8")
+    table = text.split("## The modules, in layers", 1)[1].split("\n\n| layer | module |", 1)[1].split("\n\n", 1)[0]
+    rows, layer = {}, None
+    for line in table.splitlines()[2:]:
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        layer = int(cells[0].split()[0]) if cells[0] else layer
+        rows.setdefault(re.fullmatch(r"`(\w+)`", cells[1])[1], []).append(layer)
+    assert rows == {m: [i] for i, mods in enumerate(LAYERS) for m in mods}
