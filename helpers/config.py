@@ -158,7 +158,7 @@ class RunConfig:
 
     One flat namespace (papermill's `-p name=value`); paths are relative to the project root. The defaults are the
     demo's (but for its objective) and the test profile `tiny`'s; what each profile changes, and why:
-    `python -m helpers.config --profile NAME`, README "Configuration" and docs/design.md."""
+    `python -m helpers.config --profile NAME`, README "Where the hw6 defaults come from" and docs/design.md."""
 
     # ---- the run
     # a key of PROFILES: demo | hw6 | sd-baseline | tiny
@@ -191,10 +191,11 @@ class RunConfig:
 
     # ---- diffusion (03_train_cfg)
     num_train_timesteps: int = _checked(1000, _at_least(1))
-    # cosine: the demo's and tiny's; hw6 trains the recipe's linear betas, sd-baseline samples SD's scaled_linear
+    # cosine: tiny's (the demo's flow_prediction uses no betas); hw6 trains the recipe's linear betas, sd-baseline
+    # samples SD's scaled_linear
     # linear | scaled_linear | squaredcos_cap_v2 | sigmoid
     beta_schedule: str = _checked("squaredcos_cap_v2", _one_of(lambda: BETA_SCHEDULES))
-    # The default is for the schedule above, as the tiny test runs and their samplers use it: v, since on the cosine
+    # The default is for the cosine schedule above, as the tiny test runs and their samplers use it: v, since on that
     # schedule an epsilon model's first step divides its error by sqrt(alpha_bar(T)) ~ 5e-5. The demo trains
     # flow_prediction instead (it beat v at equal training), hw6 the recipe's epsilon on linear betas.
     # epsilon | v_prediction | flow_prediction (rectified flow)
