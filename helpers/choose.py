@@ -113,10 +113,14 @@ def results_lock(cfg: RunConfig, what: str, shards):
 def _sweep(cfg, model, judged, settings, stage_prompts, progress, shards) -> Outcome:
     from .metrics import write_metrics
     from .selection import choose
+    from .budget import sweep_budget_hours
     from .staged import staged_sweep
 
+    hours, why = sweep_budget_hours(cfg)  # the whole-job budget's share, less what training ran over
+    if why and shards.is_main:
+        print(why)
     rows, stages = staged_sweep(model, cfg, judged.judge, list(settings), judged.texts, judged.seeds,
-                                batch_size=cfg.sample_batch_size, stage_prompts=stage_prompts,
+                                batch_size=cfg.sample_batch_size, stage_prompts=stage_prompts, budget_hours=hours,
                                 progress=progress and shards.is_main)
     choice = choose(rows, judged.judge)
     if shards.is_main:

@@ -1,4 +1,4 @@
-"""Fit a training run to a device's memory and to the hours it has, without changing the recipe.
+"""Fit a training run to a device's memory without changing the recipe, and measure its step.
 
 - `measure_step`: a few real training steps (the run's loss, AdamW, EMA, autocast) on a batch drawn from the
   cache: peak memory and images/s. On CUDA the peak is `torch.cuda.max_memory_allocated`. On a CPU no allocator
@@ -9,19 +9,15 @@
 - `plan_fit`: if the configured step does not fit, the smallest micro-batch split and the smallest split with
   gradient checkpointing that fit, each measured; the faster wins. Splitting keeps the images per optimizer step
   and the data stream (helpers.step.split_backward), so results and exact resume do not change.
-- `plan_budget`: the steps that end within `time_budget_hours` at the measured speed, with checkpoints,
-  snapshots and previews (estimated) included, and the snapshot interval for that length.
-- `fit_run`: both, before step 1 of `helpers.train.train` (auto_fit acts on CUDA only; a resume keeps the
-  time plan); `measure_run` + `describe`: what notebooks 02 and 03 print before training.
+- `fit_run`: plan_fit before step 1 of `helpers.train.train` (auto_fit acts on CUDA only), and the step measured
+  for helpers.budget's time plan; `measure_run` + `describe`: what notebooks 02 and 03 print before training.
 """
 from __future__ import annotations
 
 import contextlib
 import gc
-import math
 import os
 from dataclasses import dataclass
-from datetime import datetime, timedelta
 from time import perf_counter
 
 import torch
@@ -34,13 +30,10 @@ from .precision import decide
 from .step import DeviceCache, data_rows, loss_function, split_backward, step_generator, train_rows, unet_for_cache
 
 FIT_SHARE = 0.95  # a step "fits" when its peak plus one more copy of the weights stays under this share of memory
-DISK_BYTES_PER_S = 100e6  # assumed write speed for checkpoint/snapshot cost (Colab/Kaggle local disks: 100-200 MB/s)
-BUDGET_MARGIN = 0.05  # share of the time budget kept free for measurement noise
-PREVIEW_PROMPTS = 8  # helpers.train.Previewer's grid
 
 
 class DoesNotFitError(RuntimeError):
-    """The configured run fits neither the device's memory in any split nor the time budget: the user's move."""
+    """The configured step fits the device's memory in no split: the user's move (a smaller batch or preset)."""
 
 
 @dataclass
@@ -219,80 +212,6 @@ def plan_fit(batch_size: int, try_step, micro_splits: int = 1, gradient_checkpoi
     return max(candidates, key=lambda c: c.images_per_s), tried
 
 
-@dataclass
-class BudgetPlan:
-    steps: int
-    configured_steps: int
-    epochs: float
-    seconds: float  # the planned run's estimated wall time, overheads included
-    overhead_s: float  # of which checkpoints, snapshots, previews and the final save (estimated)
-    end: datetime
-    snapshot_every: int
-    images_per_s: float
-    after_training_s: float = 0.0  # reserved for what follows training: choosing a setting and the test set
-    after_training: str = ""  # how that reserve was estimated, one line
-
-
-def save_seconds(cfg: RunConfig, param_bytes: int, images_per_s: float, processes: int = 1) -> dict:
-    """Estimated seconds of one checkpoint, snapshot, preview grid and final save (what training does besides steps).
-
-    Writes at DISK_BYTES_PER_S: a checkpoint holds weights, EMA and AdamW's two moments (4x the weights), a
-    snapshot the EMA (1x), the final model/ both U-Nets (2x). A preview samples PREVIEW_PROMPTS prompts with CFG
-    (2 forwards per step) on the main process, a forward costing about a third of a training step."""
-    forwards_per_s = 3 * images_per_s / processes
-    return dict(checkpoint=4 * param_bytes / DISK_BYTES_PER_S, snapshot=param_bytes / DISK_BYTES_PER_S,
-                preview=2 * PREVIEW_PROMPTS * cfg.sample_steps / forwards_per_s,
-                final=2 * param_bytes / DISK_BYTES_PER_S)
-
-
-def plan_budget(cfg: RunConfig, images_per_s: float, num_train_images: int, param_bytes: int, processes: int = 1,
-                now: datetime | None = None, after_training=None) -> BudgetPlan:
-    """The longest run (at most the configured one) whose steps and saves, and then the selection and the test set,
-    end within cfg.time_budget_hours.
-
-    `images_per_s`: the measured speed of the whole run (all processes). `after_training(images_per_s,
-    n_snapshots)`: (seconds, one line) that selection and the test set will take, reserved before training is planned
-    (None: nothing). The snapshot interval is set so the planned run keeps the configured run's number of snapshots;
-    the LR schedule follows max_steps by itself."""
-    configured = total_steps(cfg, num_train_images, processes)
-    images_per_step = cfg.batch_size * cfg.grad_accum * processes
-    cost = save_seconds(cfg, param_bytes, images_per_s, processes)
-    snapshots = max(1, configured // cfg.snapshot_every) if cfg.snapshot_every > 0 else 0
-    per_step = (images_per_step / images_per_s + cost["checkpoint"] / cfg.checkpoint_every
-                + (cost["preview"] / cfg.preview_every if cfg.preview_every > 0 else 0.0))
-    once = (cost["final"] + cost["checkpoint"] + snapshots * cost["snapshot"]  # the last step's saves, all snapshots
-            + (cost["preview"] if cfg.preview_every > 0 else 0.0))
-    after_s, after = after_training(images_per_s, snapshots + 1) if after_training else (0.0, "")
-    budget = cfg.time_budget_hours * 3600 * (1 - BUDGET_MARGIN) - after_s
-    fitting = math.floor((budget - once) / per_step)
-    if fitting < 1:
-        need = (once + per_step + after_s) / 3600 / (1 - BUDGET_MARGIN)
-        raise DoesNotFitError(f"time_budget_hours={cfg.time_budget_hours} is too short for one step and the saves on "
-                              f"this device (measured {images_per_s:.3g} images/s)"
-                              + (f" after reserving {duration(after_s)} for selection and the test set" if after_s
-                                 else "") + f": at least {need:.3g} hours are needed")
-    steps = min(configured, fitting)
-    snapshot_every = max(1, -(-steps // snapshots)) if snapshots and steps < configured else cfg.snapshot_every
-    seconds = steps * per_step + once
-    now = now or datetime.now().astimezone()
-    return BudgetPlan(steps, configured, steps * images_per_step / num_train_images, seconds,
-                      seconds - steps * images_per_step / images_per_s, now + timedelta(seconds=seconds),
-                      snapshot_every, images_per_s, after_s, after)
-
-
-def describe_budget(cfg: RunConfig, plan: BudgetPlan) -> str:
-    length = ("the configured run fits" if plan.steps == plan.configured_steps
-              else f"shortened from the configured {plan.configured_steps:,} steps")
-    after = (f"\n  then {plan.after_training} (at the training speed; reserved before planning the steps): the whole "
-             f"job ends about {plan.end + timedelta(seconds=plan.after_training_s):%Y-%m-%d %H:%M %Z}"
-             if plan.after_training else "")
-    return (f"time budget {cfg.time_budget_hours:g} h at the measured {plan.images_per_s:.1f} images/s: "
-            f"training {plan.steps:,} steps ({length}), {plan.epochs:.2f} epochs, snapshots every "
-            f"{plan.snapshot_every:,} steps; estimated {duration(plan.seconds)} incl. {duration(plan.overhead_s)} of "
-            f"checkpoints/snapshots/previews, ending about {plan.end:%Y-%m-%d %H:%M %Z}{after}. Stored in config.json; "
-            f"a resume keeps this plan")
-
-
 def probe_step(cfg: RunConfig, cache, data: DeviceCache, rows: torch.Tensor, device, steps: int = 3):
     """try_step for plan_fit: each attempt measures a fresh U-Net (the run's own is built after, untouched)."""
     batch = draw_batch(cfg, data, rows)
@@ -312,48 +231,21 @@ def auto_fit_applies(cfg: RunConfig, device) -> bool:
     return cfg.auto_fit and on_cuda(device)
 
 
-PLAN_FIELDS = ("max_steps", "max_epochs", "snapshot_every")  # what a time budget sets
-
-
-def keep_plan(cfg: RunConfig, resumed: dict, verbose: bool) -> RunConfig:
-    """A resume of a budgeted run trains the plan its first session stored (in the checkpoint's config)."""
-    if not resumed.get("time_budget_hours"):
-        if verbose:
-            print(f"time_budget_hours={cfg.time_budget_hours:g} is ignored: this run started without a budget, and a "
-                  f"resume does not re-plan (max_steps stays {cfg.max_steps:,}; resume=False plans a new run)")
-        return cfg
-    plan = {k: resumed[k] for k in PLAN_FIELDS if k in resumed}
-    if verbose:
-        print(f"time budget: resuming the plan made before step 1 ({plan.get('max_steps', cfg.max_steps):,} steps); "
-              f"to change the length, set time_budget_hours=0 and max_steps")
-    return cfg.replace(**plan) if any(getattr(cfg, k) != v for k, v in plan.items()) else cfg
-
-
 def fit_run(cfg: RunConfig, cache, data: DeviceCache, rows: torch.Tensor, accelerator,
-            resumed: dict | None = None, after_training=None) -> RunConfig:
-    """cfg with auto_fit's micro_splits/gradient_checkpointing (CUDA) and the time budget's plan, printed; cfg
-    itself when nothing applies (a CPU run without a budget measures nothing).
-
-    `resumed`: the config stored in the checkpoint a resume starts from (None: a new run, which plans its budget);
-    `after_training(cfg, cache)`: plan_budget's reserve for selection and the test set, made for this run."""
+            measure: bool = False) -> tuple[RunConfig, StepCost | None]:
+    """(cfg with auto_fit's micro_splits/gradient_checkpointing (CUDA), printed; the measured step, or None when
+    nothing was measured: a CPU run measures only when `measure`, which the time budget asks for)."""
     device, main = accelerator.device, accelerator.is_main_process
-    if cfg.time_budget_hours > 0 and resumed is not None:
-        cfg = keep_plan(cfg, resumed, main)
-    fit, budget = auto_fit_applies(cfg, device), cfg.time_budget_hours > 0 and resumed is None
-    if not (fit or budget):
-        return cfg
+    fit = auto_fit_applies(cfg, device)
+    if not (fit or measure):
+        return cfg, None
     try_step = probe_step(cfg, cache, data, rows, device)
     if fit:
         cost, tried = plan_fit(cfg.batch_size, try_step, cfg.micro_splits, cfg.gradient_checkpointing)
     else:
         cost, tried = try_step(cfg.micro_splits, cfg.gradient_checkpointing), []
     changes = dict(micro_splits=cost.micro_splits, gradient_checkpointing=cost.gradient_checkpointing)
-    plan = None
-    if budget:
-        plan = plan_budget(cfg, cost.images_per_s * accelerator.num_processes, len(rows), cost.param_bytes,
-                           accelerator.num_processes, after_training=after_training and after_training(cfg, cache))
-        changes.update(max_steps=plan.steps, max_epochs=0, snapshot_every=plan.snapshot_every)
-    if accelerator.num_processes > 1:  # every process trains the main process's plan
+    if accelerator.num_processes > 1:  # every process trains the main process's choice
         from accelerate.utils import broadcast_object_list
 
         changes = broadcast_object_list([changes])[0]
@@ -363,9 +255,7 @@ def fit_run(cfg: RunConfig, cache, data: DeviceCache, rows: torch.Tensor, accele
             print(f"auto_fit: batch {cfg.batch_size} as configured does not fit {cost.device}; tried "
                   + describe_tried(tried) + f". Training with {cost.setting()} (the fastest that fits): the same "
                   f"{cfg.batch_size} images per step and data stream. Set auto_fit=False to turn this off.")
-        if plan:
-            print(describe_budget(cfg, plan))
-    return cfg.replace(**changes) if any(getattr(cfg, k) != v for k, v in changes.items()) else cfg
+    return (cfg.replace(**changes) if any(getattr(cfg, k) != v for k, v in changes.items()) else cfg), cost
 
 
 def describe_tried(tried: list) -> str:

@@ -45,6 +45,7 @@ class RunLayout:
     results_partial = property(lambda self: self.root / "results.partial")  # a new test set being written
     results_history = property(lambda self: self.root / "results.history")  # earlier test sets, numbered
     score = property(lambda self: self.root / "score.json")
+    budget = property(lambda self: self.root / "budget.json")  # the time plan, its correction, sessions (helpers.budget)
 
     def shown(self, path) -> str:
         """A path as printed to the student: relative to the outputs folder ("runs/demo/results") when it is in

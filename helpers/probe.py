@@ -241,7 +241,50 @@ def _reference_set(data_dir: Path, attrs: dict, resolution: int, crop: bool):
     return _load_images(paths, resolution, False, crop), label_indices([attrs[p.stem] for p in paths])
 
 
-def train_probe(data_dir, *, resolution: int, cache_dir, steps: int = 400, batch_size: int = 64, lr: float = 1e-2,
+PROBE_STEPS = 400  # notebook 04's probe_steps default
+
+
+def probe_settings(steps: int = PROBE_STEPS, batch_size: int = 64, lr: float = 1e-2, width: int = 16,
+                   heldout_fraction: float = 0.1, seed: int = 0, crop_to_content: bool = False) -> dict:
+    settings = dict(steps=steps, batch_size=batch_size, lr=lr, width=width, heldout_fraction=heldout_fraction,
+                    seed=seed)
+    if crop_to_content:  # only named when on, so probes cached before the option existed keep their hash
+        settings["crop_to_content"] = True
+    return settings
+
+
+def probe_folder(data_dir: Path, resolution: int, cache_dir, settings: dict) -> Path:
+    """Where the probe of these dataset files, resolution and settings is cached."""
+    return Path(cache_dir) / f"probe-{dataset_hash(Path(data_dir), resolution, settings)}"
+
+
+def probe_seconds(data_dir, *, resolution: int, cache_dir, seed: int = 0, crop_to_content: bool = False,
+                  steps: int = PROBE_STEPS) -> float:
+    """Estimated seconds of train_probe with these settings: 0 when cached; else loading the real images (timed on
+    the first 16) and `steps` training steps (3 timed on random images of the resolution)."""
+    from time import perf_counter
+
+    data_dir = Path(data_dir)
+    settings = probe_settings(steps, seed=seed, crop_to_content=crop_to_content)
+    if (probe_folder(data_dir, resolution, cache_dir, settings) / "probe.json").exists():
+        return 0.0
+    paths = sorted((data_dir / "train").glob("*.png")) + sorted((data_dir / "test_reference").glob("*.png"))
+    start = perf_counter()
+    _load_images(paths[:16], resolution, False, crop_to_content)
+    load = (perf_counter() - start) / max(min(16, len(paths)), 1) * len(paths)
+    net, batch = ProbeNet(resolution, settings["width"]), settings["batch_size"]
+    images, gen = torch.rand(batch, 3, resolution, resolution), torch.Generator().manual_seed(0)
+    labels = {k: torch.zeros(batch, dtype=torch.long) for k in CLASSES}
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-3)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-3, total_steps=4)
+    with one_thread():
+        _train_loop(net, images, labels, opt, sched, 1, batch, gen, False)  # warm-up
+        start = perf_counter()
+        _train_loop(net, images, labels, opt, sched, 3, batch, gen, False)
+    return load + steps * (perf_counter() - start) / 3
+
+
+def train_probe(data_dir, *, resolution: int, cache_dir, steps: int = PROBE_STEPS, batch_size: int = 64, lr: float = 1e-2,
                 width: int = 16, heldout_fraction: float = 0.1, seed: int = 0, progress: bool = True,
                 crop_to_content: bool = False) -> Probe:
     """The probe for the demo dataset in `data_dir` at `resolution`: loaded from cache, else trained and cached.
@@ -251,13 +294,10 @@ def train_probe(data_dir, *, resolution: int, cache_dir, steps: int = 400, batch
     Trains on real train images only. A `heldout_fraction` of the monsters is held out and gives
     `heldout_accuracy`; `reference_accuracy` is on test_reference/ (the test prompts' unseen combinations).
     """
-    data_dir, cache_dir = Path(data_dir), Path(cache_dir)
+    data_dir = Path(data_dir)
     attrs = load_attributes(data_dir)
-    settings = dict(steps=steps, batch_size=batch_size, lr=lr, width=width, heldout_fraction=heldout_fraction,
-                    seed=seed)
-    if crop_to_content:  # only named when on, so probes cached before the option existed keep their hash
-        settings["crop_to_content"] = True
-    out = cache_dir / f"probe-{dataset_hash(data_dir, resolution, settings)}"
+    settings = probe_settings(steps, batch_size, lr, width, heldout_fraction, seed, crop_to_content)
+    out = probe_folder(data_dir, resolution, cache_dir, settings)
     if (out / "probe.safetensors").exists() and (out / "probe.json").exists():
         meta = read_json(out / "probe.json")
         net = ProbeNet(resolution, width)

@@ -1,7 +1,7 @@
 """What choosing a setting and writing the test set cost, from the run config alone (before anything is sampled).
 
 `selection_cost` counts the staged plan's cells, images and U-Net evaluations (helpers.staged) and the test set's;
-helpers.fit's time budget reserves them before it plans training. `flop_report` sets them against training in
+helpers.budget's time plan reserves them (at the measured sampling speed) before it plans training. `flop_report` sets them against training in
 FLOP: the U-Net's forward FLOP per evaluation (torch's counter on the meta device, attention included), plus the
 autoencoder's decode per image, against 3 forward passes per training image.
 """
@@ -177,34 +177,6 @@ def run_flop_report(cfg: RunConfig, model, settings=None, n_judged: int | None =
     n_test = len(load_prompts(cfg.data_path / "test.json"))
     return flop_report(cfg, max(len(names), 1), steps, n_test, gflop=gflop, decode_gflop=decode, settings=settings,
                        n_judged=n_judged, stage_prompts=stage_prompts)
-
-
-def after_training(cfg: RunConfig, cache):
-    """helpers.fit's reserve for a run of `cfg` on `cache`: (images_per_s, n_snapshots) -> (seconds, one line) that
-    the staged selection and the test set will take, from the measured training speed. A training image costs three
-    U-Net forwards (forward + backward), so one U-Net evaluation of one image takes 1 / (3 x images/s); a decode costs
-    its FLOP in those units. An estimate: sampling runs at inference batch sizes, usually a little faster per FLOP."""
-    from .data import load_prompts
-
-    test_json = cfg.data_path / "test.json"
-    if not test_json.exists():
-        return lambda images_per_s, n_snapshots: (0.0, f"nothing reserved: no {test_json} to choose for")
-    n_test = len(load_prompts(test_json))
-    c, size = cache.mean.shape[2], cache.mean.shape[-1]  # [N, 2 (mirrored), C, h, w]
-    gflop = unet_gflop(cfg, c, size, cache.embeddings.shape[-1])
-    decode = sd_vae_decode_gflop(size) if cfg.autoencoder != "identity" else 0.0
-
-    def reserve(images_per_s: float, n_snapshots: int) -> tuple[float, str]:
-        from .fit import duration
-
-        cost = selection_cost(cfg, n_snapshots, n_test)
-        per_eval = 1 / (3 * images_per_s)  # seconds of one U-Net evaluation of one image
-        selection = (cost.selection_unet_evals_max + cost.selection_images * decode / gflop) * per_eval
-        test_set = (cost.test_unet_evals + cost.test_images * decode / gflop) * per_eval
-        return selection + test_set, (
-            f"selection ≈ {duration(selection)}: {len(cost.plan.settings)} cells staged over {cost.plan.sizes} "
-            f"prompts, {cost.selection_images:,} images; test set ≈ {duration(test_set)}: {cost.test_images:,} images")
-    return reserve
 
 
 if __name__ == "__main__":

@@ -290,7 +290,7 @@ def staged_sweep(model, cfg: RunConfig, judge, settings: list[Setting], prompts:
     if per_eval:
         plan = trim_to_budget(plan, per_eval, budget_hours, cfg.layout.snapshot_names(), keep)
         if plan.dropped and shards.is_main:
-            print(f"select_budget_hours={budget_hours:g}: dropped {len(plan.dropped)} cell(s) to fit: "
+            print(f"the sweep's budget, {budget_hours:.3g} h: dropped {len(plan.dropped)} cell(s) to fit: "
                   + "; ".join(s.label() for s in plan.dropped[:8]) + (" ..." if len(plan.dropped) > 8 else ""))
     if shards.is_main:
         print(plan.table(per_eval))

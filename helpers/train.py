@@ -5,7 +5,8 @@ The same `train(cfg)` runs inside a notebook (one process) and under
 Each concern the loop touches has a room of its own, called once per block:
 - the step's data and loss: helpers.step (every random draw seeded by (seed, step, micro-step, process), so resume
   is exact by construction and no RNG state needs saving);
-- memory and the time budget: helpers.fit (before step 1); precision: helpers.precision;
+- memory: helpers.fit (before step 1); the time budget: helpers.budget (planned before step 1, corrected once at
+  the end of warm-up); precision: helpers.precision;
 - disk: helpers.disk_guard (never starts what cannot fit; stops with a checkpoint before the disk is full);
 - checkpoints and snapshots: helpers.saves; post-hoc EMA profiles: helpers.phema; log and loss checks:
   helpers.trainlog; previews: helpers.previews; the session's clock: helpers.session.
@@ -33,7 +34,8 @@ from .values import as_bool, count_argument
 from .diffusion import EMA
 from .disk import NotEnoughDiskError
 from .disk_guard import DiskGuard, any_process
-from .fit import DoesNotFitError, fit_run
+from .budget import DoesNotFitBudgetError, Replan, plan_run, record_session, retarget_schedule
+from .fit import DoesNotFitError
 from .model import noise_scheduler, save_model, training_objective
 from .phema import PowerEMA, resume_phema, stores_phema
 from .precision import LossScaleWatch, decide
@@ -42,7 +44,6 @@ from .repair import repair_run
 from .resume import IncompatibleResumeError, check_resume, retarget_optimizer
 from .runlock import run_lock
 from .saves import load_training_state, no_partial_write, retire_checkpoints, save_snapshot, training_state
-from .selection_cost import after_training
 from .session import SessionClock
 from .step import DeviceCache, data_rows, loss_function, split_backward, step_generator, train_rows, unet_for_cache
 from .trainlog import TrainLog, check_losses
@@ -121,6 +122,7 @@ class Run:
     images_per_step: int = 0
     cache: object = field(default=None, repr=False)
     objective: object = field(default=None, repr=False)  # helpers.diffusion.Objective: draws t, computes the loss
+    replan: Replan | None = field(default=None, repr=False)  # the time budget's one correction, at warm-up's end
 
 
 def train(cfg: RunConfig, *, resume: bool = True, progress: bool = True, max_steps: int | None = None,
@@ -136,14 +138,16 @@ def train(cfg: RunConfig, *, resume: bool = True, progress: bool = True, max_ste
     cfg, resume = cfg.replace(max_steps=max_steps), as_bool(resume, "resume")
     if stop_at is not None and (isinstance(stop_at, bool) or not isinstance(stop_at, int) or stop_at < 1):
         raise ValueError(f"stop_at={stop_at!r} should be a whole number >= 1 (the step to pause after), or None")
+    began = time.perf_counter()  # the time budget's clock: set-up counts
     accelerator = make_accelerator(cfg)
     with run_lock(cfg.run_dir, "training") if accelerator.is_main_process else contextlib.nullcontext():
-        return _train(cfg, accelerator, resume, progress, stop_at)
+        return _train(cfg, accelerator, resume, progress, stop_at, began)
 
 
-def _train(cfg: RunConfig, accelerator, resume: bool, progress: bool, stop_at: int | None) -> TrainResult:
+def _train(cfg: RunConfig, accelerator, resume: bool, progress: bool, stop_at: int | None,
+           began: float) -> TrainResult:
     # ---- set-up: the planned config (fit, time budget), the data, the model, the optimizer
-    run = set_up(cfg, accelerator, resume)
+    run = set_up(cfg, accelerator, resume, began)
     cfg, main = run.cfg, accelerator.is_main_process
     # ---- resume: weights, optimizer, LR schedule, data position and post-hoc EMA profiles of the last checkpoint
     start, position = resume_from(run, accelerator)
@@ -181,6 +185,9 @@ def _train(cfg: RunConfig, accelerator, resume: bool, progress: bool, stop_at: i
                             refresh=False)  # shown at the next tick: headless copies get one line per interval
             pending = []
             stop = stop_reason(accelerator, clock, scale, done) if done < end else ""
+            if run.replan and run.replan.due(done, busy):  # the time budget, corrected from these steps
+                cfg, end = replan(run, accelerator, done, stop_at)
+                bar.total = cfg.max_steps
             due.checkpoint = due.checkpoint or bool(stop) or any_process(accelerator, main and clock.checkpoint_due())
         # ---- the writes the step is due for, each complete or absent, the disk checked first
         if due.checkpoint or due.snapshot or due.phema:
@@ -202,6 +209,8 @@ def _train(cfg: RunConfig, accelerator, resume: bool, progress: bool, stop_at: i
     # ---- the end: the final model at max_steps
     bar.close()
     log.close()
+    if main and cfg.time_budget_hours > 0:
+        record_session(cfg, result.first_step, result.last_step, time.perf_counter() - began)
     if main and result.stopped_for:
         print(f"Stopped after step {result.last_step} of {cfg.max_steps} (session_hours={cfg.session_hours:g}) with "
               f"checkpoint {result.checkpoint}: run the same command again to resume")
@@ -212,7 +221,7 @@ def _train(cfg: RunConfig, accelerator, resume: bool, progress: bool, stop_at: i
     return result
 
 
-def set_up(cfg: RunConfig, accelerator, resume: bool) -> Run:
+def set_up(cfg: RunConfig, accelerator, resume: bool, began: float) -> Run:
     """The run as planned: the resume checked, config saved, fit and time budget applied, model and optimizer made."""
     device, main = accelerator.device, accelerator.is_main_process
     given_config = cfg.to_json()
@@ -226,8 +235,8 @@ def set_up(cfg: RunConfig, accelerator, resume: bool) -> Run:
     accelerator.wait_for_everyone()
     cache = load_cache(cfg)
     rows, data = train_rows(cfg, cache), DeviceCache.from_cache(cache, device)
-    fitted = fit_run(cfg, cache, data, rows, accelerator, checkpoint_config(found[0]) if found else None,
-                     after_training)
+    fitted, budgeted = plan_run(cfg, cache, data, rows, accelerator, checkpoint_config(found[0]) if found else None,
+                                began)
     if fitted is not cfg:  # the plan is the run's config from now on: config.json, checkpoints, resumes
         cfg, given_config = fitted, fitted.to_json()
         if main:
@@ -243,8 +252,28 @@ def set_up(cfg: RunConfig, accelerator, resume: bool) -> Run:
     ddp_unet, optimizer = accelerator.prepare(unet, optimizer)
     forward = torch.compile(ddp_unet) if cfg.compile else ddp_unet
     images_per_step = cfg.batch_size * cfg.grad_accum * accelerator.num_processes
+    replan = Replan(*budgeted, cfg, len(rows), accelerator.num_processes, began) if budgeted else None
     return Run(cfg, given_config, length, rows, data, unet, ddp_unet, loss_function(objective, forward), ema,
-               phema, optimizer, lr_schedule, found, images_per_step, cache, objective)
+               phema, optimizer, lr_schedule, found, images_per_step, cache, objective, replan)
+
+
+def replan(run: Run, accelerator, done: int, stop_at: int | None) -> tuple[RunConfig, int]:
+    """The time budget's correction at the end of warm-up: the plan made again from the run's own speed (the same on
+    every process), config.json, budget.json and the LR schedule's total set to it. (cfg, this session's end)."""
+    main = accelerator.is_main_process
+    plan, changes = run.replan.plan(run.cfg, done, run.images_per_step)
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        plan, changes = broadcast_object_list([(plan, changes)])[0]
+    before = run.cfg.max_steps
+    run.cfg = run.cfg.replace(**changes)
+    run.given_config = run.cfg.to_json()
+    run.lr_schedule = retarget_schedule(run.cfg, run.optimizer, done)
+    if main:
+        save_config(run.cfg)
+        run.replan.report(run.cfg, plan, before, done)
+    return run.cfg, min(run.cfg.max_steps, stop_at or run.cfg.max_steps)
 
 
 def resume_from(run: Run, accelerator) -> tuple[int, int]:
@@ -358,7 +387,7 @@ def main(argv: list[str] | None = None) -> TrainResult:
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     with ends_in_one_line("helpers.train", CheckpointsDamagedError, IncompatibleResumeError, NotEnoughDiskError,
-                          DoesNotFitError):  # the user's move, not a bug: one line, exit 1
+                          DoesNotFitError, DoesNotFitBudgetError):  # the user's move, not a bug: one line, exit 1
         cfg = existing_run(args).replace(max_steps=args.max_steps)  # the user's --max-steps wins (config.py)
         result = train(cfg, resume=not args.no_resume, progress=not args.no_progress, stop_at=args.stop_at)
     if torch.distributed.is_available() and torch.distributed.is_initialized():

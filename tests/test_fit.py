@@ -1,10 +1,8 @@
-"""Fitting a run to a device: micro-batch splits, the automatic fit after an out-of-memory, the time budget."""
+"""Fitting a run to a device: micro-batch splits, the automatic fit after an out-of-memory, measuring a step."""
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
-from datetime import datetime, timezone
 
 import pytest
 import torch
@@ -118,26 +116,6 @@ def test_plan_fit_picks_the_faster_setting_that_fits_and_says_when_nothing_does(
         fit.plan_fit(64, lambda s, c: (_ for _ in ()).throw(torch.cuda.OutOfMemoryError("simulated")))
 
 
-def test_plan_budget_fits_steps_and_saves_into_the_hours():
-    cfg = profile_config("hw6", time_budget_hours=9.0)  # 60 epochs x 64 of hw6-recipe, the T4 case
-    now = datetime(2026, 11, 29, 14, 0, tzinfo=timezone.utc)
-    images, param_bytes, ips = 39_000, int(296.4e6 * 4), 25.0
-    plan = fit.plan_budget(cfg, ips, images, param_bytes, now=now)
-    budget = 9 * 3600 * (1 - fit.BUDGET_MARGIN)
-    one_step = 64 / ips + 4 * param_bytes / fit.DISK_BYTES_PER_S / cfg.checkpoint_every + 1  # generous bound
-    assert plan.configured_steps == -(-60 * images // 64) > plan.steps
-    assert budget - one_step < plan.seconds <= budget
-    assert (plan.end - now).total_seconds() == pytest.approx(plan.seconds)
-    assert plan.epochs == pytest.approx(plan.steps * 64 / images)
-    assert plan.overhead_s > 0 and plan.seconds - plan.overhead_s == pytest.approx(plan.steps * 64 / ips)
-    snapshots = plan.configured_steps // cfg.snapshot_every
-    assert -(-plan.steps // plan.snapshot_every) == snapshots  # as many snapshots as the configured run
-    roomy = fit.plan_budget(cfg.replace(time_budget_hours=100.0), ips, images, param_bytes, now=now)
-    assert (roomy.steps, roomy.snapshot_every) == (roomy.configured_steps, cfg.snapshot_every)  # fits: unchanged
-    with pytest.raises(fit.DoesNotFitError, match=r"time_budget_hours=0.001 is too short .* at least"):
-        fit.plan_budget(cfg.replace(time_budget_hours=0.001), ips, images, param_bytes, now=now)
-
-
 def mocked_clock(seconds_per_call: float):
     """perf_counter for helpers.fit: each call advances by `seconds_per_call`, so a measured step takes a known time."""
     now = [1000.0]
@@ -146,34 +124,6 @@ def mocked_clock(seconds_per_call: float):
         now[0] += seconds_per_call
         return now[0]
     return clock
-
-
-def test_time_budget_plans_the_run_and_a_resume_keeps_the_plan(tmp_path, course_dir, monkeypatch, capsys):
-    monkeypatch.setattr(fit, "perf_counter", mocked_clock(1.0))  # 3 timed steps of 8 images in 1 s: 24 images/s
-    cfg = make_run(tmp_path, course_dir, max_steps=60, checkpoint_every=2, snapshot_every=20,
-                   time_budget_hours=0.002)
-    cache = load_cache(cfg)
-    n, param_bytes = len(train_rows(cfg, cache)), fit.tensor_bytes(unet_for_cache(cfg, cache).parameters())
-    from helpers.selection_cost import after_training
-
-    expected = fit.plan_budget(cfg, 24.0, n, param_bytes, after_training=after_training(cfg, cache))
-    assert 2 < expected.steps < 60 and expected.after_training_s > 0  # the budget shortens the run
-    first = train(cfg, progress=False, stop_at=2)
-    out = capsys.readouterr().out
-    assert f"{expected.steps:,} steps (shortened from the configured 60 steps)" in out and "ending about" in out
-    assert "selection ≈" in out and "test set ≈" in out
-    saved = json.loads((cfg.run_dir / "config.json").read_text())
-    assert (saved["max_steps"], saved["max_epochs"], saved["snapshot_every"]) == (expected.steps, 0,
-                                                                                 expected.snapshot_every)
-    assert first.last_step == 2 and first.model_dir is None
-    assert read_log(cfg)["lr"][-1] > 0  # the schedule decays over the planned steps
-
-    monkeypatch.setattr(fit, "perf_counter", mocked_clock(100.0))  # a slower device now: the plan must not change
-    second = train(cfg, progress=False)  # the stale cfg (max_steps 60) too: the checkpoint's plan wins
-    out = capsys.readouterr().out
-    assert "resuming the plan made before step 1" in out and "shortened" not in out
-    assert second.last_step == expected.steps and second.model_dir is not None
-    assert json.loads((cfg.run_dir / "config.json").read_text())["max_steps"] == expected.steps
 
 
 def test_measure_run_prints_memory_speed_and_the_run_time(tmp_path, course_dir):
@@ -203,40 +153,3 @@ def test_bench_fit_tiny_measures_and_fits_under_a_cap():
                           capture_output=True, text=True, timeout=300, cwd=PROJECT_ROOT)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "| tiny | 8 |" in done.stdout and "auto_fit" in done.stdout
-
-
-def test_a_budget_too_short_for_one_step_stops_with_one_line(tmp_path, course_dir, monkeypatch, capsys):
-    from helpers.train import main
-
-    monkeypatch.setattr(fit, "perf_counter", mocked_clock(1.0))
-    cfg = make_run(tmp_path, course_dir, max_steps=4, time_budget_hours=1e-5)  # 0.036 s: less than one step
-    with pytest.raises(SystemExit) as stop:
-        main(["--run-name", str(cfg.run_dir), "--no-progress"])
-    err = capsys.readouterr().err
-    assert stop.value.code == 1 and err.count("\n") == 1
-    assert "helpers.train: time_budget_hours=1e-05 is too short" in err and "hours are needed" in err
-    assert not (cfg.run_dir / "checkpoints").exists()
-
-
-def test_the_time_budget_reserves_selection_and_the_test_set_before_planning_training(hw6_excerpt):
-    """One budget for the whole job: the hw6 T4 case, with the staged selection and the test set reserved first."""
-    import types
-
-    from helpers.selection_cost import after_training
-
-    cfg = profile_config("hw6", time_budget_hours=9.0, data_dir=str(hw6_excerpt))
-    cache = types.SimpleNamespace(mean=torch.empty(1, 2, 4, 32, 32, device="meta"),
-                                  embeddings=torch.empty(1, 77, 512, device="meta"))
-    now = datetime(2026, 11, 29, 14, 0, tzinfo=timezone.utc)
-    images, param_bytes, ips = 39_000, int(296.4e6 * 4), 25.0
-    alone = fit.plan_budget(cfg, ips, images, param_bytes, now=now)
-    reserve = after_training(cfg, cache)
-    job = fit.plan_budget(cfg, ips, images, param_bytes, now=now, after_training=reserve)
-    seconds, line = reserve(ips, alone.configured_steps // cfg.snapshot_every + 1)
-    assert job.after_training_s == pytest.approx(seconds) and seconds > 0
-    assert alone.seconds - job.seconds == pytest.approx(seconds, abs=10)  # training gives way by the reserve (± a step)
-    assert job.seconds + job.after_training_s <= 9 * 3600 * (1 - fit.BUDGET_MARGIN)
-    text = fit.describe_budget(cfg, job)
-    assert "training" in text and "selection ≈" in text and "test set ≈" in text and "whole job ends" in text
-    bigger = profile_config("hw6", time_budget_hours=9.0, data_dir=str(hw6_excerpt), sweep_steps=[10, 15, 20, 30])
-    assert after_training(bigger, cache)(ips, 10)[0] > reserve(ips, 10)[0]  # a wider sweep reserves more

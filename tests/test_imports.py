@@ -16,7 +16,7 @@ LAYERS = [  # lowest first; a module may import from its own layer or below
     {"sample", "fit", "metrics", "score", "estimators", "shards"},
     {"previews", "baseline", "export", "grids", "selection"},
     {"judges", "panel_controls", "panel", "plots", "tables", "submission", "handin", "staged", "selection_cost",
-     "replay", "sweep_view"},
+     "replay", "sweep_view", "budget"},
     {"train", "runs", "choose"},
 ]
 
