@@ -111,9 +111,9 @@ def results_lock(cfg: RunConfig, what: str, shards):
 
 
 def _sweep(cfg, model, judged, settings, stage_prompts, progress, shards) -> Outcome:
+    from .budget import sweep_budget_hours
     from .metrics import write_metrics
     from .selection import choose
-    from .budget import sweep_budget_hours
     from .staged import staged_sweep
 
     hours, why = sweep_budget_hours(cfg)  # the whole-job budget's share, less what training ran over
@@ -225,8 +225,8 @@ def main(argv=None) -> int:
     import argparse
 
     from .command import add_run_arguments, ends_in_one_line, existing_run
-    from .values import count_argument
     from .selection import TrainingNotFinishedError
+    from .values import count_argument
 
     p = argparse.ArgumentParser(prog="python -m helpers.choose", description=main.__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,

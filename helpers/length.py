@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 
-
 # (a count, the share that replaces it while > 0): two ways to say one length. The share wins when both are in
 # a config; so a count the user sets turns the share off, and setting both at once is an error.
 LENGTH_PAIRS = (("max_steps", "max_epochs"), ("warmup_steps", "warmup_fraction"))

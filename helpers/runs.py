@@ -19,10 +19,10 @@ import time
 from pathlib import Path
 
 from .config import ALIASES, PROJECT_ROOT, RunConfig, profile_config
-from .run_folder import open_run
-from .values import as_bool
 from .files import os_errors_end_in_one_line
+from .run_folder import open_run
 from .runlock import RunLockedError
+from .values import as_bool
 
 NOTEBOOKS = ["01_data", "02_unet_arch", "03_train_cfg", "04_sample", "05_eval"]
 
