@@ -16,6 +16,26 @@ import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+from .checks import (
+    at_least,
+    ema_length_list,
+    ema_length_or_zero,
+    finite_at_least,
+    folder_name,
+    fraction,
+    guidance_list,
+    guide_list,
+    interval_list,
+    not_empty,
+    one_of,
+    samplers,
+    share,
+    sigma_interval,
+    sigma_rel_list,
+    stage_list,
+    step_list,
+    unet_presets,
+)
 from .length import apply_length_rule
 from .values import as_bool
 
@@ -37,112 +57,6 @@ MIXED_PRECISION = ("auto", "no", "bf16", "fp16")  # helpers.precision.MODES (a t
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid")
 
 
-def _at_least(low):
-    return lambda v: None if v >= low else f"must be at least {low}"
-
-
-def _finite_at_least(low, above: bool = False):
-    def check(v):
-        if not math.isfinite(v):
-            return "must be a finite number"
-        if v < low or (above and v == low):
-            return f"must be {'greater than' if above else 'at least'} {low}"
-    return check
-
-
-def _fraction(top_included: bool = False):
-    def check(v):
-        if not math.isfinite(v) or not (0.0 <= v <= 1.0 if top_included else 0.0 <= v < 1.0):
-            return f"must be in [0, 1{']' if top_included else ')'}"
-    return check
-
-
-def _one_of(choices):
-    def check(v):
-        if v not in choices():
-            close = difflib.get_close_matches(str(v), list(choices()), 1)
-            return (f"is not one of {', '.join(choices())}" + (f" (did you mean {close[0]!r}?)" if close else ""))
-    return check
-
-
-def _not_empty(v):
-    return None if v.strip() else "must not be empty"
-
-
-def _run_name(v):
-    if not v.strip() or v in (".", "..") or "/" in v or "\\" in v:
-        return "must be a plain folder name (not empty, no '/', '\\' or '..')"
-
-
-def _guidance_list(v):
-    if not v or not all(isinstance(g, (int, float)) and not isinstance(g, bool) and math.isfinite(g) and g >= 0
-                        for g in v):
-        return "must be a non-empty list of finite numbers >= 0"
-
-
-def _sigma_interval(v):
-    if v and not (len(v) == 2 and all(isinstance(s, (int, float)) and not isinstance(s, bool) and math.isfinite(s)
-                                      for s in v) and 0 <= v[0] < v[1]):
-        return "must be [] or [sigma_lo, sigma_hi] with 0 <= sigma_lo < sigma_hi"
-
-
-def _interval_list(v):
-    if not v or not all(isinstance(i, list) and not _sigma_interval(i) for i in v):
-        return "must be a non-empty list of [] or [sigma_lo, sigma_hi] items with 0 <= sigma_lo < sigma_hi"
-
-
-def _sigma_rel_list(v):
-    from .setting import MAX_SIGMA_REL
-
-    if not all(isinstance(s, (int, float)) and not isinstance(s, bool) and 0 < s < MAX_SIGMA_REL for s in v) \
-            or len(set(v)) != len(v):
-        return f"must be a list of distinct EMA lengths sigma_rel in (0, {MAX_SIGMA_REL:.4f}) ([] = off)"
-
-
-def _ema_length(v):
-    from .setting import MAX_SIGMA_REL
-
-    if not (v == 0 or 0 < v < MAX_SIGMA_REL):
-        return f"must be 0 (the stored half-life EMA) or a post-hoc EMA length sigma_rel in (0, {MAX_SIGMA_REL:.4f})"
-
-
-def _ema_length_list(v):
-    if not v or not all(isinstance(x, (int, float)) and not isinstance(x, bool) and not _ema_length(x) for x in v):
-        return "must be a non-empty list of EMA lengths, each " + _ema_length(-1)[len("must be "):]
-
-
-def _guide_list(v):
-    if not v or not all(isinstance(g, str) for g in v):
-        return 'must be a non-empty list of snapshot names ("" = no guide)'
-
-
-def _step_list(v):
-    if not v or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in v):
-        return "must be a non-empty list of step counts >= 1"
-
-
-def _share(v):
-    if not (math.isfinite(v) and 0 < v <= 1):
-        return "must be a share in (0, 1]: the part of the cells that moves on to the next stage"
-
-
-def _stage_list(v):
-    if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 2 for n in v) or v != sorted(set(v)):
-        return "must be a list of increasing prompt counts >= 2 ([] = the full sweep)"
-
-
-def _unet_presets():
-    from .unet import PRESETS  # imported here: helpers.unet imports torch
-
-    return list(PRESETS)
-
-
-def _samplers():
-    from .schedulers import SCHEDULERS
-
-    return list(SCHEDULERS)
-
-
 def _checked(default, check=None):
     """A field with its check declared beside it: check(value) -> what is wrong, or None. A list default is copied
     for each config; a field without a check only has its type checked."""
@@ -162,137 +76,137 @@ class RunConfig:
 
     # ---- the run
     # a key of PROFILES: demo | hw6 | sd-baseline | tiny
-    profile: str = _checked("demo", _one_of(lambda: sorted(PROFILES)))
-    run_name: str = _checked("demo", _run_name)  # the folder <outputs_dir>/runs/<run_name>
-    outputs_dir: str = _checked("outputs", _not_empty)  # runs and caches (<outputs_dir>/cache) live here
+    profile: str = _checked("demo", one_of(lambda: sorted(PROFILES)))
+    run_name: str = _checked("demo", folder_name)  # the folder <outputs_dir>/runs/<run_name>
+    outputs_dir: str = _checked("outputs", not_empty)  # runs and caches (<outputs_dir>/cache) live here
     # every random draw of the run (split, init, data stream, sampling seeds) follows from it
-    seed: int = _checked(0, _at_least(0))
+    seed: int = _checked(0, at_least(0))
 
     # ---- data (01_data)
     data_dir: str = "data/demo"  # train_info.json, train/, test.json in the course's format ...
     manifest: str = ""  # ... or a JSONL manifest of {"image", "caption"} rows instead
-    resolution: int = _checked(16, _at_least(1))  # images are resized to this square size before encoding
-    val_fraction: float = _checked(0.1, _fraction())  # share of monsters (groups) held out for validation
+    resolution: int = _checked(16, at_least(1))  # images are resized to this square size before encoding
+    val_fraction: float = _checked(0.1, fraction())  # share of monsters (groups) held out for validation
     # share of captions replaced by "" so one model learns CFG's unconditional score
-    caption_dropout: float = _checked(0.1, _fraction())
-    max_images: int = _checked(0, _at_least(0))  # 0 = all; >0 keeps the first N training images (quick trials)
+    caption_dropout: float = _checked(0.1, fraction())
+    max_images: int = _checked(0, at_least(0))  # 0 = all; >0 keeps the first N training images (quick trials)
     crop_to_content: bool = False  # crop sprites to their non-white box before padding (helpers.images)
     hflip: bool = False  # random mirroring; off: sprites face one way, and a mirrored attack reads as another action
 
     # ---- frozen parts (01_data)
-    text_encoder: str = _checked("minilm", _not_empty)  # minilm | tiny | a CLIP id or path | any HF text-encoder id
-    max_tokens: int = _checked(32, _at_least(1))  # captions are padded/truncated to this many tokens (CLIP: 77)
-    autoencoder: str = _checked("identity", _not_empty)  # identity (pixel space) | tiny | an AutoencoderKL id or path
+    text_encoder: str = _checked("minilm", not_empty)  # minilm | tiny | a CLIP id or path | any HF text-encoder id
+    max_tokens: int = _checked(32, at_least(1))  # captions are padded/truncated to this many tokens (CLIP: 77)
+    autoencoder: str = _checked("identity", not_empty)  # identity (pixel space) | tiny | an AutoencoderKL id or path
     autoencoder_subfolder: str = ""  # e.g. "vae" for CompVis/stable-diffusion-v1-4
 
     # ---- model (02_unet_arch)
     # tiny | demo | hw6-base | hw6-large | hw6-recipe (helpers.unet.PRESETS)
-    unet_preset: str = _checked("demo", _one_of(_unet_presets))
+    unet_preset: str = _checked("demo", one_of(unet_presets))
 
     # ---- diffusion (03_train_cfg)
-    num_train_timesteps: int = _checked(1000, _at_least(1))
+    num_train_timesteps: int = _checked(1000, at_least(1))
     # cosine: tiny's (the demo's flow_prediction uses no betas); hw6 trains the recipe's linear betas, sd-baseline
     # samples SD's scaled_linear
     # linear | scaled_linear | squaredcos_cap_v2 | sigmoid
-    beta_schedule: str = _checked("squaredcos_cap_v2", _one_of(lambda: BETA_SCHEDULES))
+    beta_schedule: str = _checked("squaredcos_cap_v2", one_of(lambda: BETA_SCHEDULES))
     # The default is for the cosine schedule above, as the tiny test runs and their samplers use it: v, since on that
     # schedule an epsilon model's first step divides its error by sqrt(alpha_bar(T)) ~ 5e-5. The demo trains
     # flow_prediction instead (it beat v at equal training), hw6 the recipe's epsilon on linear betas.
     # epsilon | v_prediction | flow_prediction (rectified flow)
-    prediction_type: str = _checked("v_prediction", _one_of(lambda: ("epsilon", "v_prediction", "flow_prediction")))
+    prediction_type: str = _checked("v_prediction", one_of(lambda: ("epsilon", "v_prediction", "flow_prediction")))
     # Min-SNR loss weighting (Hang et al. 2023) of v / epsilon; 0 = off (demo's flow, hw6's recipe)
-    min_snr_gamma: float = _checked(5.0, _finite_at_least(0.0))
+    min_snr_gamma: float = _checked(5.0, finite_at_least(0.0))
     # flow_prediction's draw of t: uniform | logit_normal (SD3's best)
-    timestep_density: str = _checked("logit_normal", _one_of(lambda: ("uniform", "logit_normal")))
+    timestep_density: str = _checked("logit_normal", one_of(lambda: ("uniform", "logit_normal")))
     # logit_normal: t = sigmoid(N(logit_mean, logit_std)); > 0 trains noisier t more
-    logit_mean: float = _checked(0.0, _finite_at_least(-math.inf))
-    logit_std: float = _checked(1.0, _finite_at_least(0.0, above=True))
+    logit_mean: float = _checked(0.0, finite_at_least(-math.inf))
+    logit_std: float = _checked(1.0, finite_at_least(0.0, above=True))
     immiscible_noise: bool = False  # pair each batch's images with noise by least total distance (Li et al. 2024)
     # per-channel offset added to the noise: lets the model shift whole-image brightness
-    offset_noise: float = _checked(0.0, _finite_at_least(0.0))
+    offset_noise: float = _checked(0.0, finite_at_least(0.0))
 
     # ---- training (03_train_cfg)
-    max_steps: int = _checked(900, _at_least(1))  # demo: ~7 min on 2 CPU cores (README)
+    max_steps: int = _checked(900, at_least(1))  # demo: ~7 min on 2 CPU cores (README)
     # >0: this many passes over the training images instead of max_steps (setting max_steps -> 0)
-    max_epochs: int = _checked(0, _at_least(0))
-    batch_size: int = _checked(64, _at_least(1))
-    grad_accum: int = _checked(1, _at_least(1))
-    lr: float = _checked(1e-3, _finite_at_least(0.0, above=True))
-    lr_schedule: str = _checked("cosine", _one_of(lambda: LR_SCHEDULES))  # any name diffusers' get_scheduler knows
-    warmup_steps: int = _checked(50, _at_least(0))
+    max_epochs: int = _checked(0, at_least(0))
+    batch_size: int = _checked(64, at_least(1))
+    grad_accum: int = _checked(1, at_least(1))
+    lr: float = _checked(1e-3, finite_at_least(0.0, above=True))
+    lr_schedule: str = _checked("cosine", one_of(lambda: LR_SCHEDULES))  # any name diffusers' get_scheduler knows
+    warmup_steps: int = _checked(50, at_least(0))
     # >0: this share of the steps instead of warmup_steps (setting warmup_steps -> 0)
-    warmup_fraction: float = _checked(0.0, _fraction())
-    weight_decay: float = _checked(0.01, _finite_at_least(0.0))
-    max_grad_norm: float = _checked(1.0, _finite_at_least(0.0))
+    warmup_fraction: float = _checked(0.0, fraction())
+    weight_decay: float = _checked(0.01, finite_at_least(0.0))
+    max_grad_norm: float = _checked(1.0, finite_at_least(0.0))
 
     # ---- fit, precision and time (02/03: helpers.fit, helpers.precision, helpers.session)
     # auto (helpers.precision: by the card and, on a CPU, the use) | no | bf16 | fp16
-    mixed_precision: str = _checked("auto", _one_of(lambda: MIXED_PRECISION))
+    mixed_precision: str = _checked("auto", one_of(lambda: MIXED_PRECISION))
     compile: bool = False
     gradient_checkpointing: bool = False
     # forward + backward each batch in this many chunks: same step, less activation memory
-    micro_splits: int = _checked(1, _at_least(1))
+    micro_splits: int = _checked(1, at_least(1))
     auto_fit: bool = True  # CUDA: raise micro_splits / turn on checkpointing if the step does not fit (never on CPU)
     # >0: plan max_steps so training, selection and the test set end within this
-    time_budget_hours: float = _checked(0.0, _finite_at_least(0.0))
+    time_budget_hours: float = _checked(0.0, finite_at_least(0.0))
     # >0: stop with a checkpoint after this long in one session (Colab/Kaggle: 11.5)
-    session_hours: float = _checked(0.0, _finite_at_least(0.0))
+    session_hours: float = _checked(0.0, finite_at_least(0.0))
     # >0: a checkpoint at least this often by the wall clock, besides checkpoint_every
-    checkpoint_minutes: float = _checked(0.0, _finite_at_least(0.0))
+    checkpoint_minutes: float = _checked(0.0, finite_at_least(0.0))
 
     # ---- checkpoints, snapshots and EMA (03_train_cfg)
-    checkpoint_every: int = _checked(200, _at_least(1))
+    checkpoint_every: int = _checked(200, at_least(1))
     # resumable checkpoints (weights + optimizer) kept; older ones are pruned (0 = all)
-    keep_checkpoints: int = _checked(2, _at_least(0))
+    keep_checkpoints: int = _checked(2, at_least(0))
     # EMA U-Net kept every N steps and at max_steps: the selection's candidates, never pruned
-    snapshot_every: int = _checked(300, _at_least(0))
+    snapshot_every: int = _checked(300, at_least(0))
     # EMA half-life in training images (helpers.diffusion.EMA)
-    ema_halflife_images: float = _checked(10_000.0, _finite_at_least(0.0, above=True))
+    ema_halflife_images: float = _checked(10_000.0, finite_at_least(0.0, above=True))
     # the half-life ramps up as min(half-life, ema_rampup * images seen); 0 = none
-    ema_rampup: float = _checked(0.125, _finite_at_least(0.0))
-    phema_sigma_rels: list = _checked([0.05, 0.10], _sigma_rel_list)  # post-hoc EMA profiles tracked; [] = off
+    ema_rampup: float = _checked(0.125, finite_at_least(0.0))
+    phema_sigma_rels: list = _checked([0.05, 0.10], sigma_rel_list)  # post-hoc EMA profiles tracked; [] = off
     # store them every N steps (0 = at each snapshot: hw6, tiny); always at snapshots and max_steps
-    phema_every: int = _checked(100, _at_least(0))
-    log_every: int = _checked(10, _at_least(1))
-    preview_every: int = _checked(200, _at_least(0))  # 0 turns previews off
+    phema_every: int = _checked(100, at_least(0))
+    log_every: int = _checked(10, at_least(1))
+    preview_every: int = _checked(200, at_least(0))  # 0 turns previews off
 
     # ---- sampling (04_sample)
     # helpers.schedulers.SCHEDULERS (Karras sigmas suit SD's schedule, not cosine)
-    scheduler: str = _checked("dpm++2m", _one_of(_samplers))
-    sample_steps: int = _checked(20, _at_least(1))
+    scheduler: str = _checked("dpm++2m", one_of(samplers))
+    sample_steps: int = _checked(20, at_least(1))
     # 0 is unconditional, 1 is plain conditional: unusual but legal
-    guidance: float = _checked(3.0, _finite_at_least(0.0))
-    guidance_rescale: float = _checked(0.0, _fraction(top_included=True))
+    guidance: float = _checked(3.0, finite_at_least(0.0))
+    guidance_rescale: float = _checked(0.0, fraction(top_included=True))
     # guide only where sigma in (lo, hi]; [] = all (hw6 and sd-baseline: the interval was measured on the demo only)
-    guidance_interval: list = _checked([0.3, 5.0], _sigma_interval)
+    guidance_interval: list = _checked([0.3, 5.0], sigma_interval)
     guide: str = ""  # autoguidance: a snapshot name ("first", "step-000300") to steer away from; "" = none
-    guide_weight: float = _checked(1.0, _finite_at_least(0.0))  # autoguidance weight (1 = off)
+    guide_weight: float = _checked(1.0, finite_at_least(0.0))  # autoguidance weight (1 = off)
     # sigma_rel of a post-hoc EMA rebuild of the snapshot (0 = its stored half-life EMA)
-    ema_length: float = _checked(0.0, _ema_length)
-    sample_batch_size: int = _checked(64, _at_least(1))
+    ema_length: float = _checked(0.0, ema_length_or_zero)
+    sample_batch_size: int = _checked(64, at_least(1))
     use_ema: bool = True
-    output_size: int = _checked(256, _at_least(1))  # the course wants 256x256 PNGs
+    output_size: int = _checked(256, at_least(1))  # the course wants 256x256 PNGs
 
     # ---- selection (04_sample): every snapshot x guidance_sweep x sweep_steps x ... on sweep_prompts prompts
-    guidance_sweep: list = _checked([1.0, 2.0, 3.0], _guidance_list)
-    sweep_steps: list = _checked([10, 20], _step_list)
-    sweep_intervals: list = _checked([[0.3, 5.0]], _interval_list)  # e.g. [[], [0.3, 5.0]]: try both
-    sweep_prompts: int = _checked(0, _at_least(0))  # a fixed seeded subset of the test prompts (0 = all)
+    guidance_sweep: list = _checked([1.0, 2.0, 3.0], guidance_list)
+    sweep_steps: list = _checked([10, 20], step_list)
+    sweep_intervals: list = _checked([[0.3, 5.0]], interval_list)  # e.g. [[], [0.3, 5.0]]: try both
+    sweep_prompts: int = _checked(0, at_least(0))  # a fixed seeded subset of the test prompts (0 = all)
     # at most this many snapshots, spread evenly, the last always included (0 = all)
-    sweep_snapshots: int = _checked(3, _at_least(0))
+    sweep_snapshots: int = _checked(3, at_least(0))
     # post-hoc EMA lengths (0 = the half-life EMA); the demo adds 0.05, hw6 0.025 and 0.07
-    sweep_ema_lengths: list = _checked([0.0], _ema_length_list)
-    sweep_guides: list = _checked([""], _guide_list)  # guides ("" = none), tried at weights != 1
-    sweep_guide_weights: list = _checked([1.0], _guidance_list)
-    sweep_stage_prompts: list = _checked([24, 80], _stage_list)  # staged: screening sizes ([] = full sweep)
+    sweep_ema_lengths: list = _checked([0.0], ema_length_list)
+    sweep_guides: list = _checked([""], guide_list)  # guides ("" = none), tried at weights != 1
+    sweep_guide_weights: list = _checked([1.0], guidance_list)
+    sweep_stage_prompts: list = _checked([24, 80], stage_list)  # staged: screening sizes ([] = full sweep)
     # the best share of cells that moves on to the next stage (helpers.staged)
-    sweep_keep: float = _checked(0.33, _share)
+    sweep_keep: float = _checked(0.33, share)
     # > 0: 04 drops cells (older snapshots, costlier cells first) to fit; says which
-    select_budget_hours: float = _checked(0.0, _finite_at_least(0.0))
+    select_budget_hours: float = _checked(0.0, finite_at_least(0.0))
 
     # ---- evaluation (05_eval)
-    clip_model: str = _checked("openai/clip-vit-base-patch32", _not_empty)
-    eval_max_images: int = _checked(0, _at_least(0))  # 0 = the whole validation split / test set
+    clip_model: str = _checked("openai/clip-vit-base-patch32", not_empty)
+    eval_max_images: int = _checked(0, at_least(0))  # 0 = the whole validation split / test set
 
     # ---- a pretrained baseline (sd-baseline)
     sd_model: str = "CompVis/stable-diffusion-v1-4"  # the pretrained pipeline 04_sample can compare with

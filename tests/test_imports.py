@@ -9,7 +9,7 @@ HELPERS = Path(__file__).resolve().parent.parent / "helpers"
 LAYERS = [  # lowest first; a module may import from its own layer or below
     {"files", "progress", "hub", "images", "unet", "diffusion", "disk", "runlock", "notebook_meta", "schedulers",
      "precision", "session", "trainlog", "values"},
-    {"setting", "layout", "checkpoint", "data", "text", "autoencoder", "phema", "resume", "length"},
+    {"setting", "layout", "checkpoint", "data", "text", "autoencoder", "phema", "resume", "length", "checks"},
     {"config"},
     {"run_folder", "model", "cache", "demo_data", "step", "saves", "disk_guard", "repair", "probe", "results",
      "command"},
