@@ -17,11 +17,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from helpers.config import open_run
 from helpers.data import load_prompts
 from helpers.handin import fp16_copy
 from helpers.layout import WEIGHTS_FILE
 from helpers.results import manifest_setting, read_manifest
+from helpers.run_folder import open_run
 from helpers.selection import chosen_setting, load_for_setting, setting_unet_folder
 from helpers.submission import generate_test_set
 

@@ -53,7 +53,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from helpers.config import open_run  # noqa: E402
+from helpers.run_folder import open_run  # noqa: E402
 
 # lever -> (config overrides for training, sampling overrides)
 LEVERS: dict[str, tuple[dict, dict]] = {
@@ -193,7 +193,7 @@ def precision_runs(run_dirs: list[str], outputs_dir: Path, data_dir: str, max_st
                    size: str) -> list:
     """The configs to pair: the runs in `run_dirs` as they are, else a demo-objective run per training seed (trained
     here unless `--objectives flow` trained it into `outputs_dir` already)."""
-    from helpers.config import load_config
+    from helpers.run_folder import load_config
 
     if run_dirs:
         return [load_config(d) for d in run_dirs]

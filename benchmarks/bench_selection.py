@@ -44,9 +44,9 @@ def main(argv=None) -> int:
 
     import torch
 
-    from helpers.config import open_run
     from helpers.judges import judge_for_run
     from helpers.replay import load_full_sweep, replay_table
+    from helpers.run_folder import open_run
     from helpers.selection import choose, load_for_setting, sweep_axes, sweep_settings
     from helpers.setting import Setting
     from helpers.staged import staged_sweep

@@ -21,9 +21,10 @@ from time import perf_counter
 
 import torch
 
-from .config import RunConfig, total_steps, warmup_steps_for
+from .config import RunConfig
 from .files import atomic_write_json
 from .fit import StepCost, duration, fit_run, free_memory
+from .length import total_steps, warmup_steps_for
 from .step import unet_for_cache
 
 DISK_BYTES_PER_S = 100e6  # assumed write speed for checkpoint/snapshot cost (Colab/Kaggle local disks: 100-200 MB/s)

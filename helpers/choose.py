@@ -111,9 +111,9 @@ def results_lock(cfg: RunConfig, what: str, shards):
 
 
 def _sweep(cfg, model, judged, settings, stage_prompts, progress, shards) -> Outcome:
+    from .budget import sweep_budget_hours
     from .metrics import write_metrics
     from .selection import choose
-    from .budget import sweep_budget_hours
     from .staged import staged_sweep
 
     hours, why = sweep_budget_hours(cfg)  # the whole-job budget's share, less what training ran over
@@ -198,7 +198,7 @@ def show_outcome(outcome: Outcome, judged=None) -> None:
     """04's report of choose_and_write: the finalists (the choice starred), the rule, what was written."""
     from IPython.display import display
 
-    from .tables import score_table, sweep_table_html
+    from .tables import scores_as_table, sweep_table_html
 
     if outcome.rows:
         counts = outcome.stages["plan"]["counts"]
@@ -209,7 +209,7 @@ def show_outcome(outcome: Outcome, judged=None) -> None:
         print(f"no sweep: {outcome.no_sweep}")
     print(outcome_line(outcome))
     if outcome.written:
-        display(score_table(outcome.written, "test set"))
+        display(scores_as_table(outcome.written, "test set"))
 
 
 # ---------------------------------------------------------------- command line (accelerate launch, torchrun)
@@ -225,8 +225,8 @@ def main(argv=None) -> int:
     import argparse
 
     from .command import add_run_arguments, ends_in_one_line, existing_run
-    from .config import count_argument
     from .selection import TrainingNotFinishedError
+    from .values import count_argument
 
     p = argparse.ArgumentParser(prog="python -m helpers.choose", description=main.__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,

@@ -20,7 +20,8 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
 
 def existing_run(args: argparse.Namespace):
     """The RunConfig of an existing run; FileNotFoundError naming it (and the runs there) otherwise."""
-    from .config import load_config, open_run, resolve_path
+    from .config import resolve_path
+    from .run_folder import load_config, open_run
 
     folder = Path(args.run_name)
     if "/" in args.run_name and (folder / "config.json").exists():

@@ -291,9 +291,9 @@ def _natural(s: str):
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", s)]
 
 
-def count_long_captions(captions, tokenizer, max_tokens: int) -> tuple[int, list[int]]:
-    """How many captions the tokenizer would cut at `max_tokens`, and every caption's token length."""
-    lengths = [len(ids) for ids in tokenizer(list(captions), truncation=False)["input_ids"]]
+def count_long_captions(captions, text_encoder, max_tokens: int) -> tuple[int, list[int]]:
+    """How many captions `text_encoder` (helpers.text) would cut at `max_tokens`, and every caption's token length."""
+    lengths = text_encoder.token_lengths(list(captions))
     return sum(n > max_tokens for n in lengths), lengths
 
 

@@ -89,7 +89,7 @@ def checkpoint_count(start: int, end: int, every: int) -> int:
 
 
 @dataclass(frozen=True)
-class Plan:
+class DiskPlan:
     """The settings that decide how much a run writes from step `start` to `max_steps`."""
 
     start: int
@@ -130,7 +130,7 @@ def gb(n: int) -> str:
     return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
 
 
-def check_room(plan: Plan, sizes: WriteSizes, folder: Path, shown: str | None = None) -> str:
+def check_room(plan: DiskPlan, sizes: WriteSizes, folder: Path, shown: str | None = None) -> str:
     """One line with the estimate and the free space; NotEnoughDiskError (with settings that fit) if it cannot fit.
     `shown`: the folder as the line names it (a run as runs/<name>, the same on every machine)."""
     free, need = free_bytes(folder), plan.bytes(sizes) + RESERVE_BYTES
@@ -144,7 +144,7 @@ def check_room(plan: Plan, sizes: WriteSizes, folder: Path, shown: str | None = 
         f"{settings_that_fit(plan, sizes, free - RESERVE_BYTES)}")
 
 
-def settings_that_fit(plan: Plan, sizes: WriteSizes, room: int) -> str:
+def settings_that_fit(plan: DiskPlan, sizes: WriteSizes, room: int) -> str:
     """A sentence naming snapshot_every / keep_checkpoints values whose writes fit in `room` bytes."""
     options = []
     every = _snapshot_every_that_fits(plan, sizes, room)
@@ -163,11 +163,11 @@ def settings_that_fit(plan: Plan, sizes: WriteSizes, room: int) -> str:
     return f"Settings that fit: {' or '.join(options)}; or free space, or move outputs_dir to a larger disk."
 
 
-def _with(plan: Plan, **changes) -> Plan:
-    return Plan(**{**plan.__dict__, **changes})
+def _with(plan: DiskPlan, **changes) -> DiskPlan:
+    return DiskPlan(**{**plan.__dict__, **changes})
 
 
-def _snapshot_every_that_fits(plan: Plan, sizes: WriteSizes, room: int) -> int | None:
+def _snapshot_every_that_fits(plan: DiskPlan, sizes: WriteSizes, room: int) -> int | None:
     """The smallest snapshot_every above the current one whose snapshots fit (0 = only the final one)."""
     if _with(plan, snapshot_every=0).bytes(sizes) > room:
         return None

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from .checkpoint import list_checkpoints
-from .disk import (RESERVE_BYTES, NotEnoughDiskError, Plan, WriteSizes, check_room, gb, room_for, snapshot_count,
+from .disk import (RESERVE_BYTES, NotEnoughDiskError, DiskPlan, WriteSizes, check_room, gb, room_for, snapshot_count,
                    store_count)
 from .phema import stores_phema
 
@@ -35,7 +35,7 @@ class DiskGuard:
         """The estimate of what steps start+1..max_steps write, as one line; NotEnoughDiskError if it cannot fit."""
         cfg, problem, line = self.cfg, None, ""
         if self.accelerator.is_main_process:
-            plan = Plan(start, cfg.max_steps, cfg.snapshot_every, cfg.checkpoint_every, cfg.keep_checkpoints,
+            plan = DiskPlan(start, cfg.max_steps, cfg.snapshot_every, cfg.checkpoint_every, cfg.keep_checkpoints,
                         len(list_checkpoints(cfg.layout.checkpoints)), cfg.phema_every)
             try:
                 line = check_room(plan, self.sizes, cfg.run_dir, cfg.layout.shown(cfg.run_dir))

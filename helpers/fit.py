@@ -22,7 +22,8 @@ from time import perf_counter
 
 import torch
 
-from .config import RunConfig, total_steps
+from .config import RunConfig
+from .length import total_steps
 from .diffusion import EMA
 from .model import training_objective
 from .precision import decide

@@ -42,10 +42,10 @@ class RunLayout:
     test_set_record = property(lambda self: self.root / "selection" / "test_set.json")  # the manifest 04 wrote
     metrics = property(lambda self: self.root / "metrics.json")
     results = property(lambda self: self.root / "results")
-    results_history = property(lambda self: self.root / "results.history")
+    results_partial = property(lambda self: self.root / "results.partial")  # a new test set being written
+    results_history = property(lambda self: self.root / "results.history")  # earlier test sets, numbered
     score = property(lambda self: self.root / "score.json")
     budget = property(lambda self: self.root / "budget.json")  # the time plan, its correction, sessions (helpers.budget)
-    submission = property(lambda self: self.root / "submission.zip")  # before student_id: see hand_in()
 
     def shown(self, path) -> str:
         """A path as printed to the student: relative to the outputs folder ("runs/demo/results") when it is in

@@ -422,11 +422,6 @@ class Panel(_widgets().VBox):
     def _running(self) -> bool:
         return self.thread is not None and self.thread.is_alive()
 
-    def wait(self, timeout: float | None = None):
-        """Block until the current Generate has finished (tests, scripts)."""
-        if self.thread is not None:
-            self.thread.join(timeout)
-
     # ------------------------------------------------------------ sampling (on the thread)
 
     def _sample_rows(self, rows: list[Setting], prompt: str, seeds: list[int]):

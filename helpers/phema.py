@@ -17,7 +17,7 @@ A_ij = <p_i, p_j>, b_i = <p_i, p_r>, where for t_a <= t_b
     <p_a, p_b> = (gamma_a + 1)(gamma_b + 1) / ((gamma_a + gamma_b + 1) t_b) * (t_a / t_b)^gamma_b.
 x is rescaled to sum to 1 (an average of weights stays an average), and the reconstructed weights are
 sum_i x_i theta_i. Only stored profiles with t_i <= t_r take part. The fit is exact when p_r is one of the stored
-profiles; otherwise its error is the residual of the least squares, which `profile_error` reports: denser
+profiles; otherwise its error is the residual of the least squares, which `posthoc_fit` reports: denser
 snapshots leave a smaller one.
 """
 from __future__ import annotations
@@ -38,15 +38,9 @@ FILE_PREFIX = "phema-"  # <run>/phema/step-NNNNNN/phema-0.050.safetensors
 # ---------------------------------------------------------------- the profile's two parametrisations
 
 
-def gamma_to_sigma_rel(gamma: float) -> float:
-    """The relative width of the power profile with exponent gamma."""
-    gamma = float(gamma)
-    return math.sqrt((gamma + 1) / ((gamma + 2) ** 2 * (gamma + 3)))
-
-
 def sigma_rel_to_gamma(sigma_rel: float) -> float:
-    """The exponent gamma >= 0 whose profile has relative width sigma_rel (0 < sigma_rel < 0.2887 = the width at
-    gamma = 0): the largest real root of (gamma + 2)^2 (gamma + 3) sigma_rel^2 = gamma + 1, i.e. of the cubic
+    """The exponent gamma >= 0 whose profile has relative width sigma_rel = sqrt((gamma + 1) / ((gamma + 2)^2
+    (gamma + 3))) (0 < sigma_rel < 0.2887 = the width at gamma = 0): the largest real root of (gamma + 2)^2 (gamma + 3) sigma_rel^2 = gamma + 1, i.e. of the cubic
     gamma^3 + 7 gamma^2 + (16 - s) gamma + (12 - s) with s = sigma_rel^-2."""
     sigma_rel = float(sigma_rel)
     if not (math.isfinite(sigma_rel) and 0 < sigma_rel < MAX_SIGMA_REL):
@@ -112,18 +106,15 @@ class PowerEMA:
                 w.copy_(state[f"{key(s)}/{n}"])
         self.images_seen = int(state["images_seen"])
 
-    def save(self, folder: str | Path, step: int, dtype: torch.dtype = torch.float16) -> list[Path]:
-        """Store every profile in `folder` as `dtype`, with step, images and sigma_rel as metadata.
+    def store(self, root: str | Path, step: int, dtype: torch.dtype = torch.float16) -> Path:
+        """Every profile into root/step-NNNNNN/ as `dtype`, atomically (a temp folder renamed into place), replacing
+        an older one; step, images and sigma_rel as metadata.
 
         fp16 is EDM2's choice (half of fp32's size). Its rounding (at most 2^-11 relative, ~2.8e-4 RMS) enters the
         reconstruction times sum |x_i|, so it matters when EMA lengths differ little relative to the weights: in
         tests/test_phema.py's 40-step tiny U-Net (lengths 0.05 and 0.10 differ by 0.2 % of the weights' norm) it is
         8 % of that difference against 0.4 % for fp32; in the demo at 900 steps they differ by 0.31 %, so fp16 adds
         noise of roughly a tenth of the step between those two lengths (dtype=torch.float32 doubles the size)."""
-        return save_profiles(folder, step, self.images_seen, self._by_length(), dtype)
-
-    def store(self, root: str | Path, step: int, dtype: torch.dtype = torch.float16) -> Path:
-        """`save` into root/step-NNNNNN/ atomically (a temp folder renamed into place), replacing an older one."""
         return store_profiles(root, step, self.images_seen, self._by_length(), dtype)
 
     def _by_length(self) -> dict[float, dict[str, torch.Tensor]]:
@@ -210,18 +201,9 @@ def profile_inner_products(t_a, sigma_a, t_b, sigma_b) -> np.ndarray:
     return (g_a + 1) * (g_b + 1) / ((g_a + g_b + 1) * t_hi) * (t_lo / t_hi) ** g_hi
 
 
-def posthoc_coefficients(stored_t, stored_sigma, t: float, sigma_rel: float) -> np.ndarray:
-    """x with sum_i x_i p_i ~ p_{t, sigma_rel} in least squares, rescaled to sum to 1."""
-    return _fit(stored_t, stored_sigma, t, sigma_rel)[0]
-
-
-def profile_error(stored_t, stored_sigma, t: float, sigma_rel: float) -> float:
-    """|| p_r - sum_i x_i p_i || / || p_r ||: how far the reconstructed average's profile is from the one asked for
-    (0 = exact)."""
-    return _fit(stored_t, stored_sigma, t, sigma_rel)[1]
-
-
-def _fit(stored_t, stored_sigma, t: float, sigma_rel: float) -> tuple[np.ndarray, float]:
+def posthoc_fit(stored_t, stored_sigma, t: float, sigma_rel: float) -> tuple[np.ndarray, float]:
+    """(x, error): x with sum_i x_i p_i ~ p_{t, sigma_rel} in least squares, rescaled to sum to 1, and
+    || p_r - sum_i x_i p_i || / || p_r ||, how far the rebuilt average's profile is from the one asked for (0 = exact)."""
     a = profile_inner_products(stored_t, stored_sigma, stored_t, stored_sigma)
     b = profile_inner_products(stored_t, stored_sigma, [t], [sigma_rel])[:, 0]
     x = np.linalg.lstsq(a, b, rcond=None)[0]  # lstsq: the same answer as solve, and no error if A is singular
@@ -311,7 +293,7 @@ def plan_rebuild(stored: list[StoredProfile], sigma_rel: float, step: int | None
                          f"{sigma_rel} from (train with phema_sigma_rels set, e.g. [0.05, 0.1])")
     last = max(usable, key=lambda p: p.step)
     target = last.images * step / last.step  # images seen at `step`, at the stored profiles' images per step
-    x, error = _fit([p.images for p in usable], [p.sigma_rel for p in usable], target, sigma_rel)
+    x, error = posthoc_fit([p.images for p in usable], [p.sigma_rel for p in usable], target, sigma_rel)
     rebuild = Rebuild(float(sigma_rel), step, tuple(usable), tuple(float(v) for v in x), error)
     if max_error is not None and error > max_error:
         raise ValueError(f"post-hoc EMA length {sigma_rel:g} at step {step} cannot be rebuilt faithfully: from the "
@@ -320,13 +302,6 @@ def plan_rebuild(stored: list[StoredProfile], sigma_rel: float, step: int | None
                          f"{last.path.parent.parent}" if last.step != step else "")
                          + "; choose ema_length 0 (the snapshot's half-life EMA) or another length")
     return rebuild
-
-
-def reconstruct(stored: list[StoredProfile], sigma_rel: float, step: int | None = None,
-                max_error: float | None = None) -> dict[str, torch.Tensor]:
-    """The weights (fp32, by parameter name) of the EMA of length `sigma_rel` at training step `step` (None: the
-    last stored one), from the stored profiles of steps <= step (see `plan_rebuild`)."""
-    return plan_rebuild(stored, sigma_rel, step, max_error).weights()
 
 
 # ---------------------------------------------------------------- a training run's post-hoc EMA bookkeeping

@@ -2,14 +2,14 @@
 
 It is trained only on REAL demo training images (never on generated ones), with a few monsters held
 out to check its own accuracy, and cached under `<cache_dir>/probe-<hash12>/` keyed by the dataset
-files, the resolution and the probe settings. Then it measures generated images two ways:
-- `attribute_accuracy`: does the picture show the colour, shape, eyes, extra and action the prompt asked
+files, the resolution and the probe settings. Its judge (helpers.judges.ProbeJudge) reads generated images two ways,
+scored from per-prompt records by helpers.estimators.scores_from:
+- attribute accuracy: does the picture show the colour, shape, eyes, extra and action the prompt asked
   for? (the demo's analogue of CLIP-T);
-- `probe_frechet_distance`: Fréchet distance between probe features of real and generated images,
-  computed by torchmetrics' FID with the probe as its feature module (the demo's FID).
+- probe Fréchet distance between the probe features of real and generated pictures of the same prompts (the
+  demo's FID).
 
     probe = train_probe(cfg.data_path, resolution=cfg.resolution, cache_dir=cfg.cache_dir)
-    attribute_accuracy(probe, images, [attributes[p.key] for p in prompts])
 """
 from __future__ import annotations
 
@@ -324,46 +324,3 @@ def train_probe(data_dir, *, resolution: int, cache_dir, steps: int = PROBE_STEP
     atomic_write_json(out / "probe.json", meta, indent=2)  # last: marks it complete
     probe.path = out
     return probe
-
-
-# ---------------------------------------------------------------- measuring generated images
-
-
-def attribute_accuracy(probe: Probe, images: torch.Tensor, attributes: list[dict]) -> dict[str, float]:
-    """Per attribute, the fraction of `images` the probe reads as what their prompt asked for."""
-    if len(images) != len(attributes):
-        raise ValueError(f"{len(images)} images but {len(attributes)} attribute entries")
-    return accuracy(probe, images, label_indices(attributes))
-
-
-def mean_accuracy(acc: dict[str, float], names=GATED) -> float:
-    return sum(acc[n] for n in names) / len(names)
-
-
-class ProbeFeatures(nn.Module):
-    """The probe as torchmetrics' FID feature module: [-1, 1] float images in, [N, F] features out.
-
-    `num_features` tells FID the feature size, so it never pushes its 299×299 dummy image through.
-    """
-
-    def __init__(self, probe: Probe):
-        super().__init__()
-        self.probe = probe
-        self.net = probe.net  # registered, so FID's .to(device) moves it
-        self.num_features = probe.net.num_features
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.probe.features(images).double()  # FID's sums are float64; so is its result
-
-
-def probe_frechet_distance(probe: Probe, real: torch.Tensor, fake: torch.Tensor) -> float:
-    """Fréchet distance between probe features of `real` and `fake` images (both [N, 3, H, W] in [-1, 1])."""
-    from torchmetrics.image.fid import FrechetInceptionDistance
-
-    if len(real) < 2 or len(fake) < 2:
-        raise ValueError(f"the Fréchet distance needs at least 2 real and 2 generated images, "
-                         f"got {len(real)} and {len(fake)}")
-    fid = FrechetInceptionDistance(feature=ProbeFeatures(probe), normalize=True)
-    fid.update(real, real=True)
-    fid.update(fake, real=False)
-    return max(float(fid.compute()), 0.0)  # tiny negative values are round-off of an exact 0

@@ -158,7 +158,7 @@ def parse_plan(text: str) -> tuple[list[int], float]:
 
 def main(argv=None) -> int:
     from .command import add_run_arguments, ends_in_one_line, existing_run
-    from .config import count_argument
+    from .values import count_argument
 
     p = argparse.ArgumentParser(prog="python -m helpers.replay", description=__doc__.split("\n\n")[0])
     add_run_arguments(p)

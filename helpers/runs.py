@@ -2,7 +2,7 @@
 
     python -m helpers.runs --profile demo --run-name demo
     python -m helpers.runs --profile hw6 --run-name hw6-base -p max_steps=30000 -p batch_size=128
-    # 30,000 steps: a max_steps you set replaces the profile's max_epochs=60 (helpers.config.apply_length_rule)
+    # 30,000 steps: a max_steps you set replaces the profile's max_epochs=60 (helpers.length.apply_length_rule)
 
 Each executed notebook is saved as `<run_dir>/notebooks/<name>.ipynb`, with its outputs, next to the
 config and everything the notebooks wrote.
@@ -18,9 +18,11 @@ import sys
 import time
 from pathlib import Path
 
-from .config import ALIASES, PROJECT_ROOT, RunConfig, as_bool, open_run, profile_config
+from .config import ALIASES, PROJECT_ROOT, RunConfig, profile_config
 from .files import os_errors_end_in_one_line
+from .run_folder import open_run
 from .runlock import RunLockedError
+from .values import as_bool
 
 NOTEBOOKS = ["01_data", "02_unet_arch", "03_train_cfg", "04_sample", "05_eval"]
 
@@ -132,7 +134,7 @@ def _axis(field: str, name: str):
 
 
 def _count(name: str, minimum: int):
-    from .config import as_count
+    from .values import as_count
 
     return lambda value: as_count(value, name, minimum)
 

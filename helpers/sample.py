@@ -147,7 +147,7 @@ def sample_images(model, prompts, seeds, setting: Setting, *, batch_size: int = 
                   on_step: Callable[[int, int], None] | None = None) -> torch.Tensor:
     """[B, 3, H, W] images in [-1, 1] (on the CPU) for `prompts`, one seed each, decoded by the autoencoder.
 
-    `model` must already hold the U-Net of setting.snapshot (helpers.selection.with_snapshot), and of its ema_length
+    `model` must already hold the U-Net of setting.snapshot (helpers.selection.with_setting), and of its ema_length
     and guide (helpers.selection.with_setting: checked here).
     `on_step(done, total)` is called after each denoising step of each batch of `batch_size` prompts.
     """

@@ -35,6 +35,7 @@ from .data import load_prompts, read_json
 from .files import atomic_write, atomic_write_json, check_can_write, os_errors_end_in_one_line
 from .hub import WeightsUnavailableError, load_pretrained
 from .images import BadImageError
+from .layout import RunLayout
 from .results import results_problems
 
 INCEPTION_FILE = "inception_v3_google-0cc3c7bd.pth"
@@ -393,20 +394,6 @@ def _same_length(**lists) -> None:
         raise ValueError("different lengths: " + ", ".join(f"{n} {k}" for k, n in lengths.items()))
 
 
-def clip_t(images, prompts: list[str], scorer: ClipScorer) -> float:
-    """Mean cosine between each image and its prompt (a raw cosine: not ×100, not clamped)."""
-    images = list(images)
-    _same_length(images=images, prompts=prompts)
-    return _mean_cosine(scorer.image_embeddings(images), scorer.text_embeddings(prompts))
-
-
-def clip_i(images, real_images, scorer: ClipScorer) -> float:
-    """Mean cosine between each generated image and the real image at the same position."""
-    images, real_images = list(images), list(real_images)
-    _same_length(images=images, real_images=real_images)
-    return _mean_cosine(scorer.image_embeddings(images), scorer.image_embeddings(real_images))
-
-
 # ---------------------------------------------------------------- all three
 
 
@@ -498,7 +485,7 @@ def score_results(results_dir, test_json, *, reference_stats_dir=None, real_dir=
     return {**out, "fid_reference": None if stats_dir is None else str(stats_dir)}
 
 
-def score_table(result: dict) -> str:
+def scores_as_text(result: dict) -> str:
     """The scores, one per line, then one "metric: SKIPPED: reason" line per skipped metric."""
     lines = [f"{result['images']} images, CLIP backend: {result.get('clip_backend') or '-'}"]
     for name in METRICS:
@@ -536,7 +523,7 @@ def main(argv=None) -> int:
     parser.add_argument("--device", help="cuda, cpu, … (default: cuda when available)")
     parser.add_argument("--out", help="JSON file to write (default: score.json beside the results folder)")
     args = parser.parse_args(argv)
-    out = Path(args.out) if args.out else Path(args.results).resolve().parent / "score.json"
+    out = Path(args.out) if args.out else RunLayout(Path(args.results).resolve().parent).score
     refused = out_problem(out, Path(args.results))
     if refused:
         print(f"helpers.score: --out {out}: {refused}", file=sys.stderr)
@@ -550,7 +537,7 @@ def main(argv=None) -> int:
     except (ValueError, OSError) as e:  # a bad folder, test.json or image (BadImageError is a ValueError)
         print(f"error: {_one_line(e)}", file=sys.stderr)
         return 2
-    print(score_table(result))
+    print(scores_as_text(result))
     replaced = out.exists()
     with os_errors_end_in_one_line("helpers.score"):  # atomic: a failed write leaves the old file, or none
         atomic_write_json(out, result, indent=2)

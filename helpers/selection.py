@@ -63,16 +63,6 @@ def weights_id(cfg: RunConfig, snapshot: str) -> str:
     return weights_sha256(unet_folder(cfg, snapshot))
 
 
-def with_snapshot(model, cfg: RunConfig, snapshot: str):
-    """`model` (a TextToImage) with the U-Net of `snapshot`; the frozen parts are shared, not reloaded."""
-    from diffusers import UNet2DConditionModel
-
-    if cfg.pipeline:
-        return model
-    unet = UNet2DConditionModel.from_pretrained(unet_folder(cfg, snapshot)).to(model.device)
-    return dataclasses.replace(model, unet=unet.eval().requires_grad_(False))
-
-
 def snapshot_step(snapshot: str) -> int | None:
     """The training step of a snapshot name ("step-000900" -> 900); None for FINAL (the end of training)."""
     if snapshot == FINAL:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from .config import RunConfig
 from .setting import FINAL, FIRST_SNAPSHOT, NO_GUIDE, Setting
-from .staged import Plan, cells_per_stage, stage_sizes, unet_evals
+from .staged import StagePlan, cells_per_stage, stage_sizes, unet_evals
 
 HW6_TRAIN_STEPS = 36_535  # issue 22: 60 epochs of hw6's training images at batch 64
 HW6_TEST_PROMPTS = 1_063  # the course's test.json
@@ -19,7 +19,7 @@ HW6_TEST_PROMPTS = 1_063  # the course's test.json
 
 @dataclass
 class SelectionCost:
-    plan: Plan
+    plan: StagePlan
     test_images: int
     test_evals_per_image: int
 
@@ -81,7 +81,7 @@ def selection_cost(cfg: RunConfig, n_snapshots: int, n_test_prompts: int | None 
     settings = config_settings(cfg, n_snapshots) if settings is None else list(settings)
     judged = n_judged or (min(cfg.sweep_prompts, n_test_prompts) if cfg.sweep_prompts else n_test_prompts)
     sizes = stage_sizes(cfg.sweep_stage_prompts if stage_prompts is None else stage_prompts, judged)
-    plan = Plan(settings, sizes, cells_per_stage(len(settings), len(sizes), cfg.sweep_keep),
+    plan = StagePlan(settings, sizes, cells_per_stage(len(settings), len(sizes), cfg.sweep_keep),
                 [evals(s) for s in settings])
     return SelectionCost(plan, n_test_prompts, evals(Setting.from_config(cfg)))
 

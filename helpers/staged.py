@@ -90,7 +90,7 @@ def train_scheduler_config(cfg: RunConfig) -> dict:
 
 
 @dataclass
-class Plan:
+class StagePlan:
     """The staged plan of one sweep and its cost; `images[k]` / `evals[k]`: new images / U-Net evaluations of
     stage k (prompts a cell already had in an earlier stage are not sampled again)."""
 
@@ -135,14 +135,14 @@ class Plan:
         return "\n".join(lines)
 
 
-def make_plan(settings: list[Setting], n_prompts: int, cfg: RunConfig, scheduler_config: dict) -> Plan:
+def make_plan(settings: list[Setting], n_prompts: int, cfg: RunConfig, scheduler_config: dict) -> StagePlan:
     sizes = stage_sizes(cfg.sweep_stage_prompts, n_prompts)
-    return Plan(list(settings), sizes, cells_per_stage(len(settings), len(sizes), cfg.sweep_keep),
+    return StagePlan(list(settings), sizes, cells_per_stage(len(settings), len(sizes), cfg.sweep_keep),
                 [evals_of(s, scheduler_config) for s in settings])
 
 
-def trim_to_budget(plan: Plan, seconds_per_eval: float, budget_hours: float, snapshot_order: list[str],
-                   keep: float) -> Plan:
+def trim_to_budget(plan: StagePlan, seconds_per_eval: float, budget_hours: float, snapshot_order: list[str],
+                   keep: float) -> StagePlan:
     """The plan with cells dropped until its estimate fits `budget_hours` (0 = no budget): the oldest snapshot's
     cells first, the costliest (most U-Net evaluations) of those first; one cell always stays."""
     if not budget_hours:
@@ -150,13 +150,13 @@ def trim_to_budget(plan: Plan, seconds_per_eval: float, budget_hours: float, sna
     rank = {name: i for i, name in enumerate(snapshot_order)}
     settings, evals, dropped = list(plan.settings), list(plan.evals_per_image), list(plan.dropped)
     while len(settings) > 1:
-        current = Plan(settings, plan.sizes, cells_per_stage(len(settings), len(plan.sizes), keep), evals, dropped)
+        current = StagePlan(settings, plan.sizes, cells_per_stage(len(settings), len(plan.sizes), keep), evals, dropped)
         if sum(current.evals()) * seconds_per_eval <= budget_hours * 3600:
             return current
         drop = min(range(len(settings)), key=lambda i: (rank.get(settings[i].snapshot, -1), -evals[i], -i))
         dropped.append(settings.pop(drop))
         evals.pop(drop)
-    return Plan(settings, plan.sizes, cells_per_stage(1, len(plan.sizes), keep), evals, dropped)
+    return StagePlan(settings, plan.sizes, cells_per_stage(1, len(plan.sizes), keep), evals, dropped)
 
 
 def _duration(seconds: float) -> str:
@@ -330,7 +330,7 @@ def staged_sweep(model, cfg: RunConfig, judge, settings: list[Setting], prompts:
     return rows, summary
 
 
-def _measure(loaded, plan: Plan, records: dict, order, prompts, seeds, judge, batch_size, shards, device):
+def _measure(loaded, plan: StagePlan, records: dict, order, prompts, seeds, judge, batch_size, shards, device):
     """Seconds per U-Net evaluation per image, timed on the first cell that still lacks its stage-1 images."""
     for s, evals in zip(plan.settings, plan.evals_per_image):
         if records[s].missing(order[:plan.sizes[0]]):

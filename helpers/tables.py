@@ -61,7 +61,7 @@ def flatten(d: dict, prefix: str = "") -> list[tuple[str, object]]:
     return out
 
 
-def score_table(scores: dict, title: str = "") -> Table:
+def scores_as_table(scores: dict, title: str = "") -> Table:
     """A dict of scores (nested dicts flattened to dotted names) as a two-column table, 3 significant digits."""
     items = flatten(scores)
     width = max((len(k) for k, _ in items), default=0)

@@ -27,7 +27,10 @@ from .progress import progress_bar
 
 from .cache import load_cache
 from .checkpoint import CheckpointsDamagedError, checkpoint_config, latest_checkpoint, save_checkpoint
-from .config import RunConfig, as_bool, count_argument, resolve_length, save_config, warmup_steps_for
+from .config import RunConfig
+from .length import resolve_length, warmup_steps_for
+from .run_folder import save_config
+from .values import as_bool, count_argument
 from .diffusion import EMA
 from .disk import NotEnoughDiskError
 from .disk_guard import DiskGuard, any_process
@@ -130,7 +133,7 @@ def train(cfg: RunConfig, *, resume: bool = True, progress: bool = True, max_ste
     The run folder is locked for the whole session (helpers.runlock). A resume refuses settings that change
     the model's shapes and applies the others, a new lr included (helpers.resume); checkpoints that all fail
     to load are an error, never a silent start from step 0. A `max_steps` given here replaces cfg.max_epochs
-    (helpers.config.apply_length_rule). A run whose writes do not fit on the disk is refused before step 1, and
+    (helpers.length.apply_length_rule). A run whose writes do not fit on the disk is refused before step 1, and
     one that meets a filling disk stops after a resumable checkpoint (NotEnoughDiskError, helpers.disk_guard)."""
     cfg, resume = cfg.replace(max_steps=max_steps), as_bool(resume, "resume")
     if stop_at is not None and (isinstance(stop_at, bool) or not isinstance(stop_at, int) or stop_at < 1):

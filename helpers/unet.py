@@ -91,22 +91,3 @@ def block_shapes(unet, sample: torch.Tensor, context: torch.Tensor) -> list[tupl
         for h in hooks:
             h.remove()
     return shapes
-
-
-def time_train_step(unet, sample: torch.Tensor, context: torch.Tensor, repeats: int = 3) -> float:
-    """Images per second of forward + backward + AdamW on this batch (after one warm-up step)."""
-    import time
-
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-4)
-    t = torch.randint(0, 1000, (len(sample),), device=sample.device)
-    seconds = []
-    for _ in range(repeats + 1):
-        start = time.perf_counter()
-        loss = unet(sample, t, encoder_hidden_states=context).sample.float().pow(2).mean()
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if sample.is_cuda:
-            torch.cuda.synchronize()
-        seconds.append(time.perf_counter() - start)
-    return len(sample) / (sum(seconds[1:]) / repeats)

@@ -4,9 +4,9 @@ import sys
 
 import torch
 
-from helpers.config import open_run
 from helpers.data import load_prompts
 from helpers.model import load_model
+from helpers.run_folder import open_run
 from helpers.selection import setting_weights_id
 from helpers.setting import Setting
 from helpers.shards import Shards

@@ -9,8 +9,8 @@ import torch
 
 from helpers import cache as cache_mod
 from helpers.cache import build_cache, cache_path, load_cache, read_split, write_split
-from helpers.config import open_run
 from helpers.data import load_records
+from helpers.run_folder import open_run
 
 
 @pytest.fixture

@@ -22,7 +22,8 @@ import torch
 from safetensors.torch import load_file
 
 from helpers.checkpoint import checkpoint_config, list_checkpoints
-from helpers.config import PROJECT_ROOT, RunConfig, load_config, open_run, profile_config
+from helpers.config import PROJECT_ROOT, RunConfig, profile_config
+from helpers.run_folder import load_config, open_run
 from helpers.train import train
 from helpers.trainlog import read_log
 from test_score import StandInFeatures, results, write_sprites  # noqa: F401 (results: the fixture, shared)
@@ -62,7 +63,7 @@ def files_under(folder: Path) -> dict[str, int]:
 
 
 def test_hw6_with_max_steps_30000_trains_30000_steps(capsys):
-    from helpers.config import resolve_length
+    from helpers.length import resolve_length
 
     cfg = profile_config("hw6", max_steps=30000, batch_size=128)  # the example of helpers/runs.py's docstring
     assert "max_steps=30000 is set, so it replaces max_epochs=60" in capsys.readouterr().out
@@ -77,7 +78,7 @@ def test_hw6_with_max_steps_30000_trains_30000_steps(capsys):
 
 
 def test_warmup_steps_set_by_the_user_replace_the_profiles_fraction():
-    from helpers.config import resolve_length
+    from helpers.length import resolve_length
 
     cfg = profile_config("hw6", warmup_steps=100)
     resolved, line = resolve_length(cfg, 38_970)
@@ -376,7 +377,7 @@ def fake_free(monkeypatch, free):
 
 def test_a_run_that_cannot_fit_is_refused_before_step_1_with_settings_that_fit(tmp_path, course_dir, monkeypatch,
                                                                               capsys):
-    from helpers.disk import RESERVE_BYTES, NotEnoughDiskError, Plan, WriteSizes, check_room
+    from helpers.disk import RESERVE_BYTES, NotEnoughDiskError, DiskPlan, WriteSizes, check_room
     from helpers.cache import load_cache
     from helpers.train import main
     from helpers.step import unet_for_cache
@@ -394,9 +395,9 @@ def test_a_run_that_cannot_fit_is_refused_before_step_1_with_settings_that_fit(t
     files_after = files_under(cfg.run_dir)
     assert files_after == {**before, "config.json": files_after["config.json"]}  # no checkpoint, snapshot or log
     every = int(re.search(r"snapshot_every=(\d+)", line).group(1))
-    assert every > 1 and check_room(Plan(0, 8, every, 4, 2), sizes, cfg.run_dir)  # the advice does fit
+    assert every > 1 and check_room(DiskPlan(0, 8, every, 4, 2), sizes, cfg.run_dir)  # the advice does fit
     with pytest.raises(NotEnoughDiskError):
-        check_room(Plan(0, 8, every - 1, 4, 2), sizes, cfg.run_dir)  # and it is the smallest that does
+        check_room(DiskPlan(0, 8, every - 1, 4, 2), sizes, cfg.run_dir)  # and it is the smallest that does
 
 
 def test_a_disk_filling_up_mid_run_stops_with_a_resumable_checkpoint(tmp_path, course_dir, monkeypatch):

@@ -2,7 +2,8 @@ import json
 
 import pytest
 
-from helpers.config import PROFILES, load_config, open_run, profile_config
+from helpers.config import PROFILES, profile_config
+from helpers.run_folder import load_config, open_run
 
 
 def test_profiles_resolve_and_validate():
@@ -83,3 +84,31 @@ def test_train_stop_at_below_1_from_python_is_refused_too(tmp_path, value):
     with pytest.raises(ValueError, match=f"stop_at={value!r} should be a whole number >= 1"):
         train(cfg, progress=False, stop_at=value)
     assert sorted(p.name for p in cfg.run_dir.iterdir()) == ["config.json"]  # nothing trained
+
+
+def _show_profile(name):
+    import subprocess
+    import sys
+
+    from helpers.config import PROJECT_ROOT
+
+    return subprocess.run([sys.executable, "-m", "helpers.config", "--profile", name], capture_output=True, text=True,
+                          cwd=PROJECT_ROOT)
+
+
+def test_python_m_helpers_config_says_what_a_profile_changes_and_why():
+    demo = _show_profile("demo")
+    assert demo.returncode == 0, demo.stderr
+    lines = demo.stdout.splitlines()
+    assert lines[0].startswith("prediction_type: 'v_prediction' -> 'flow_prediction'  (rectified flow")
+    assert any(line.startswith("min_snr_gamma: 5.0 -> 0.0  (") for line in lines)
+    assert len(lines) == 3  # sweep_ema_lengths, prediction_type, min_snr_gamma
+    hw6 = _show_profile("hw6").stdout.splitlines()
+    assert "max_epochs: 0 -> 60  (the best public course result's recipe" in "\n".join(hw6)
+    assert any(line.startswith("ema_halflife_images: 10000.0 -> 22150  (") for line in hw6)
+    assert not any(line.startswith(("batch_size:", "num_train_timesteps:")) for line in hw6)  # the defaults' values
+
+
+def test_python_m_helpers_config_refuses_an_unknown_profile_in_one_line():
+    run = _show_profile("nope")
+    assert run.returncode == 2 and "invalid choice: 'nope'" in run.stderr.splitlines()[-1]

@@ -127,7 +127,7 @@ def test_load_image_tensor_range_and_shape(course_dir):
 def test_captions_over_the_token_limit_are_counted():
     encoder = load_text_encoder("tiny", max_tokens=8)
     long_caption = "a very long caption " * 10
-    n_long, lengths = count_long_captions(["short one", long_caption, long_caption], encoder.tokenizer, 8)
+    n_long, lengths = count_long_captions(["short one", long_caption, long_caption], encoder, 8)
     assert n_long == 2 and lengths[0] < 8 < lengths[1]
 
 

@@ -9,7 +9,8 @@ import torch
 
 from helpers import fit
 from helpers.cache import load_cache
-from helpers.config import PROJECT_ROOT, load_config, profile_config
+from helpers.config import PROJECT_ROOT, profile_config
+from helpers.run_folder import load_config
 from helpers.diffusion import diffusion_loss
 from helpers.model import noise_scheduler
 from helpers.train import train

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from helpers.config import PROJECT_ROOT, open_run
+from helpers.config import PROJECT_ROOT
+from helpers.run_folder import open_run
 from helpers.data import load_prompts
 from helpers.results import check_record, read_manifest
 from helpers.choose import named_overrides

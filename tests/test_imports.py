@@ -8,14 +8,15 @@ HELPERS = Path(__file__).resolve().parent.parent / "helpers"
 
 LAYERS = [  # lowest first; a module may import from its own layer or below
     {"files", "progress", "hub", "images", "unet", "diffusion", "disk", "runlock", "notebook_meta", "schedulers",
-     "precision", "session", "trainlog"},
-    {"setting", "layout", "checkpoint", "data", "text", "autoencoder", "phema", "resume"},
+     "precision", "session", "trainlog", "values"},
+    {"setting", "layout", "checkpoint", "data", "text", "autoencoder", "phema", "resume", "length", "checks"},
     {"config"},
-    {"model", "cache", "demo_data", "step", "saves", "disk_guard", "repair", "probe", "results", "handin", "command"},
+    {"run_folder", "model", "cache", "demo_data", "step", "saves", "disk_guard", "repair", "probe", "results",
+     "command"},
     {"sample", "fit", "metrics", "score", "estimators", "shards"},
     {"previews", "baseline", "export", "grids", "selection"},
-    {"judges", "panel_controls", "panel", "plots", "tables", "submission", "staged", "selection_cost", "replay",
-     "sweep_view", "budget"},
+    {"judges", "panel_controls", "panel", "plots", "tables", "submission", "handin", "staged", "selection_cost",
+     "replay", "sweep_view", "budget"},
     {"train", "runs", "choose"},
 ]
 
@@ -76,3 +77,16 @@ def test_every_module_has_a_layer_and_imports_only_its_own_or_lower_layers():
     assert sorted(set(layer) - set(edges)) == [], "these modules are gone: take them out of LAYERS and the docs"
     upward = [f"{m} -> {d}" for m, ds in edges.items() for d in ds if layer[d] > layer[m]]
     assert upward == []
+
+
+def test_the_design_docs_module_table_has_one_row_per_module_in_its_layer():
+    import re
+
+    text = (HELPERS.parent / "docs" / "design.md").read_text(encoding="utf-8")
+    table = text.split("## The modules, in layers", 1)[1].split("\n\n| layer | module |", 1)[1].split("\n\n", 1)[0]
+    rows, layer = {}, None
+    for line in table.splitlines()[2:]:
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        layer = int(cells[0].split()[0]) if cells[0] else layer
+        rows.setdefault(re.fullmatch(r"`(\w+)`", cells[1])[1], []).append(layer)
+    assert rows == {m: [i] for i, mods in enumerate(LAYERS) for m in mods}

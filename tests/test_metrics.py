@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from helpers.config import open_run
+from helpers.run_folder import open_run
 from helpers.metrics import validation_set, write_metrics
 
 

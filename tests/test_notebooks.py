@@ -70,8 +70,7 @@ def test_all_notebooks_run_headless_and_write_their_outputs(tmp_path, capfd):
     manifest = json.loads((run_dir / "results" / "manifest.json").read_text())
     assert manifest["complete"] and {k: manifest[k] for k in choice["setting"]} == choice["setting"]
     assert not (run_dir / "results.history").exists()
-    from helpers.handin import check_zip_layout
-    from helpers.submission import zipped_results_match
+    from helpers.handin import check_zip_layout, zipped_results_match
 
     assert zipped_results_match(run_dir / "hw6_b1.zip", run_dir / "results") == len(manifest["images"])
     assert "hw6_b1/code/requirements.txt" in check_zip_layout(run_dir / "hw6_b1.zip", "b1")
@@ -108,9 +107,8 @@ def test_the_short_run_command_ends_with_a_zip_in_the_course_layout(tmp_path):
     earlier snapshot has no post-hoc EMA store of its own."""
     import zipfile
 
-    from helpers.handin import PLACEHOLDER_ID, check_zip_layout
+    from helpers.handin import PLACEHOLDER_ID, check_zip_layout, zipped_results_match
     from helpers.runs import main
-    from helpers.submission import zipped_results_match
 
     data = tmp_path / "data"
     data.mkdir()

@@ -34,7 +34,7 @@ def model(tmp_path_factory):
 
 def click(panel, button="generate"):
     getattr(panel, f"{button}_button").click()
-    panel.wait(60)
+    panel.thread.join(60)
     assert not panel.thread.is_alive()
 
 
@@ -210,7 +210,7 @@ def test_cancel_stops_between_steps_and_the_panel_stays_usable(model, monkeypatc
     assert p.generate_button.disabled and not p.cancel_button.disabled
     assert (p.generate_button.button_style, p.cancel_button.button_style) == ("", "warning")  # the live one coloured
     p.cancel_button.click()
-    p.wait(10)
+    p.thread.join(10)
     assert len(steps_done) < 10 and p.status.value.startswith("cancelled after")
     assert not p.generate_button.disabled and p.cancel_button.disabled and p.error.value == ""
     assert (p.generate_button.button_style, p.cancel_button.button_style) == ("primary", "")  # no orange when off

@@ -94,7 +94,7 @@ def test_the_first_sample_at_the_opening_setting_is_the_handed_in_png(run, tmp_p
     p = make_panel(model, prompt=prompts[i].text, setting=Setting.from_config(cfg, "step-000004"), seed=cfg.seed + i,
                    n=2)  # as 04 calls it: the model holds the newest snapshot, the panel loads the choice
     p.generate_button.click()
-    p.wait(120)
+    p.thread.join(120)
     assert p.error.value == "" and len(p.current) == 1
     images, caption, setting = p.current[0]
     assert setting == CHOSEN and " · chosen setting · " in caption

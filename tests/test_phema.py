@@ -10,14 +10,25 @@ the measured error relative to the difference between the two stored lengths (ho
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
 
-from helpers.phema import (PowerEMA, gamma_to_sigma_rel, posthoc_coefficients, profile_error, reconstruct,
-                           sigma_rel_to_gamma, stored_profiles)
+from helpers.phema import PowerEMA, plan_rebuild, posthoc_fit, sigma_rel_to_gamma, stored_profiles
 
 FP16_HALF_ULP = 2.0 ** -11
+
+
+def profile_error(stored_t, stored_sigma, t, sigma_rel) -> float:
+    """The fit's profile error (helpers.phema.posthoc_fit, which plan_rebuild bounds)."""
+    return posthoc_fit(stored_t, stored_sigma, t, sigma_rel)[1]
+
+
+def reconstruct(stored, sigma_rel, step=None) -> dict:
+    """The rebuilt weights as the sweep gets them (helpers.phema.plan_rebuild), with no bound on the error."""
+    return plan_rebuild(stored, sigma_rel, step, max_error=None).weights()
 
 
 def discrete_weights(n_steps: int, sigma_rel: float, at_step: int | None = None) -> np.ndarray:
@@ -40,7 +51,8 @@ def test_sigma_rel_and_gamma_are_inverse_and_match_the_paper():
     assert sigma_rel_to_gamma(0.05) == pytest.approx(16.97, abs=0.01)
     assert sigma_rel_to_gamma(0.10) == pytest.approx(6.94, abs=0.01)
     for s in (0.01, 0.025, 0.07, 0.13, 0.25):
-        assert gamma_to_sigma_rel(sigma_rel_to_gamma(s)) == pytest.approx(s, rel=1e-12)
+        g = sigma_rel_to_gamma(s)  # the inverse: EDM2's width of the profile of exponent gamma
+        assert math.sqrt((g + 1) / ((g + 2) ** 2 * (g + 3))) == pytest.approx(s, rel=1e-12)
     for bad in (0.0, -0.1, 0.3, float("nan")):
         with pytest.raises(ValueError, match="sigma_rel"):
             sigma_rel_to_gamma(bad)
@@ -94,7 +106,7 @@ def random_walk_run(tmp_path, n_steps=120, store_every=10, extra=(0.07, 0.13), d
         stored_ema.update(net, 16)
         direct.update(net, 16)
         if k % store_every == 0:
-            stored_ema.save(tmp_path / f"step-{k:06d}", step=k)
+            stored_ema.store(tmp_path, step=k)
     return direct, hi - lo, stored_profiles(tmp_path)
 
 
@@ -102,8 +114,8 @@ def bound(stored, n_steps, sigma_rel, spread, at_step=None):
     """The error bound of the module docstring for one reconstruction, per element."""
     at = at_step or n_steps
     usable = [p for p in stored if p.step <= at]
-    x = posthoc_coefficients([p.images for p in usable], [p.sigma_rel for p in usable], usable[-1].images * at
-                             / usable[-1].step, sigma_rel)
+    x, _ = posthoc_fit([p.images for p in usable], [p.sigma_rel for p in usable], usable[-1].images * at
+                       / usable[-1].step, sigma_rel)
     w_rec = sum(xi * discrete_weights(n_steps, p.sigma_rel, p.step) for xi, p in zip(x, usable))
     l1 = float(np.abs(w_rec - discrete_weights(n_steps, sigma_rel, at)).sum())
     return l1 * spread / 2, float(np.abs(x).sum())
@@ -199,7 +211,7 @@ def test_a_tiny_training_run_reconstructs_a_length_it_also_tracked(tmp_path, dty
         stored_ema.update(unet, 4)
         direct.update(unet, 4)
         if k % every == 0:
-            stored_ema.save(tmp_path / f"step-{k:06d}", step=k, dtype=dtype)
+            stored_ema.store(tmp_path, step=k, dtype=dtype)
     stored = stored_profiles(tmp_path)
     rec = reconstruct(stored, 0.07)
     got = torch.cat([rec[name].flatten() for name in direct.names])

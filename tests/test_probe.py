@@ -5,8 +5,7 @@ import torch
 from helpers.demo_data import make_demo_dataset
 from helpers.images import load_image_tensor
 from helpers.judges import ProbeJudge
-from helpers.probe import (CLASSES, GATED, attribute_accuracy, label_indices, mean_accuracy,
-                           probe_frechet_distance, train_probe)
+from helpers.probe import CLASSES, GATED, label_indices, train_probe
 
 # Small enough to train in seconds on 2 CPU cores, large enough that every colour meets 3 shapes in training.
 DEMO = dict(num_monsters=48, num_test_monsters=8, frames_per_action=2, resolution=16)
@@ -38,30 +37,41 @@ def test_probe_reads_held_out_real_monsters_and_unseen_combinations(demo):
     assert set(probe.heldout_accuracy) == set(CLASSES)  # eyes and extra are reported too, not gated
 
 
-def test_attribute_accuracy_compares_against_the_prompts_attributes(demo):
+def accuracy(probe, images, attrs) -> dict:
+    """The judge's accuracy of `images` against the attributes their prompts asked for."""
+    return ProbeJudge(probe, attrs, images).evaluate(images)["accuracy"]
+
+
+def test_the_judges_accuracy_compares_against_the_prompts_attributes(demo):
     data, _, probe = demo
     images, attrs = reference(data)
-    right = attribute_accuracy(probe, images, attrs)
-    assert mean_accuracy(right) >= 0.95
+    right = ProbeJudge(probe, attrs, images).evaluate(images)
+    assert right["mean_accuracy"] >= 0.95
     colours = list(CLASSES["color"])
     wrong = [dict(a, color=colours[(colours.index(a["color"]) + 1) % len(colours)]) for a in attrs]
-    assert attribute_accuracy(probe, images, wrong)["color"] <= 0.1
+    assert accuracy(probe, images, wrong)["color"] <= 0.1
     with pytest.raises(ValueError, match="3 images but 2"):
-        attribute_accuracy(probe, images[:3], attrs[:2])
+        ProbeJudge(probe, attrs[:2], images).per_prompt(images[:3])
     with pytest.raises(ValueError, match="'color'.*known values"):
         label_indices([dict(attrs[0], color="magenta")])
 
 
-def test_frechet_distance_is_near_zero_for_real_vs_real_and_large_for_noise(demo):
+def test_the_judges_frechet_distance_is_near_zero_for_real_vs_real_and_large_for_noise(demo):
     data, _, probe = demo
-    real = torch.stack([load_image_tensor(p, 16) for p in sorted((data / "train").glob("*.png"))[:256]])
-    same = probe_frechet_distance(probe, real, real)
-    halves = probe_frechet_distance(probe, real[0::2], real[1::2])  # two samples of the same distribution
-    noise = probe_frechet_distance(probe, real, torch.rand_like(real) * 2 - 1)
+    images, attrs = reference(data)
+    real = torch.cat([images] * (256 // len(images) + 1))[:256]  # the real pictures each judged prompt has
+    attrs = (attrs * (256 // len(attrs) + 1))[:256]
+
+    def distance(reals, fakes, asked):
+        return ProbeJudge(probe, asked, reals).evaluate(fakes)["frechet_distance"]
+    same = distance(real, real, attrs)
+    noise = distance(real, torch.rand_like(real) * 2 - 1, attrs)
+    train = torch.stack([load_image_tensor(p, 16) for p in sorted((data / "train").glob("*.png"))[:256]])
+    halves = distance(train[0::2], train[1::2], attrs[:128])  # two samples of the same distribution
     assert same < 1e-3
     assert noise > 20 * halves, (halves, noise)
     with pytest.raises(ValueError, match="at least 2"):
-        probe_frechet_distance(probe, real[:1], real)
+        distance(real[:1], real[:1], attrs[:1])
 
 
 def test_probe_is_cached_per_dataset_and_settings(demo, capsys):
@@ -82,7 +92,8 @@ def test_probe_reads_images_at_another_resolution_and_feeds_the_sweep(demo):
     data, _, probe = demo
     images, attrs = reference(data)
     big = torch.nn.functional.interpolate(images, scale_factor=2, mode="nearest")  # e.g. 32 px samples
-    assert attribute_accuracy(probe, big, attrs)["color"] >= 0.9
+    assert accuracy(probe, big, attrs)["color"] >= 0.9
     row = ProbeJudge(probe, attrs, images).evaluate(images)
-    assert row["frechet_distance"] < 1e-3 and row["mean_accuracy"] == pytest.approx(mean_accuracy(row["accuracy"]))
+    mean = sum(row["accuracy"][a] for a in GATED) / len(GATED)
+    assert row["frechet_distance"] < 1e-3 and row["mean_accuracy"] == pytest.approx(mean)
     assert probe.features(images).shape == (len(images), probe.net.num_features)

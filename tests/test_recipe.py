@@ -8,7 +8,9 @@ from PIL import Image
 
 from conftest import sprite
 from helpers.cache import build_cache, cache_path, load_cache
-from helpers.config import RunConfig, open_run, profile_config, total_steps, warmup_steps_for
+from helpers.config import RunConfig, profile_config
+from helpers.length import total_steps, warmup_steps_for
+from helpers.run_folder import open_run
 from helpers.data import load_records
 from helpers.images import crop_to_content, load_image_tensor, load_rgb, pil_to_tensor
 from helpers.unet import PRESETS, build_unet, count_params, forward_gflops

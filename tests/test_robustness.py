@@ -19,7 +19,8 @@ import pytest
 from PIL import Image
 
 from helpers.checkpoint import list_checkpoints
-from helpers.config import PROJECT_ROOT, load_config, open_run, profile_config
+from helpers.config import PROJECT_ROOT, profile_config
+from helpers.run_folder import load_config, open_run
 from helpers.data import load_course_data, load_prompts
 from helpers.files import read_json
 from helpers.images import BadImageError, load_image_tensor, load_rgb
@@ -288,7 +289,7 @@ def test_case6_each_notebook_gets_only_its_parameters_and_bools_are_bools(tmp_pa
 
 
 def test_case6_resume_false_as_a_string_starts_over(tmp_path, course_dir):
-    from helpers.config import as_bool
+    from helpers.values import as_bool
 
     assert [as_bool(v, "resume") for v in ("false", "False", "no", "0", 0, "true", "YES", True)] == [
         False, False, False, False, False, True, True, True]
@@ -434,7 +435,7 @@ def truncated_png_in_preview(tmp, course):
 
 
 def zip_exists(tmp, course):
-    from helpers.submission import pack_submission
+    from helpers.handin import pack_submission
 
     _write(tmp / "run" / "submission.zip", "old")
     return (lambda: pack_submission(tmp / "run", tmp / "run" / "submission.zip", tmp / "run" / "model" / "unet_ema",

@@ -10,8 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from helpers.score import (OPENAI_MEAN, OPENAI_STD, STATS_SOURCE, ClipScorer, ScorerUnavailable, clip_i,
-                           clip_preprocess, clip_t, feature_statistics, fid_preprocess, frechet_distance,
+from helpers.score import (OPENAI_MEAN, OPENAI_STD, STATS_SOURCE, ClipScorer, ScorerUnavailable,
+                           clip_preprocess, feature_statistics, fid_preprocess, frechet_distance,
                            inception_features, load_clip_scorer, load_inception, load_reference_stats, main,
                            reference_stats_from_folder, score_images, score_results)
 from helpers.results import results_problems
@@ -221,6 +221,16 @@ def noise_images(n, seed=0, size=40):
 PROMPTS = [f"a monster number {i}. The monster is attacking." for i in range(7)]
 
 
+def clip_t(images, prompts, scorer) -> float:
+    """CLIP-T as the scorer computes it (helpers.score.score_images)."""
+    return score_images(images, prompts, clip=scorer, progress=False)["clip_t"]
+
+
+def clip_i(images, real_images, scorer) -> float:
+    """CLIP-I as the scorer computes it (helpers.score.score_images)."""
+    return score_images(images, [""] * len(images), real_images=real_images, clip=scorer, progress=False)["clip_i"]
+
+
 def test_clip_i_of_images_with_themselves_is_one(scorer):
     images = noise_images(7)
     assert scorer.backend == "transformers"
@@ -283,8 +293,10 @@ def test_score_images_computes_all_three_with_stand_in_models_and_skips_what_is_
                        clip=scorer, progress=False)
     assert out["skipped"] == {} and out["images"] == 6 and out["clip_backend"] == "transformers"
     assert out["fid"] > 0 and -1 <= out["clip_t"] <= 1
-    assert out["clip_i"] == pytest.approx(clip_i(fake, real, scorer), abs=1e-9)
-    assert out["clip_t"] == pytest.approx(clip_t(fake, PROMPTS[:6], scorer), abs=1e-9)
+    fakes = scorer.image_embeddings(fake).double()
+    assert out["clip_i"] == pytest.approx(float((fakes * scorer.image_embeddings(real).double()).sum(-1).mean()), abs=1e-9)
+    assert out["clip_t"] == pytest.approx(float((fakes * scorer.text_embeddings(PROMPTS[:6]).double()).sum(-1).mean()),
+                                          abs=1e-9)
     bare = score_images(fake, PROMPTS[:6], progress=False)
     assert bare["fid"] is None and set(bare["skipped"]) == {"fid", "clip_t", "clip_i"}
 

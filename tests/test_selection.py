@@ -248,9 +248,9 @@ def test_04_and_05_offline_on_course_data_report_every_skipped_metric(run, tmp_p
 
 def test_a_pretrained_pipeline_run_is_one_model_without_snapshots(tmp_path):
     from helpers.config import profile_config
-    from helpers.selection import weights_id, with_snapshot
+    from helpers.selection import weights_id, with_setting
 
     cfg = profile_config("sd-baseline", outputs_dir=str(tmp_path), pipeline="some/sd-model")
     pipeline = object()
-    assert cfg.layout.snapshot_names() == [] and with_snapshot(pipeline, cfg, FINAL) is pipeline
+    assert cfg.layout.snapshot_names() == [] and with_setting(pipeline, cfg, Setting(snapshot=FINAL)) is pipeline
     assert weights_id(cfg, FINAL) == "pretrained:some/sd-model" and sweep_axes(cfg)["snapshot"] == [FINAL]

@@ -9,7 +9,7 @@ from helpers.model import load_model
 from helpers.score import feature_statistics, frechet_distance
 from helpers.selection import read_cells, sweep_settings
 from helpers.setting import Setting
-from helpers.staged import (Plan, best, cells_per_stage, halving, prompt_order, stage_sizes, staged_sweep,
+from helpers.staged import (StagePlan, best, cells_per_stage, halving, prompt_order, stage_sizes, staged_sweep,
                             trim_to_budget)
 from judges_for_tests import BrightJudge, FreshBrightJudge
 from test_selection import run  # noqa: F401 (the trained tiny run, a module-scoped fixture)
@@ -31,7 +31,7 @@ def test_the_plan_halves_the_cells_and_ends_on_every_prompt():
     true = [0.1 * c for c in range(9)]  # cell 0 is best
     stages = halving(9, [3, 6, 12], 0.34, lambda c, n: true[c])
     assert stages == [list(range(9)), [0, 1, 2, 3], [0, 1]]
-    plan = Plan([Setting()] * 9, [3, 6, 12], [9, 4, 2], [10] * 9)
+    plan = StagePlan([Setting()] * 9, [3, 6, 12], [9, 4, 2], [10] * 9)
     assert plan.images == [27, 12, 12] and plan.full_images == 108 and sum(plan.evals()) == 510
 
 
@@ -39,7 +39,7 @@ def test_budget_drops_the_oldest_snapshots_costliest_cells_first_and_says_so():
     settings = [Setting(snapshot=s, guidance=g, steps=n) for s in ("step-000002", "step-000004")
                 for g in (1.0, 3.0) for n in (2, 3)]
     evals = [n * (1 if g == 1.0 else 2) for s in (0, 1) for g in (1.0, 3.0) for n in (2, 3)]
-    plan = Plan(settings, [2, 8], cells_per_stage(8, 2, 0.5), evals)
+    plan = StagePlan(settings, [2, 8], cells_per_stage(8, 2, 0.5), evals)
     cost = sum(plan.evals())  # seconds at 1 s per evaluation
     assert trim_to_budget(plan, 1.0, 0, ["step-000002", "step-000004"], 0.5) is plan  # no budget
     assert trim_to_budget(plan, 1.0, cost / 3600, ["step-000002", "step-000004"], 0.5).dropped == []

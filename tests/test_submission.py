@@ -14,7 +14,8 @@ from helpers.data import Prompt, load_prompts
 from helpers.model import TextToImage, noise_scheduler
 from helpers.results import check_results, read_manifest, results_manifest, results_problems
 from helpers.setting import Setting
-from helpers.submission import generate_test_set, pack_submission, write_test_set, zipped_results_match
+from helpers.handin import pack_submission, zipped_results_match
+from helpers.submission import generate_test_set, write_test_set
 from helpers.text import load_text_encoder
 from helpers.unet import build_unet
 

@@ -3,7 +3,7 @@ highlighted, grouped by snapshot; paths relative to the run."""
 import re
 
 from helpers.config import profile_config
-from helpers.tables import score_table, sweep_table_html
+from helpers.tables import scores_as_table, sweep_table_html
 
 
 def rows():
@@ -33,7 +33,7 @@ def test_the_sweep_table_shows_what_varies_grouped_by_snapshot_with_the_choice_m
 
 
 def test_scores_print_as_a_small_table_with_three_significant_digits():
-    table = score_table({"accuracy": {"eyes": 0.742857142857, "color": 1.0}, "frechet_distance": 3.14159265358979,
+    table = scores_as_table({"accuracy": {"eyes": 0.742857142857, "color": 1.0}, "frechet_distance": 3.14159265358979,
                          "fid": 3871.234, "prompts": "every test prompt"}, "chosen")
     assert cells(table.html) == [["accuracy.eyes", "0.743"], ["accuracy.color", "1"], ["frechet_distance", "3.14"],
                                  ["fid", "3870"], ["prompts", "every test prompt"]]

@@ -7,7 +7,7 @@ import sys
 import torch
 from accelerate import Accelerator
 
-from helpers.config import load_config
+from helpers.run_folder import load_config
 from helpers.step import DeviceCache
 from helpers.train import train
 
