@@ -4,7 +4,7 @@
     checkpoints/step-N/  checkpoints.old[-N]/                            resumable training state
     snapshots/step-N/    model/{unet,unet_ema,scheduler}/                EMA U-Nets to choose from; the final model
     phema/step-N/                                                        post-hoc EMA profiles (helpers.phema)
-    previews/  logs/train.csv  logs/tensorboard/                         what training looked like
+    previews/  logs/train.csv  logs/tensorboard/  budget.json            what training looked like; its time plan
     selection/cells.jsonl  selection/test_set.json  results.lock        04_sample's sweep; its record of results/
     results/ (+ manifest.json)  results.partial/  results.history/<n>/  the test set; a new one being written; earlier
     metrics.json  score.json  hw6_<student_id>.zip  notebooks/  *.png   choice and scores; the hand-in; plots
