@@ -227,8 +227,8 @@ def judge_seconds(cfg: RunConfig) -> float:
 
 def after_training(cfg: RunConfig, cache, unet, device):
     """plan_budget's reserve for a run of `cfg` on `cache`: n_snapshots -> (seconds, one line, parts) that 04 will
-    take: the staged sweep (its costliest cells moving on), the test set, the grids at 04's defaults and the previews'
-    kind of small batches, loading each candidate's weights, and the demo's probe, at speeds measured here."""
+    take: the staged sweep (at its average cost per image), the test set, the grids at 04's defaults (timed at their
+    small batch), loading each candidate's weights, and the demo's probe, at speeds measured here."""
     from .data import load_prompts
     from .selection_cost import sd_vae_decode_gflop, selection_cost, unet_gflop
 
@@ -248,7 +248,7 @@ def after_training(cfg: RunConfig, cache, unet, device):
         cost = selection_cost(cfg, n_snapshots, n_test)
         weights = len({(s.snapshot, s.ema_length) for s in cost.plan.settings}) + 1  # + the test set's, reloaded
         parts = dict(
-            sweep=(cost.selection_unet_evals_max + cost.selection_images * decode) * per_eval,
+            sweep=(cost.selection_unet_evals + cost.selection_images * decode) * per_eval,
             test_set=(cost.test_unet_evals + cost.test_images * decode) * per_eval + cost.test_images * per_png,
             grids=grid_unet_evals(cfg) * per_eval_grid, loads=weights * 3 * param_bytes / DISK_BYTES_PER_S,
             judge=probe)

@@ -6,11 +6,15 @@
                                              states, step and data position (torch.load weights_only)
     config.json                              the run config it was trained with (see helpers.resume)
     done.json                                written last; lists the files above
-Everything is written into a hidden temp folder first and renamed into place, so a killed process
-leaves at most a `.tmp-*` folder, which is ignored and cleaned up. Only the last K are kept.
+`<run_dir>/snapshots/step-000300/` holds the EMA U-Net as a diffusers folder (`save_snapshot`): 04's candidates,
+never pruned. Everything is written into a hidden temp folder first and renamed into place, so a killed process
+leaves at most a `.tmp-*` folder, which is ignored and cleaned up (`no_partial_write`). Only the last K checkpoints
+are kept.
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import re
@@ -20,6 +24,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from .disk import room_for
 from .files import read_json
 
 FILES = ("unet.safetensors", "unet_ema.safetensors", "state.pt")
@@ -28,6 +33,12 @@ _NAME = re.compile(r"step-(\d{6,})")
 
 def checkpoint_name(step: int) -> str:
     return f"step-{step:06d}"
+
+
+def snapshot_at(step: int, max_steps: int, snapshot_every: int) -> bool:
+    """Whether training step `step` keeps an EMA snapshot: every snapshot_every steps (0: none besides) and at
+    max_steps. The one definition training, the post-hoc EMA stores and the repair share."""
+    return step == max_steps or (snapshot_every > 0 and step % snapshot_every == 0)
 
 
 class CheckpointsDamagedError(RuntimeError):
@@ -145,3 +156,29 @@ def _fsync(path: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+@contextlib.contextmanager
+def no_partial_write(root: Path, step: int):
+    """A checkpoint or snapshot write that fails leaves no temporary folder behind; a failure on a full disk
+    (safetensors and torch.save do not raise OSError for it) becomes OSError ENOSPC naming the folder."""
+    try:
+        yield
+    except BaseException as e:
+        for tmp in root.glob(f".tmp-{checkpoint_name(step)}*"):  # ours: the run lock keeps other writers out
+            shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, Exception) and not isinstance(e, OSError) and root.exists() and not room_for(root, 0)[0]:
+            raise OSError(errno.ENOSPC, f"No space left on device ({type(e).__name__})", str(root)) from e
+        raise
+
+
+def save_snapshot(root: Path, ema_unet, step: int) -> Path:
+    """`<root>/step-NNNNNN/`: the EMA U-Net as a diffusers folder (safetensors + config), written atomically."""
+    final, tmp = root / checkpoint_name(step), root / f".tmp-{checkpoint_name(step)}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    ema_unet.save_pretrained(tmp, safe_serialization=True)
+    if final.exists():
+        print(f"Replacing snapshot {final} (this run trained step {step} again)")
+        shutil.rmtree(final)
+    tmp.rename(final)
+    return final

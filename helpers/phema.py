@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .checkpoint import snapshot_at
 from .setting import MAX_SIGMA_REL  # the width at gamma = 0 (a plain running mean); wider needs gamma < 0
 
 DEFAULT_SIGMA_RELS = (0.05, 0.10)
@@ -183,8 +184,7 @@ def stores_at(step: int, max_steps: int, snapshot_every: int, phema_every: int) 
     """Whether training step `step` stores the post-hoc EMA profiles: with every snapshot (every snapshot_every
     steps and at max_steps), so each snapshot's own EMA lengths rebuild exactly, and every phema_every steps
     besides (0: no others), which makes the fit of other lengths closer."""
-    return (step == max_steps or (snapshot_every > 0 and step % snapshot_every == 0)
-            or (phema_every > 0 and step % phema_every == 0))
+    return snapshot_at(step, max_steps, snapshot_every) or (phema_every > 0 and step % phema_every == 0)
 
 
 # ---------------------------------------------------------------- reconstruction after training

@@ -19,12 +19,12 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import checkpoint_config, checkpoint_name, checkpoint_step, list_checkpoints, load_checkpoint
+from .checkpoint import (checkpoint_config, checkpoint_name, checkpoint_step, list_checkpoints, load_checkpoint,
+                         save_snapshot, snapshot_at)
 from .config import RunConfig
 from .disk import NotEnoughDiskError, WriteSizes, gb, room_for
 from .layout import WEIGHTS_FILE
 from .phema import FILE_PREFIX, key, store_state, stores_at
-from .saves import save_snapshot
 
 
 def repair_run(cfg: RunConfig, found: tuple[Path, dict] | None, unet, write: bool = True) -> dict:
@@ -71,8 +71,7 @@ def missing_writes(cfg: RunConfig, promised: RunConfig, upto: int) -> list[tuple
     layout, missing = cfg.layout, []
     every, max_steps = promised.snapshot_every, cfg.max_steps
     for step in range(1, upto + 1):
-        if (step == max_steps or (every > 0 and step % every == 0)) and \
-                not (layout.unet_dir(checkpoint_name(step)) / WEIGHTS_FILE).exists():
+        if snapshot_at(step, max_steps, every) and not (layout.unet_dir(checkpoint_name(step)) / WEIGHTS_FILE).exists():
             missing.append((SNAPSHOT, step))
         if promised.phema_sigma_rels and stores_at(step, max_steps, every, promised.phema_every):
             folder = layout.phema / checkpoint_name(step)
@@ -84,7 +83,7 @@ def missing_writes(cfg: RunConfig, promised: RunConfig, upto: int) -> list[tuple
 def rewrite(cfg: RunConfig, promised: RunConfig, kind: str, step: int, ckpt: dict, unet) -> bool:
     """Write the snapshot or store of `step` from `ckpt`, the checkpoint of that step; False if it lacks the state."""
     if kind == SNAPSHOT:
-        save_snapshot(cfg, ema_unet(unet, ckpt["ema"]), step)
+        save_snapshot(cfg.layout.snapshots, ema_unet(unet, ckpt["ema"]), step)
         return True
     phema = ckpt["state"].get("phema")
     if phema is None:  # trained with post-hoc EMA off at that time

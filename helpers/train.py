@@ -8,8 +8,8 @@ Each concern the loop touches has a room of its own, called once per block:
 - memory: helpers.fit (before step 1); the time budget: helpers.budget (planned before step 1, corrected once at
   the end of warm-up); precision: helpers.precision;
 - disk: helpers.disk_guard (never starts what cannot fit; stops with a checkpoint before the disk is full);
-- checkpoints and snapshots: helpers.saves; post-hoc EMA profiles: helpers.phema; log and loss checks:
-  helpers.trainlog; previews: helpers.previews; the session's clock: helpers.session.
+- the saved state (checkpoints, snapshots, post-hoc EMA stores, the resume): helpers.run_state.CheckpointIO;
+  post-hoc EMA profiles: helpers.phema; log and loss checks: helpers.trainlog; previews: helpers.previews; the session's clock: helpers.session.
 Losses stay on the device and are checked every `log_every` steps (and before any write), so a NaN is caught,
 named by step, and never checkpointed, without a GPU sync on every step.
 """
@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import time
 from dataclasses import dataclass, field
 
@@ -26,10 +25,9 @@ import torch
 from .progress import progress_bar
 
 from .cache import load_cache
-from .checkpoint import CheckpointsDamagedError, checkpoint_config, latest_checkpoint, save_checkpoint
+from .checkpoint import CheckpointsDamagedError
 from .config import RunConfig
 from .length import resolve_length, warmup_steps_for
-from .run_folder import save_config
 from .values import as_bool, count_argument
 from .diffusion import EMA
 from .disk import NotEnoughDiskError
@@ -37,13 +35,13 @@ from .disk_guard import DiskGuard, any_process
 from .budget import DoesNotFitBudgetError, Replan, plan_run, record_session, retarget_schedule
 from .fit import DoesNotFitError
 from .model import noise_scheduler, save_model, training_objective
-from .phema import PowerEMA, resume_phema, stores_phema
+from .checkpoint import snapshot_at
+from .phema import PowerEMA, stores_phema
 from .precision import LossScaleWatch, decide
 from .previews import Previewer
-from .repair import repair_run
-from .resume import IncompatibleResumeError, check_resume, retarget_optimizer
+from .resume import IncompatibleResumeError
 from .runlock import run_lock
-from .saves import load_training_state, no_partial_write, retire_checkpoints, save_snapshot, training_state
+from .run_state import CheckpointIO, ema_copy
 from .session import SessionClock
 from .step import DeviceCache, data_rows, loss_function, split_backward, step_generator, train_rows, unet_for_cache
 from .trainlog import TrainLog, check_losses
@@ -79,15 +77,6 @@ def make_optimizer(cfg: RunConfig, unet, device):
     return optimizer, lr_schedule
 
 
-def ema_copy(unet, ema: EMA):
-    """A copy of the U-Net holding the EMA weights, for previews, snapshots and the saved model."""
-    return ema.copy_to(copy.deepcopy(unet).eval().requires_grad_(False))
-
-
-def weights_finite(unet) -> bool:
-    return bool(torch.stack([p.detach().isfinite().all() for p in unet.parameters()]).all())
-
-
 @dataclass
 class TrainResult:
     first_step: int  # the first step this session trained (1-based)
@@ -107,7 +96,7 @@ class Run:
     """Everything the loop works with, made by `set_up`."""
 
     cfg: RunConfig
-    given_config: str  # stored in checkpoints as the user set it (before max_epochs -> max_steps)
+    io: CheckpointIO  # the run's saved state: checkpoints, snapshots, post-hoc EMA stores, the resume
     length: str  # one line: how many steps and where they come from
     rows: torch.Tensor
     data: DeviceCache
@@ -118,7 +107,6 @@ class Run:
     phema: PowerEMA | None
     optimizer: object
     lr_schedule: object
-    found: tuple | None  # (checkpoint folder, its contents) to resume from
     images_per_step: int = 0
     cache: object = field(default=None, repr=False)
     objective: object = field(default=None, repr=False)  # helpers.diffusion.Objective: draws t, computes the loss
@@ -146,69 +134,96 @@ def train(cfg: RunConfig, *, resume: bool = True, progress: bool = True, max_ste
 
 def _train(cfg: RunConfig, accelerator, resume: bool, progress: bool, stop_at: int | None,
            began: float) -> TrainResult:
-    # ---- set-up: the planned config (fit, time budget), the data, the model, the optimizer
+    # ---- set-up: the planned config (fit, time budget), the data, the model, the optimizer, the saved state
     run = set_up(cfg, accelerator, resume, began)
-    cfg, main = run.cfg, accelerator.is_main_process
-    # ---- resume: weights, optimizer, LR schedule, data position and post-hoc EMA profiles of the last checkpoint
-    start, position = resume_from(run, accelerator)
-    # ---- repair: stale .tmp- folders; snapshots and post-hoc EMA stores that writes cut off at or before the checkpoint
-    repair_run(cfg, run.found, run.unet, write=main)
+    cfg, main, io = run.cfg, accelerator.is_main_process, run.io
+    # ---- resume: the last checkpoint's weights, optimizer, LR, data position, post-hoc EMA; cut-off writes repaired
+    start, position = io.load_latest()
     end = min(cfg.max_steps, stop_at or cfg.max_steps)
-    guard = DiskGuard(cfg, run.unet, accelerator)
-    clock = SessionClock(cfg.checkpoint_minutes, cfg.session_hours)
+    guard, clock = DiskGuard(cfg, run.unet, accelerator), SessionClock(cfg.checkpoint_minutes, cfg.session_hours)
     scale = LossScaleWatch(accelerator)  # fp16's loss scaler: skipped steps, a collapsing scale
     disk = guard.at_start(start)
     if main:
         print(describe_start(run, accelerator, start, end, disk, clock))
-    log = TrainLog(cfg, start, active=main)
+    log = LoopLog(cfg, accelerator, start, run.images_per_step, progress)
     previewer = Previewer(cfg, run.cache, accelerator.device) if main and cfg.preview_every > 0 else None
-    resumed = str(run.found[0]) if run.found else None
-    result = TrainResult(start + 1, start, resumed, resumed, None, 0.0, [], [])
-    pending, busy, t0 = [], 0.0, time.perf_counter()  # (step, loss on device, lr); seconds of timed training
-    bar = progress_bar(total=cfg.max_steps, initial=start, desc="train", unit="step", disable=not (progress and main))
-    for step in range(start, end):
+    result = TrainResult(start + 1, start, io.checkpoint, io.checkpoint, None, 0.0, [], [])
+    done = start
+    while done < end:  # `end` moves once if the time budget's correction changes the plan
         # ---- the step
         lr = run.lr_schedule.get_last_lr()[0]
-        loss, position = train_step(run, accelerator, step, position)
+        loss, position = train_step(run, accelerator, done, position)
         scale.after_step()
-        done, stop = step + 1, ""
-        pending.append((done, loss, lr))
+        done, stop = done + 1, ""
         due = due_at(cfg, done, end, run.phema, previewer)
         # ---- the log, every log_every steps and before any write: losses checked, the clock read
-        if len(pending) >= cfg.log_every or due.checkpoint or due.snapshot or due.preview:
-            busy += time.perf_counter() - t0  # the flush syncs the device, so the time is real
-            result.images_per_s = (done - start) * run.images_per_step / max(busy, 1e-9)
-            logged = check_losses(accelerator, pending, result.checkpoint, cfg.lr)
-            log.write(logged, result.images_per_s, epoch=position / len(run.rows), skipped=scale.skipped,
-                      loss_scale=scale.scale)
-            bar.set_postfix(loss=f"{logged[-1]['loss']:.4f}", lr=f"{lr:.2e}", img_s=f"{result.images_per_s:.0f}",
-                            refresh=False)  # shown at the next tick: headless copies get one line per interval
-            pending = []
+        if log.add(done, loss, lr) or due.checkpoint or due.snapshot or due.preview:
+            result.images_per_s = log.flush(position / len(run.rows), scale, io.checkpoint)
             stop = stop_reason(accelerator, clock, scale, done) if done < end else ""
-            if run.replan and run.replan.due(done, busy):  # the time budget, corrected from these steps
-                cfg, end = replan(run, accelerator, done, stop_at)
-                bar.total = cfg.max_steps
+            if run.replan and run.replan.due(done, log.busy):  # the time budget, corrected from these steps
+                cfg, end = replan(run, accelerator, done, stop_at, log)
             due.checkpoint = due.checkpoint or bool(stop) or any_process(accelerator, main and clock.checkpoint_due())
         # ---- the writes the step is due for, each complete or absent, the disk checked first
-        if due.checkpoint or due.snapshot or due.phema:
-            guard.before_writes(done, due.checkpoint, due.snapshot, result.checkpoint)
-        write_step(run, accelerator, done, position, due, result, previewer)
+        write_step(run, accelerator, done, position, due, guard, previewer, result)
         if due.checkpoint:
             clock.checkpointed()
-        if due.checkpoint and done < end and not stop:
-            guard.after_checkpoint(done, end, result.checkpoint)
-        if not pending:
-            t0 = time.perf_counter()
+            if done < end and not stop:
+                guard.after_checkpoint(done, end, io.checkpoint)
+        log.timing()
         result.last_step, result.skipped_steps = done, scale.skipped
-        bar.update(1)
         if stop:
             result.stopped_for = stop
             if stop != "session_hours":
                 raise FloatingPointError(stop)
             break
-    # ---- the end: the final model at max_steps
-    bar.close()
+    return finish(run, accelerator, result, log, began)
+
+
+class LoopLog:
+    """The loop's log: losses kept on the device until a flush checks them (no GPU sync per step), train.csv and
+    TensorBoard rows, the progress bar, and the seconds of timed training (writes and flushes' waits excluded)."""
+
+    def __init__(self, cfg: RunConfig, accelerator, start: int, images_per_step: int, progress: bool):
+        main = accelerator.is_main_process
+        self.cfg, self.accelerator, self.start, self.images_per_step = cfg, accelerator, start, images_per_step
+        self.log = TrainLog(cfg, start, active=main)
+        self.bar = progress_bar(total=cfg.max_steps, initial=start, desc="train", unit="step",
+                                disable=not (progress and main))
+        self.pending, self.busy, self.t0 = [], 0.0, time.perf_counter()  # (step, loss on device, lr)
+
+    def add(self, done: int, loss, lr: float) -> bool:
+        """Keep step `done`'s loss; True when log_every steps are waiting."""
+        self.pending.append((done, loss, lr))
+        self.bar.update(1)
+        return len(self.pending) >= self.cfg.log_every
+
+    def flush(self, epoch: float, scale: LossScaleWatch, checkpoint: str | None) -> float:
+        """Check and write the waiting losses; the session's images/s so far."""
+        done, _, lr = self.pending[-1]
+        self.busy += time.perf_counter() - self.t0  # the check syncs the device, so the time is real
+        images_per_s = (done - self.start) * self.images_per_step / max(self.busy, 1e-9)
+        logged = check_losses(self.accelerator, self.pending, checkpoint, self.cfg.lr)
+        self.log.write(logged, images_per_s, epoch=epoch, skipped=scale.skipped, loss_scale=scale.scale)
+        self.bar.set_postfix(loss=f"{logged[-1]['loss']:.4f}", lr=f"{lr:.2e}", img_s=f"{images_per_s:.0f}",
+                             refresh=False)  # shown at the next tick: headless copies get one line per interval
+        self.pending = []
+        return images_per_s
+
+    def timing(self) -> None:
+        """After a flush and the writes that follow it, the timed training starts again."""
+        if not self.pending:
+            self.t0 = time.perf_counter()
+
+    def close(self) -> None:
+        self.bar.close()
+        self.log.close()
+
+
+def finish(run: Run, accelerator, result: TrainResult, log: LoopLog, began: float) -> TrainResult:
+    """The session's end: the log closed, its training time recorded for the time budget, model/ at max_steps."""
+    cfg, main = run.cfg, accelerator.is_main_process
     log.close()
+    result.checkpoint, result.snapshots = run.io.checkpoint, run.io.snapshots
     if main and cfg.time_budget_hours > 0:
         record_session(cfg, result.first_step, result.last_step, time.perf_counter() - began)
     if main and result.stopped_for:
@@ -223,25 +238,14 @@ def _train(cfg: RunConfig, accelerator, resume: bool, progress: bool, stop_at: i
 
 def set_up(cfg: RunConfig, accelerator, resume: bool, began: float) -> Run:
     """The run as planned: the resume checked, config saved, fit and time budget applied, model and optimizer made."""
-    device, main = accelerator.device, accelerator.is_main_process
-    given_config = cfg.to_json()
-    found = latest_checkpoint(cfg.layout.checkpoints) if resume else None
-    if found:  # before anything is written: a refused resume leaves the run as it was
-        check_resume(found[0], checkpoint_config(found[0]), cfg, verbose=main)
-    if main:
-        save_config(cfg)
-        if not resume:
-            retire_checkpoints(cfg)
-    accelerator.wait_for_everyone()
+    device = accelerator.device
+    io = CheckpointIO.open(cfg, accelerator, resume)
     cache = load_cache(cfg)
     rows, data = train_rows(cfg, cache), DeviceCache.from_cache(cache, device)
-    fitted, budgeted = plan_run(cfg, cache, data, rows, accelerator, checkpoint_config(found[0]) if found else None,
-                                began)
-    if fitted is not cfg:  # the plan is the run's config from now on: config.json, checkpoints, resumes
-        cfg, given_config = fitted, fitted.to_json()
-        if main:
-            save_config(cfg)
-    cfg, length = resolve_length(cfg, len(rows), accelerator.num_processes)  # max_epochs -> steps, not the user's rule
+    fitted, budgeted = plan_run(cfg, cache, data, rows, accelerator, io.saved_config, began)
+    if fitted is not cfg:
+        io.planned(fitted)
+    cfg, length = resolve_length(fitted, len(rows), accelerator.num_processes)  # max_epochs -> steps
     unet = unet_for_cache(cfg, cache).to(device).train()
     if cfg.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
@@ -252,15 +256,16 @@ def set_up(cfg: RunConfig, accelerator, resume: bool, began: float) -> Run:
     ddp_unet, optimizer = accelerator.prepare(unet, optimizer)
     forward = torch.compile(ddp_unet) if cfg.compile else ddp_unet
     images_per_step = cfg.batch_size * cfg.grad_accum * accelerator.num_processes
+    io.cfg = cfg
+    io.attach(unet, ema, phema, optimizer, lr_schedule, images_per_step)
     replan = Replan(*budgeted, cfg, len(rows), accelerator.num_processes, began) if budgeted else None
-    return Run(cfg, given_config, length, rows, data, unet, ddp_unet, loss_function(objective, forward), ema,
-               phema, optimizer, lr_schedule, found, images_per_step, cache, objective, replan)
+    return Run(cfg, io, length, rows, data, unet, ddp_unet, loss_function(objective, forward), ema, phema, optimizer,
+               lr_schedule, images_per_step, cache, objective, replan)
 
 
-def replan(run: Run, accelerator, done: int, stop_at: int | None) -> tuple[RunConfig, int]:
+def replan(run: Run, accelerator, done: int, stop_at: int | None, log: LoopLog) -> tuple[RunConfig, int]:
     """The time budget's correction at the end of warm-up: the plan made again from the run's own speed (the same on
     every process), config.json, budget.json and the LR schedule's total set to it. (cfg, this session's end)."""
-    main = accelerator.is_main_process
     plan, changes = run.replan.plan(run.cfg, done, run.images_per_step)
     if accelerator.num_processes > 1:
         from accelerate.utils import broadcast_object_list
@@ -268,29 +273,19 @@ def replan(run: Run, accelerator, done: int, stop_at: int | None) -> tuple[RunCo
         plan, changes = broadcast_object_list([(plan, changes)])[0]
     before = run.cfg.max_steps
     run.cfg = run.cfg.replace(**changes)
-    run.given_config = run.cfg.to_json()
+    run.io.planned(run.cfg)
     run.lr_schedule = retarget_schedule(run.cfg, run.optimizer, done)
-    if main:
-        save_config(run.cfg)
+    run.io.parts = run.io.parts[:4] + (run.lr_schedule,)
+    log.bar.total = run.cfg.max_steps
+    if accelerator.is_main_process:
         run.replan.report(run.cfg, plan, before, done)
     return run.cfg, min(run.cfg.max_steps, stop_at or run.cfg.max_steps)
 
 
-def resume_from(run: Run, accelerator) -> tuple[int, int]:
-    """(step, data position) of the checkpoint resumed from, its state loaded into the run; (0, 0) for a new run."""
-    if not run.found:
-        return 0, 0
-    start, position = load_training_state(run.found[1], run.unet, run.ema, run.optimizer, run.lr_schedule, accelerator)
-    resume_phema(run.phema, run.unet, run.found[1]["state"], start * run.images_per_step,
-                 verbose=accelerator.is_main_process)
-    retarget_optimizer(run.optimizer, run.lr_schedule, run.cfg.lr, run.cfg.weight_decay)  # this config's lr
-    return start, position
-
-
 def describe_start(run: Run, accelerator, start: int, end: int, disk: str, clock: SessionClock) -> str:
-    cfg = run.cfg
+    cfg, found = run.cfg, run.io.found
     mirrored = " (and their mirror images)" if cfg.hflip else ""
-    return ((f"Resuming from checkpoint {run.found[0]} (step {start}). " if run.found else "")
+    return ((f"Resuming from checkpoint {found[0]} (step {start}). " if found else "")
             + f"Training {len(run.rows)} images{mirrored} from step {start} to {end} of {cfg.max_steps}; "
             f"{run.images_per_step} images/step on {accelerator.num_processes} process(es), {accelerator.device}, "
             f"{accelerator.precision_reason}\nLength: {run.length}\n{disk}"
@@ -333,7 +328,7 @@ class Due:
 
 def due_at(cfg: RunConfig, done: int, end: int, phema, previewer) -> Due:
     return Due(checkpoint=done % max(cfg.checkpoint_every, 1) == 0 or done == end,
-               snapshot=done == cfg.max_steps or (cfg.snapshot_every > 0 and done % cfg.snapshot_every == 0),
+               snapshot=snapshot_at(done, cfg.max_steps, cfg.snapshot_every),
                phema=phema is not None and stores_phema(cfg, done),
                preview=previewer is not None and (done % cfg.preview_every == 0 or done == cfg.max_steps))
 
@@ -346,25 +341,12 @@ def stop_reason(accelerator, clock: SessionClock, scale: LossScaleWatch, done: i
     return "session_hours" if any_process(accelerator, accelerator.is_main_process and clock.session_over()) else ""
 
 
-def write_step(run: Run, accelerator, done: int, position: int, due: Due, result: TrainResult, previewer) -> None:
-    """The checkpoint, snapshot, post-hoc EMA store and preview step `done` is due for."""
-    cfg, main = run.cfg, accelerator.is_main_process
-    if due.checkpoint:
-        if not weights_finite(run.unet):
-            raise FloatingPointError(f"U-Net weights are not finite after step {done}: not checkpointing. The "
-                                     f"last good checkpoint is {result.checkpoint or 'none'}; lower lr and resume.")
-        if main:
-            state = training_state(done, position, run.optimizer, run.lr_schedule, accelerator, run.phema)
-            with no_partial_write(cfg.layout.checkpoints, done):
-                result.checkpoint = str(save_checkpoint(cfg.layout.checkpoints, done, run.unet.state_dict(),
-                                                        run.ema.state_dict(), state, cfg.keep_checkpoints,
-                                                        config=run.given_config))
-    if due.snapshot and main:
-        with no_partial_write(cfg.layout.snapshots, done):
-            result.snapshots.append(str(save_snapshot(cfg, ema_copy(run.unet, run.ema), done)))
-    if due.phema and main:
-        with no_partial_write(cfg.layout.phema, done):
-            run.phema.store(cfg.layout.phema, done)
+def write_step(run: Run, accelerator, done: int, position: int, due: Due, guard: DiskGuard, previewer,
+               result: TrainResult) -> None:
+    """The checkpoint, snapshot, post-hoc EMA store and preview step `done` is due for, the disk checked first."""
+    if due.checkpoint or due.snapshot or due.phema:
+        guard.before_writes(done, due.checkpoint, due.snapshot, run.io.checkpoint)
+    run.io.save(done, position, due.checkpoint, due.snapshot, due.phema)
     if due.preview:
         result.previews.append(str(previewer.save(ema_copy(run.unet, run.ema), done)))
     if due.checkpoint or due.snapshot or due.preview:

@@ -5,7 +5,7 @@
   (`accelerator.scaler`, with `native_amp`: accelerate/accelerator.py, "Mixed precision attributes"); from there
   Accelerate's own code runs as on a GPU: fp16 autocast, `scaler.scale(loss).backward()`, `unscale_` before the
   clip, `scaler.step` / `update` and `optimizer_step_was_skipped`, inside the project's real loop
-  (helpers.train), whose LossScaleWatch, checkpoints (helpers.saves) and resume then run for real.
+  (helpers.train), whose LossScaleWatch, checkpoints (helpers.run_state) and resume then run for real.
 - two processes: gloo on CPU under torchrun (as tests/test_shards.py), the worker tests/train_worker.py.
 """
 from __future__ import annotations
@@ -21,6 +21,7 @@ import torch
 from test_train import make_run, model_weights
 
 import helpers.train as train_module
+from helpers.run_state import CheckpointIO
 from helpers import precision
 from helpers.checkpoint import latest_checkpoint, list_checkpoints
 from helpers.precision import LossScaleWatch
@@ -70,7 +71,7 @@ def fp16_on_a_cpu(monkeypatch) -> list[Session]:
     as sm_75, as tests/test_precision.py does), and the Accelerator gets a real CPU GradScaler; returns the sessions."""
     sessions: list[Session] = []
     monkeypatch.setattr(precision, "capability", lambda device: (7, 5))
-    make_accelerator, resume_from = train_module.make_accelerator, train_module.resume_from
+    make_accelerator, load_latest = train_module.make_accelerator, CheckpointIO.load_latest
 
     def fp16_accelerator(cfg):
         reset_accelerate()  # each train() is a new session, as a new process would be
@@ -84,9 +85,9 @@ def fp16_on_a_cpu(monkeypatch) -> list[Session]:
         sessions[-1].scaler = accelerator.scaler
         return accelerator
 
-    def recording_resume_from(run, accelerator):
-        out = resume_from(run, accelerator)
-        sessions[-1].restored = dict(accelerator.scaler.state_dict())
+    def recording_load_latest(io):
+        out = load_latest(io)
+        sessions[-1].restored = dict(io.accelerator.scaler.state_dict())
         return out
 
     class RecordingWatch(LossScaleWatch):
@@ -108,7 +109,7 @@ def fp16_on_a_cpu(monkeypatch) -> list[Session]:
             self.weights = now
 
     monkeypatch.setattr(train_module, "make_accelerator", fp16_accelerator)
-    monkeypatch.setattr(train_module, "resume_from", recording_resume_from)
+    monkeypatch.setattr(CheckpointIO, "load_latest", recording_load_latest)
     monkeypatch.setattr(train_module, "LossScaleWatch", RecordingWatch)
     return sessions
 

@@ -11,7 +11,7 @@ LAYERS = [  # lowest first; a module may import from its own layer or below
      "precision", "session", "trainlog", "values"},
     {"setting", "layout", "checkpoint", "data", "text", "autoencoder", "phema", "resume", "length", "checks"},
     {"config"},
-    {"run_folder", "model", "cache", "demo_data", "step", "saves", "disk_guard", "repair", "probe", "results",
+    {"run_folder", "model", "cache", "demo_data", "step", "run_state", "disk_guard", "repair", "probe", "results",
      "command"},
     {"sample", "fit", "metrics", "score", "estimators", "shards"},
     {"previews", "baseline", "export", "grids", "selection"},

@@ -241,3 +241,28 @@ def test_training_length_in_epochs_and_warmup_as_a_fraction(tmp_path, course_dir
     assert result.last_step == steps != cfg.max_steps
     lrs = read_log(cfg)["lr"]  # the lr each step trained with: warm-up over the first half, then decay
     assert lrs.index(max(lrs)) == round(0.5 * steps) and lrs[0] == 0.0 and lrs[-1] < max(lrs)
+
+
+def test_a_resume_is_one_call_to_the_runs_saved_state(tmp_path, course_dir):
+    """CheckpointIO owns what a run saves: load_latest() restores every part from the newest checkpoint."""
+    from helpers.diffusion import EMA
+    from helpers.phema import PowerEMA
+    from helpers.run_state import CheckpointIO
+    from helpers.step import unet_for_cache
+    from helpers.train import make_accelerator, make_optimizer
+
+    cfg = make_run(tmp_path, course_dir, max_steps=6, checkpoint_every=2)
+    train(cfg, progress=False, stop_at=4)
+    accelerator = make_accelerator(cfg)
+    io = CheckpointIO.open(cfg, accelerator, resume=True)
+    assert io.found[0].name == "step-000004" and io.saved_config["max_steps"] == 6
+    unet = unet_for_cache(cfg, load_cache(cfg))
+    ema, phema = EMA(unet, cfg.ema_halflife_images, cfg.ema_rampup), PowerEMA(unet, cfg.phema_sigma_rels)
+    optimizer, lr_schedule = make_optimizer(cfg, unet, torch.device("cpu"))
+    io.attach(unet, ema, phema, optimizer, lr_schedule, cfg.batch_size)
+    assert io.load_latest() == (4, 4 * cfg.batch_size)  # step and data position
+    saved = load_checkpoint(io.found[0])
+    assert all(torch.equal(v, saved["unet"][k]) for k, v in unet.state_dict().items())
+    assert all(torch.equal(v, saved["ema"][k]) for k, v in ema.state_dict().items())
+    assert lr_schedule.last_epoch == 4 and optimizer.state_dict()["state"]  # AdamW's moments, not a fresh optimizer
+    assert all(torch.equal(v, saved["state"]["phema"][k]) for k, v in phema.state_dict().items())
