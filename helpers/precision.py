@@ -9,9 +9,9 @@ saying which use they decide for (`use="train"` or `"sample"`).
 - 6.x (P100, GTX 10xx): fp16 too, for its memory: no tensor cores, so expect little or no speed from it.
 On a CPU "auto" depends on the use (benchmarks/bench_cpu.py, the demo's U-Net):
 - a CPU that computes bf16 natively (AMX or AVX512-BF16, `cpu_native_bf16`): bf16 autocast for sampling
-  (1.79x fp32's images/s on a Xeon with AMX, 1.41x on an AMD host) once `CPU_BF16_SAMPLING` adopts it (off until
-  its paired quality check passes: fp32 till then), fp32 for training (bf16 training measured 0.74x fp32's
-  images/s on that Xeon).
+  (1.79x fp32's images/s on a Xeon with AMX, 1.41x on an AMD host; the demo's scores held over 3 training seeds,
+  benchmarks/RESULTS.md "CPU speed levers"), fp32 for training (bf16 training measured 0.74x fp32's images/s on
+  that Xeon).
 - any other CPU: fp32 for both (bf16 would be emulated).
 - another device (e.g. MPS): fp32.
 An explicit "no", "fp16" or "bf16" is taken as asked, for both uses, with a warning where the card emulates bf16
@@ -59,9 +59,6 @@ def capability(device) -> tuple[int, int] | None:
 # the CPU features that compute bf16 natively, by the names torch's cpuinfo and Linux's /proc/cpuinfo give them
 NATIVE_BF16 = {"amx_bf16": "AMX", "avx512_bf16": "AVX512-BF16"}
 SAMPLE_SPEEDUP, TRAIN_SPEEDUP = 1.79, 0.74  # bf16 autocast / fp32 on a Xeon with AMX (benchmarks/bench_cpu.py)
-# bf16 sampling under "auto" on such a CPU: off until the paired quality table (fp32 against bf16 sampling of the same
-# trained demo models, 3 seeds) says the handed-in scores hold (issue 31; benchmarks/RESULTS.md)
-CPU_BF16_SAMPLING = False
 
 
 def cpu_native_bf16() -> str | None:
@@ -127,15 +124,11 @@ def _auto_on_cpu(use: str) -> Precision:
     if native is None:
         return Precision("no", "fp32: this CPU has no native bf16 (no AMX or AVX512-BF16), so bf16 would be "
                                "emulated (auto)")
-    if use == "sample" and not CPU_BF16_SAMPLING:
-        return Precision("no", f"fp32 for sampling: this CPU computes bf16 natively ({native}) and bf16 autocast "
-                               f"samples {SAMPLE_SPEEDUP}x faster, but it is adopted only once the demo's handed-in "
-                               "scores hold over 3 training seeds (benchmarks/bench_levers.py --cpu-precision); "
-                               "mixed_precision='bf16' opts in (auto)")
     if use == "sample":
         return Precision("bf16", f"bf16 autocast for sampling: this CPU computes bf16 natively ({native}; measured "
-                                 f"{SAMPLE_SPEEDUP}x fp32's images/s on a Xeon with AMX); training stays fp32 (bf16 "
-                                 f"training measured {TRAIN_SPEEDUP}x) (auto; mixed_precision='no' for fp32)")
+                                 f"{SAMPLE_SPEEDUP}x fp32's images/s on a Xeon with AMX, the demo's scores unchanged "
+                                 f"over 3 training seeds); training stays fp32 (bf16 training measured "
+                                 f"{TRAIN_SPEEDUP}x) (auto; mixed_precision='no' for fp32)")
     return Precision("no", f"fp32 for training: bf16 training measured {TRAIN_SPEEDUP}x fp32's speed on a CPU with "
                            f"native bf16 ({native}) (auto)")
 

@@ -45,10 +45,6 @@ def test_explicit_values_are_honoured_or_explained_on_any_cpu_for_both_uses(monk
 @pytest.mark.parametrize("native", ["AMX", "AVX512-BF16"])
 def test_auto_on_a_cpu_with_native_bf16_samples_in_bf16_and_trains_in_fp32(monkeypatch, native):
     monkeypatch.setattr(precision, "cpu_native_bf16", lambda: native)
-    monkeypatch.setattr(precision, "CPU_BF16_SAMPLING", False)  # not adopted: fp32, saying why and how to opt in
-    waiting = decide("auto", "cpu", use="sample")
-    assert waiting.mode == "no" and "adopted only once" in waiting.reason and native in waiting.reason
-    monkeypatch.setattr(precision, "CPU_BF16_SAMPLING", True)
     sampling, training = decide("auto", "cpu", use="sample"), decide("auto", "cpu", use="train")
     assert sampling.mode == "bf16" and sampling.dtype == torch.bfloat16 and not sampling.loss_scaling
     assert f"natively ({native}" in sampling.reason and "training stays fp32" in sampling.reason
@@ -126,7 +122,6 @@ def test_sampling_and_the_fit_measurement_use_the_one_decision(monkeypatch):
     monkeypatch.setattr(precision, "cpu_native_bf16", lambda: None)
     assert run_both() == ({torch.float32}, {torch.float32})  # a CPU without native bf16: fp32
     monkeypatch.setattr(precision, "cpu_native_bf16", lambda: "AMX")
-    monkeypatch.setattr(precision, "CPU_BF16_SAMPLING", True)
     assert run_both() == ({torch.bfloat16}, {torch.float32})  # AMX: sampling bf16, training fp32
     monkeypatch.setattr(precision, "capability", lambda device: (8, 0))
     assert run_both() == ({torch.bfloat16}, {torch.bfloat16})
@@ -145,7 +140,6 @@ def test_sampling_in_the_decided_cpu_bf16_gives_finite_images_close_to_fp32(monk
     from test_sample import PROMPTS, tiny_model
 
     monkeypatch.setattr(precision, "cpu_native_bf16", lambda: "AMX")
-    monkeypatch.setattr(precision, "CPU_BF16_SAMPLING", True)
     monkeypatch.setattr(precision, "_reported", set())
     model = tiny_model(tmp_path)  # mixed_precision "auto"
     setting = Setting(guidance=3.0, steps=4, scheduler="ddim")
