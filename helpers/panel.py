@@ -28,7 +28,7 @@ from .panel_controls import (AMBER, GREY, RED, BadSetting, as_text, guided_note,
                              setting_words, sigma_note, start_problems, token_note)
 from .sample import guided_steps, sample_images, sigma_range
 from .schedulers import schedulers_for
-from .selection import chosen_setting, weights_sha256, with_setting
+from .selection import chosen_setting, weights_key, weights_sha256, with_setting
 from .setting import FINAL, NO_GUIDE, Setting
 
 COMPARE_GUIDANCE = (1.0, 2.0, 3.0, 5.0)
@@ -146,11 +146,6 @@ def source_note(cfg, source: str) -> str:
     """Where the chosen setting comes from, short: "chosen by 04's sweep (runs/demo/metrics.json)"."""
     where = f"runs/{cfg.run_name}/" + ("metrics.json" if "selection" in source else "config.json")
     return ("chosen by 04's sweep" if "selection" in source else "the run config's (no sweep yet)") + f" ({where})"
-
-
-def weights_key(s: Setting) -> tuple:
-    """What decides the U-Nets a setting samples with (the panel keeps one model per key)."""
-    return s.snapshot, s.ema_length, s.guide if s.autoguided else NO_GUIDE
 
 
 def distinct_snapshots(cfg, keep: tuple = ()) -> tuple[list[str], dict[str, str]]:

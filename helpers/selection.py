@@ -339,9 +339,10 @@ def _example(field: str) -> str:
 # ---------------------------------------------------------------- the sweep's cells and choice
 
 
-def _weights_key(s: Setting) -> tuple:
-    """The weights a setting samples with: snapshot, EMA length, and the guide while it is active."""
-    return s.snapshot, s.ema_length, s.guide if s.autoguided else ""
+def weights_key(s: Setting) -> tuple:
+    """The U-Nets a setting samples with: snapshot, EMA length, and the guide while it is active (a cache of loaded
+    models keeps one per key)."""
+    return s.snapshot, s.ema_length, s.guide if s.autoguided else NO_GUIDE
 
 
 def choose(rows: list[dict], judge) -> dict:
@@ -352,6 +353,12 @@ def choose(rows: list[dict], judge) -> dict:
 
 
 CELL_FIELDS = ("setting", "weights", "context")
+
+
+def cell_key(row: dict) -> str:
+    """What makes a cell the same cell (its CELL_FIELDS: setting, weights id and sweep context), as one string: a
+    row of cells.jsonl is written once per key, and helpers.staged names a cell's records file by its hash."""
+    return json.dumps([row[k] for k in CELL_FIELDS], sort_keys=True)
 
 
 def read_cells(path: Path) -> list[dict]:

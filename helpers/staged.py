@@ -246,7 +246,11 @@ def save_reference(folder: Path, context: dict, kind: str, reference: dict) -> N
 
 
 def cell_id(setting: Setting, weights: str, context: dict) -> str:
-    return hashlib.sha256(json.dumps([setting.to_dict(), weights, context], sort_keys=True).encode()).hexdigest()[:20]
+    """The name of a cell's records file: the hash of its key (helpers.selection.cell_key)."""
+    from .selection import cell_key
+
+    key = cell_key({"setting": setting.to_dict(), "weights": weights, "context": context})
+    return hashlib.sha256(key.encode()).hexdigest()[:20]
 
 
 # ---------------------------------------------------------------- the sweep
@@ -261,7 +265,7 @@ def staged_sweep(model, cfg: RunConfig, judge, settings: list[Setting], prompts:
     an `accelerate launch` calls this: each samples its share of every cell's missing prompts (helpers.shards) and
     the main process writes the records. `folder`: where the per-cell records go (default selection/staged)."""
     from .files import atomic_write_json
-    from .selection import append_cell, read_cells, setting_weights_id
+    from .selection import append_cell, cell_key, read_cells, setting_weights_id
     from .shards import Shards
 
     shards = Shards.current()
@@ -317,13 +321,12 @@ def staged_sweep(model, cfg: RunConfig, judge, settings: list[Setting], prompts:
         if shards.is_main:
             atomic_write_json(cfg.layout.selection / "stages.json", summary)
 
-    done = {json.dumps([r["setting"], r["weights"], r["context"]], sort_keys=True)
-            for r in read_cells(cfg.layout.cells)}
+    done = {cell_key(r) for r in read_cells(cfg.layout.cells)}
     rows = []
     for s in alive:
         row = {"setting": s.to_dict(), "weights": weights[s], "context": context,
                **scores_from(kind, reference, records[s].arrays)}
-        if shards.is_main and json.dumps([row["setting"], row["weights"], context], sort_keys=True) not in done:
+        if shards.is_main and cell_key(row) not in done:
             append_cell(cfg.layout.cells, row)
         rows.append(row)
     shards.barrier()
@@ -366,10 +369,10 @@ class _Loaded:
         self.model, self.cfg, self.key, self.current = model, cfg, None, None
 
     def for_setting(self, s: Setting):
-        from .selection import _weights_key, with_setting
+        from .selection import weights_key, with_setting
 
-        if _weights_key(s) != self.key:
-            self.key, self.current = _weights_key(s), with_setting(self.model, self.cfg, s)
+        if weights_key(s) != self.key:
+            self.key, self.current = weights_key(s), with_setting(self.model, self.cfg, s)
         return self.current
 
 
