@@ -14,7 +14,7 @@ LAYERS = [  # lowest first; a module may import from its own layer or below
     {"run_folder", "model", "cache", "demo_data", "step", "saves", "disk_guard", "repair", "probe", "results",
      "command"},
     {"sample", "fit", "metrics", "score", "estimators", "shards"},
-    {"previews", "baseline", "export", "grids", "selection"},
+    {"previews", "baseline", "export", "grids", "weights", "selection"},
     {"judges", "panel_controls", "panel", "plots", "tables", "submission", "handin", "staged", "selection_cost",
      "replay", "sweep_view", "budget"},
     {"train", "runs", "choose"},

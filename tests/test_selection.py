@@ -248,7 +248,7 @@ def test_04_and_05_offline_on_course_data_report_every_skipped_metric(run, tmp_p
 
 def test_a_pretrained_pipeline_run_is_one_model_without_snapshots(tmp_path):
     from helpers.config import profile_config
-    from helpers.selection import weights_id, with_setting
+    from helpers.weights import weights_id, with_setting
 
     cfg = profile_config("sd-baseline", outputs_dir=str(tmp_path), pipeline="some/sd-model")
     pipeline = object()
