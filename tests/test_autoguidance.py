@@ -114,7 +114,7 @@ def test_one_extra_unet_call_per_step_only_while_the_guide_is_active(nets, g, w,
 
 def test_setting_names_and_checks_its_ema_length_and_guide():
     s = Setting(snapshot="step-000004", guidance=2, guide="step-000002", guide_weight=2, ema_length=0.07)
-    assert "step-000004 (EMA σ_rel 0.07)" in s.label() and "autoguided by step-000002 × 2" in s.label()
+    assert "step-000004 (EMA length 0.07)" in s.label() and "autoguided by step-000002 × 2" in s.label()
     assert Setting.from_dict(s.to_dict()) == s and s.autoguided
     assert not Setting(guide="step-000002").autoguided and not Setting(guide_weight=3.0).autoguided
     problems = " ".join(Setting(ema_length=0.5, guide_weight=float("nan"), guide=3).problems())

@@ -9,10 +9,10 @@ HELPERS = Path(__file__).resolve().parent.parent / "helpers"
 LAYERS = [  # lowest first; a module may import from its own layer or below
     {"files", "progress", "hub", "images", "unet", "diffusion", "disk", "runlock", "notebook_meta", "schedulers",
      "precision", "session", "trainlog", "values"},
-    {"setting", "layout", "checkpoint", "data", "text", "autoencoder", "phema", "resume", "length", "checks"},
+    {"setting", "layout", "checkpoint", "data", "text", "autoencoder", "phema", "length", "checks"},
     {"config"},
-    {"run_folder", "model", "cache", "demo_data", "step", "saves", "disk_guard", "repair", "probe", "results",
-     "command"},
+    {"run_folder", "model", "cache", "demo_data", "step", "saves", "disk_guard", "repair", "resume", "probe",
+     "results", "command"},
     {"sample", "fit", "metrics", "score", "estimators", "shards"},
     {"previews", "baseline", "export", "grids", "weights", "selection"},
     {"judges", "panel_controls", "panel", "plots", "tables", "submission", "handin", "staged", "selection_cost",

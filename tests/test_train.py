@@ -107,10 +107,10 @@ def test_resume_is_exact(tmp_path, course_dir):
 def test_post_hoc_ema_profiles_are_stored_and_reconstruct(tmp_path, course_dir, capsys):
     from helpers.phema import plan_rebuild, stored_profiles
 
-    cfg = make_run(tmp_path, course_dir, max_steps=4, snapshot_every=2, checkpoint_every=2, phema_sigma_rels=[])
+    cfg = make_run(tmp_path, course_dir, max_steps=4, snapshot_every=2, checkpoint_every=2, phema_ema_lengths=[])
     train(cfg, progress=False, stop_at=2)
     assert not (cfg.run_dir / "phema").exists()  # [] = off
-    train(cfg.replace(phema_sigma_rels=[0.05, 0.1]), progress=False)
+    train(cfg.replace(phema_ema_lengths=[0.05, 0.1]), progress=False)
     assert "Post-hoc EMA profiles [0.05, 0.1] start at this step (the checkpoint has none)" in capsys.readouterr().out
     stored = stored_profiles(cfg.run_dir / "phema")
     assert [(p.step, p.images, p.sigma_rel) for p in stored] == [(4, 32, 0.05), (4, 32, 0.1)]
