@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .probe import CLASSES, GATED  # GATED: what mean_accuracy averages
+from .probe import CLASSES, GATED
 
 PROBE_ATTRIBUTES = tuple(CLASSES)  # the order of a probe record's hits columns
 
