@@ -22,8 +22,9 @@ from helpers.handin import fp16_copy
 from helpers.layout import WEIGHTS_FILE
 from helpers.results import manifest_setting, read_manifest
 from helpers.run_folder import open_run
-from helpers.selection import chosen_setting, load_for_setting, setting_unet_folder
+from helpers.selection import chosen_setting
 from helpers.submission import generate_test_set
+from helpers.weights import load_for_setting, setting_unet_folder
 
 
 def main(argv=None) -> None:

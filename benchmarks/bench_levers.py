@@ -280,7 +280,7 @@ def measure_settings(levers: list[str], outputs_dir: Path, data_dir: str, max_st
     from helpers.judges import judge_for_run
     from helpers.model import load_model
     from helpers.sample import sample_images
-    from helpers.selection import with_setting
+    from helpers.weights import with_setting
     from helpers.setting import FINAL, Setting
 
     # snapshots (and post-hoc EMA profiles) every 1/16 of training: the first is the early guide

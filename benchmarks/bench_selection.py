@@ -47,9 +47,10 @@ def main(argv=None) -> int:
     from helpers.judges import judge_for_run
     from helpers.replay import load_full_sweep, replay_table
     from helpers.run_folder import open_run
-    from helpers.selection import choose, load_for_setting, sweep_axes, sweep_settings
+    from helpers.selection import choose, sweep_axes, sweep_settings
     from helpers.setting import Setting
     from helpers.staged import staged_sweep
+    from helpers.weights import load_for_setting
 
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)

@@ -45,20 +45,22 @@ def choose_and_write(cfg: RunConfig, model, prompts, judged=None, *, settings: l
     judge's rule, and write the test set of the choice with `overrides` (setting fields; None keeps the choice's)."""
     from .selection import chosen_setting
     from .shards import Shards
+    from .weights import LoadedWeights
 
     began, shards = time.perf_counter(), Shards.current()
+    loaded = LoadedWeights(model, cfg)  # the sweep's last cell stays loaded: the test set of its setting reuses it
     overrides = checked_overrides(cfg, model, settings, overrides or {})  # before hours of sweeping, not after
     if dry_run:
         _print_plan(cfg, model, settings, judged, stage_prompts, shards)
         return Outcome(Setting.from_config(cfg), "select_dry_run=True: nothing was sampled or written", overrides)
     with results_lock(cfg, "choose and write the test set", shards):
-        outcome = _sweep(cfg, model, judged, settings, stage_prompts, progress, shards) if select and judged \
+        outcome = _sweep(cfg, model, judged, settings, stage_prompts, progress, shards, loaded) if select and judged \
             else Outcome(*chosen_setting(cfg), no_sweep="select=False" if not select else
                          "no metric can judge here (see above)")
         outcome.overrides = overrides
         outcome.setting = outcome.setting.replace(**overrides).checked()
         if write:
-            outcome.written = _write(cfg, model, prompts, outcome, shards)
+            outcome.written = _write(cfg, loaded, prompts, outcome, shards)
     outcome.seconds = time.perf_counter() - began
     return outcome
 
@@ -110,7 +112,7 @@ def results_lock(cfg: RunConfig, what: str, shards):
         yield
 
 
-def _sweep(cfg, model, judged, settings, stage_prompts, progress, shards) -> Outcome:
+def _sweep(cfg, model, judged, settings, stage_prompts, progress, shards, loaded) -> Outcome:
     from .budget import sweep_budget_hours
     from .metrics import write_metrics
     from .selection import choose
@@ -121,7 +123,7 @@ def _sweep(cfg, model, judged, settings, stage_prompts, progress, shards) -> Out
         print(why)
     rows, stages = staged_sweep(model, cfg, judged.judge, list(settings), judged.texts, judged.seeds,
                                 batch_size=cfg.sample_batch_size, stage_prompts=stage_prompts, budget_hours=hours,
-                                progress=progress and shards.is_main)
+                                progress=progress and shards.is_main, loaded=loaded)
     choice = choose(rows, judged.judge)
     if shards.is_main:
         write_metrics(cfg.run_dir, {"selection": {
@@ -132,11 +134,13 @@ def _sweep(cfg, model, judged, settings, stage_prompts, progress, shards) -> Out
                    stages=stages)
 
 
-def _write(cfg: RunConfig, model, prompts, outcome: Outcome, shards) -> dict:
-    """The test set of outcome.setting, announced in metrics.json `test_set` first (what 05 checks results/ by)."""
+def _write(cfg: RunConfig, loaded, prompts, outcome: Outcome, shards) -> dict:
+    """The test set of outcome.setting, announced in metrics.json `test_set` first (what 05 checks results/ by);
+    `loaded`: the cache of loaded U-Nets (helpers.weights.LoadedWeights) the sweep used."""
     from .metrics import write_metrics
-    from .selection import read_metrics_selection, setting_weights_id, with_setting
+    from .selection import read_metrics_selection
     from .submission import write_test_set
+    from .weights import setting_weights_id
 
     weights = setting_weights_id(cfg, outcome.setting)
     if shards.is_main:  # `choice`: the sweep's choice it follows, so a later choose-only run is not handed in stale
@@ -146,7 +150,7 @@ def _write(cfg: RunConfig, model, prompts, outcome: Outcome, shards) -> dict:
             "overrides": sorted([k, v] for k, v in outcome.overrides.items()),
             "started": time.strftime("%Y-%m-%d %H:%M:%S")}})
     shards.barrier()
-    return write_test_set(with_setting(model, cfg, outcome.setting), prompts, cfg.layout.results, outcome.setting,
+    return write_test_set(loaded.for_setting(outcome.setting), prompts, cfg.layout.results, outcome.setting,
                           weights, seed=cfg.seed, size=cfg.output_size, batch_size=cfg.sample_batch_size,
                           record=cfg.layout.test_set_record)
 
@@ -225,7 +229,7 @@ def main(argv=None) -> int:
     import argparse
 
     from .command import add_run_arguments, ends_in_one_line, existing_run
-    from .selection import TrainingNotFinishedError
+    from .weights import TrainingNotFinishedError
     from .values import count_argument
 
     p = argparse.ArgumentParser(prog="python -m helpers.choose", description=main.__doc__.split("\n\n")[0],
@@ -248,8 +252,9 @@ def main(argv=None) -> int:
 
 def _run_from_command(cfg: RunConfig, args) -> Outcome | None:
     from .data import load_prompts
-    from .selection import load_for_setting, sweep_axes, sweep_settings
+    from .selection import sweep_axes, sweep_settings
     from .shards import Shards
+    from .weights import load_for_setting
 
     shards = Shards.current()  # before any model is placed: each process on its own device
     if shards.is_main:

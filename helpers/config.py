@@ -164,7 +164,8 @@ class RunConfig:
     ema_halflife_images: float = _checked(10_000.0, finite_at_least(0.0, above=True))
     # the half-life ramps up as min(half-life, ema_rampup * images seen); 0 = none
     ema_rampup: float = _checked(0.125, finite_at_least(0.0))
-    phema_sigma_rels: list = _checked([0.05, 0.10], sigma_rel_list)  # post-hoc EMA profiles tracked; [] = off
+    # the EMA lengths (sigma_rel) of the post-hoc EMA profiles tracked; [] = off
+    phema_ema_lengths: list = _checked([0.05, 0.10], sigma_rel_list)
     # store them every N steps (0 = at each snapshot: hw6, tiny); always at snapshots and max_steps
     phema_every: int = _checked(100, at_least(0))
     log_every: int = _checked(10, at_least(1))
@@ -181,7 +182,7 @@ class RunConfig:
     guidance_interval: list = _checked([0.3, 5.0], sigma_interval)
     guide: str = ""  # autoguidance: a snapshot name ("first", "step-000300") to steer away from; "" = none
     guide_weight: float = _checked(1.0, finite_at_least(0.0))  # autoguidance weight (1 = off)
-    # sigma_rel of a post-hoc EMA rebuild of the snapshot (0 = its stored half-life EMA)
+    # the EMA length (sigma_rel) of a post-hoc EMA rebuild of the snapshot (0 = its stored half-life EMA)
     ema_length: float = _checked(0.0, ema_length_or_zero)
     sample_batch_size: int = _checked(64, at_least(1))
     use_ema: bool = True
@@ -310,10 +311,20 @@ def pair_problems(cfg: "RunConfig") -> list[str]:
     return problems + flow_problems(cfg)
 
 
-# Names people bring from diffusers' example scripts, mapped to ours for the error message.
+# Fields renamed since: a config.json or checkpoint config written before the rename still loads (`renamed`).
+RENAMED = {"phema_sigma_rels": "phema_ema_lengths"}
+# Names people bring from diffusers' example scripts (and the old names above), mapped to ours for the error message.
 ALIASES = {"learning_rate": "lr", "train_batch_size": "batch_size", "num_train_steps": "max_steps",
            "max_train_steps": "max_steps", "guidance_scale": "guidance", "num_inference_steps": "sample_steps",
-           "gradient_accumulation_steps": "grad_accum", "snr_gamma": "min_snr_gamma"}
+           "gradient_accumulation_steps": "grad_accum", "snr_gamma": "min_snr_gamma", **RENAMED}
+
+
+def renamed(values: dict) -> dict:
+    """Stored config values (a run's config.json, a checkpoint's) with each RENAMED field under its current name;
+    where both names are stored the current one wins."""
+    if not isinstance(values, dict):  # not a config: left for the caller to refuse
+        return values
+    return {RENAMED.get(k, k): v for k, v in values.items() if RENAMED.get(k) not in values}
 
 
 def check_fields(names) -> None:

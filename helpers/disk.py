@@ -52,7 +52,7 @@ class WriteSizes:
 
     @classmethod
     def of(cls, unet, profiles: int = 0) -> "WriteSizes":
-        """From the U-Net trained, with `profiles` post-hoc EMA profiles tracked (phema_sigma_rels)."""
+        """From the U-Net trained, with `profiles` post-hoc EMA profiles tracked (phema_ema_lengths)."""
         state = unet.state_dict()
         weights = sum(t.numel() * t.element_size() for t in state.values())
         ema = sum(p.numel() * 4 for p in unet.parameters())  # helpers.diffusion.EMA keeps fp32 copies

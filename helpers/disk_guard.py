@@ -29,7 +29,7 @@ class DiskGuard:
 
     def __init__(self, cfg, unet, accelerator):
         self.cfg, self.accelerator = cfg, accelerator
-        self.sizes = WriteSizes.of(unet, len(cfg.phema_sigma_rels))
+        self.sizes = WriteSizes.of(unet, len(cfg.phema_ema_lengths))
 
     def at_start(self, start: int) -> str:
         """The estimate of what steps start+1..max_steps write, as one line; NotEnoughDiskError if it cannot fit."""

@@ -22,8 +22,9 @@ from __future__ import annotations
 
 import numpy as np
 
-PROBE_ATTRIBUTES = ("color", "shape", "eyes", "extra", "action")  # helpers.probe.CLASSES' order
-PROBE_GATED = ("color", "shape", "action")  # helpers.probe.GATED: what mean_accuracy averages
+from .probe import CLASSES, GATED
+
+PROBE_ATTRIBUTES = tuple(CLASSES)  # the order of a probe record's hits columns
 
 
 def frechet(features: np.ndarray, mu: np.ndarray, sigma: np.ndarray) -> float:
@@ -83,7 +84,7 @@ def scores_from(kind: str, reference: dict, records: dict, index=None) -> dict:
 
         if len(real) < 2:
             raise ValueError(f"the Fréchet distance needs at least 2 real and 2 generated images, got {len(real)}")
-        return {"accuracy": accuracy, "mean_accuracy": sum(accuracy[a] for a in PROBE_GATED) / len(PROBE_GATED),
+        return {"accuracy": accuracy, "mean_accuracy": sum(accuracy[a] for a in GATED) / len(GATED),
                 "frechet_distance": max(frechet(records["features"], *feature_statistics(real)), 0.0)}
     if kind == "course":
         out = {}
@@ -104,7 +105,7 @@ def screen_score(kind: str, reference: dict, records: dict, index=None):
     records = _take(records, index)
     if kind == "probe":
         hits = records["correct"].astype(np.float64)
-        accuracy = float(np.mean([hits[:, PROBE_ATTRIBUTES.index(a)].mean() for a in PROBE_GATED]))
+        accuracy = float(np.mean([hits[:, PROBE_ATTRIBUTES.index(a)].mean() for a in GATED]))
         return (-accuracy, kid(records["features"], _take(reference, index)["real_features"]))
     if kind == "course":
         if "inception" in records:

@@ -270,7 +270,7 @@ def hand_in(cfg, setting, prompts: list[Prompt], want: dict, *, student_id: str 
     """Pack the run's hw6_<student_id>.zip of `setting` (whose results/ was verified against `want`) under the
     results lock, read it back, and say so in one line; a zip that already holds exactly this is left as it is."""
     from .runlock import RESULTS_LOCK, run_lock
-    from .selection import setting_unet_folder, unet_folder
+    from .weights import setting_unet_folder, unet_folder
 
     if cfg.pipeline:
         raise ValueError(f"run {cfg.run_name!r} samples the pretrained {cfg.pipeline}: for comparison only, the course "

@@ -75,7 +75,7 @@ class TextToImage:
     text_encoder: TextEncoder
     autoencoder: object
     scheduler_config: dict
-    # what helpers.selection.with_setting loaded besides the snapshot: a post-hoc EMA length, a guide's U-Net
+    # what helpers.weights.with_setting loaded besides the snapshot: a post-hoc EMA length, a guide's U-Net
     ema_length: float = 0.0
     guide: str = ""
     guide_weight: float = 1.0

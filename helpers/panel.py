@@ -28,8 +28,9 @@ from .panel_controls import (AMBER, GREY, RED, BadSetting, as_text, guided_note,
                              setting_words, sigma_note, start_problems, token_note)
 from .sample import guided_steps, sample_images, sigma_range
 from .schedulers import schedulers_for
-from .selection import chosen_setting, weights_sha256, with_setting
+from .selection import chosen_setting
 from .setting import FINAL, NO_GUIDE, Setting
+from .weights import LoadedWeights, weights_sha256
 
 COMPARE_GUIDANCE = (1.0, 2.0, 3.0, 5.0)
 HISTORY_ROWS = 8  # earlier rows kept in the history strip, newest first
@@ -126,7 +127,7 @@ def make_panel(model, *, prompt: str = "", setting: Setting | None = None, guida
     cfg = cfg or model.cfg
     chosen, source = chosen_setting(cfg)
     holds = setting or chosen
-    # the EMA length and guide the model really holds (helpers.selection.with_setting records them on it)
+    # the EMA length and guide the model really holds (helpers.weights.with_setting records them on it)
     holds = holds.replace(ema_length=getattr(model, "ema_length", None), guide=getattr(model, "guide", None),
                           guide_weight=getattr(model, "guide_weight", None))
     problems = start_problems(prompt=prompt, guidance=guidance, steps=steps, scheduler=scheduler, seed=seed,
@@ -146,11 +147,6 @@ def source_note(cfg, source: str) -> str:
     """Where the chosen setting comes from, short: "chosen by 04's sweep (runs/demo/metrics.json)"."""
     where = f"runs/{cfg.run_name}/" + ("metrics.json" if "selection" in source else "config.json")
     return ("chosen by 04's sweep" if "selection" in source else "the run config's (no sweep yet)") + f" ({where})"
-
-
-def weights_key(s: Setting) -> tuple:
-    """What decides the U-Nets a setting samples with (the panel keeps one model per key)."""
-    return s.snapshot, s.ema_length, s.guide if s.autoguided else NO_GUIDE
 
 
 def distinct_snapshots(cfg, keep: tuple = ()) -> tuple[list[str], dict[str, str]]:
@@ -192,7 +188,7 @@ class Panel(_widgets().VBox):
                  problems: list[str]):
         self.model, self.cfg, self.n, self.chosen, self.holds = model, cfg, n, chosen, holds
         self.start_seed = start["seed"]  # what reset gives a prompt the test set does not hold
-        self.models = {weights_key(holds): model}  # weights_key -> model with those U-Nets
+        self.loaded = LoadedWeights(model, cfg, keep=CACHED_UNETS, holds=holds)  # the U-Nets loaded so far
         self.seconds_per_step = None  # of one row, measured on the last click
         self.cancel_event, self.thread = threading.Event(), None
         self.current, self.history = [], []  # (images, caption, setting) of the last click's rows, of earlier ones
@@ -215,7 +211,7 @@ class Panel(_widgets().VBox):
                  + (mark if name == chosen.snapshot else ""), name) for name in names]
 
     def models_snapshots(self) -> list[str]:
-        return list(dict.fromkeys(key[0] for key in self.models))
+        return list(dict.fromkeys(key[0] for key in self.loaded.models))
 
     def _controls(self, start: dict, holds: Setting) -> dict:
         w = _widgets()
@@ -455,15 +451,12 @@ class Panel(_widgets().VBox):
         return on_step
 
     def _model_for(self, s: Setting):
-        key = weights_key(s)
-        if key not in self.models:
-            self.status.value = f"loading {setting_words(s, 'snapshot')}, {setting_words(s, 'ema_length')}…"
-            loaded = [k for k in self.models if self.models[k] is not self.model]
-            if len(loaded) >= CACHED_UNETS:
-                del self.models[loaded[0]]
-            self.models[key] = with_setting(self.model, self.cfg, s)
-            self.status.value = "sampling…"
-        return self.models[key]
+        if s in self.loaded:
+            return self.loaded.for_setting(s)
+        self.status.value = f"loading {setting_words(s, 'snapshot')}, {setting_words(s, 'ema_length')}…"
+        model = self.loaded.for_setting(s)
+        self.status.value = "sampling…"
+        return model
 
     # ------------------------------------------------------------ showing
 

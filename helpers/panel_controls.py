@@ -106,7 +106,7 @@ def setting_words(s: Setting, field: str) -> str:
     if field == "snapshot":
         return s.snapshot
     if field == "ema_length":
-        return f"EMA σ_rel {s.ema_length:g}" if s.ema_length else "half-life EMA"
+        return f"EMA length {s.ema_length:g}" if s.ema_length else "half-life EMA"
     if field == "guidance":
         return "guidance 1 (no guidance)" if s.guidance == 1.0 else f"guidance {s.guidance:g}"
     if field == "steps":

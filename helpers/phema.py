@@ -164,7 +164,7 @@ def store_profiles(root: str | Path, step: int, images: int, profiles: dict, dty
 def store_state(root: str | Path, step: int, state: dict[str, torch.Tensor], sigma_rels=()) -> Path:
     """The store of step `step` written from a checkpoint's post-hoc EMA state (PowerEMA.state_dict): what a resume
     rewrites when the store itself was cut off (helpers.repair). `sigma_rels`: the lengths tracked (the config's
-    phema_sigma_rels), whose exact values the state's keys round to 3 decimals."""
+    phema_ema_lengths), whose exact values the state's keys round to 3 decimals."""
     exact = {key(s): float(s) for s in sigma_rels}
     profiles: dict[float, dict[str, torch.Tensor]] = {}
     for name, w in state.items():
@@ -290,7 +290,7 @@ def plan_rebuild(stored: list[StoredProfile], sigma_rel: float, step: int | None
     usable = [p for p in stored if p.step <= step]
     if not usable:
         raise ValueError(f"no stored post-hoc EMA profile at or before step {step} to reconstruct sigma_rel "
-                         f"{sigma_rel} from (train with phema_sigma_rels set, e.g. [0.05, 0.1])")
+                         f"{sigma_rel} from (train with phema_ema_lengths set, e.g. [0.05, 0.1])")
     last = max(usable, key=lambda p: p.step)
     target = last.images * step / last.step  # images seen at `step`, at the stored profiles' images per step
     x, error = posthoc_fit([p.images for p in usable], [p.sigma_rel for p in usable], target, sigma_rel)
@@ -310,12 +310,12 @@ def plan_rebuild(stored: list[StoredProfile], sigma_rel: float, step: int | None
 def stores_phema(cfg, done: int) -> bool:
     """Whether step `done` stores the profiles (helpers.phema.stores_at: with every snapshot, so each snapshot's own
     EMA lengths can be rebuilt exactly at its step, every phema_every steps besides, and at max_steps)."""
-    return bool(cfg.phema_sigma_rels) and stores_at(done, cfg.max_steps, cfg.snapshot_every, cfg.phema_every)
+    return bool(cfg.phema_ema_lengths) and stores_at(done, cfg.max_steps, cfg.snapshot_every, cfg.phema_every)
 
 
 def resume_phema(phema, unet, state: dict, images_seen: int, verbose: bool) -> None:
     """Restore the post-hoc EMA profiles from a checkpoint's state. A checkpoint without the lengths asked for
-    (written with phema off, or other phema_sigma_rels) restarts them from the resumed weights, as if the weights
+    (written with phema off, or other phema_ema_lengths) restarts them from the resumed weights, as if the weights
     had been these since step 0, and says so."""
     if phema is None:
         return

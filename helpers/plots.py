@@ -99,7 +99,7 @@ def _styles(rows: list[dict]) -> dict:
             continue
         parts = [s["snapshot"]]
         if len(lengths) > 1:
-            parts.append(f"EMA σ_rel {s.get('ema_length', 0.0):g}" if s.get("ema_length") else "half-life EMA")
+            parts.append(f"EMA length {s.get('ema_length', 0.0):g}" if s.get("ema_length") else "half-life EMA")
         parts.append(f"{s['steps']} steps")
         parts += [f"{k} {s[k]}" for k in others]
         colour = cmap(0.85 * snapshots.index(s["snapshot"]) / max(len(snapshots) - 1, 1))

@@ -33,7 +33,8 @@ from .images import load_image_tensor
 PROBE_VERSION = 1  # bump when the architecture, training or augmentation changes
 CLASSES: dict[str, tuple] = {"color": COLORS, "shape": SHAPES, "eyes": EYES, "extra": EXTRAS,
                              "action": tuple(ACTIONS)}
-GATED = ("color", "shape", "action")  # what the quality bar and the sanity test hold the probe to
+# what the quality bar and the sanity test hold the probe to, and what a judge's mean_accuracy averages
+GATED = ("color", "shape", "action")
 
 
 class ProbeNet(nn.Module):

@@ -21,7 +21,7 @@ import torch
 
 from .checkpoint import (checkpoint_config, checkpoint_name, checkpoint_step, list_checkpoints, load_checkpoint,
                          save_snapshot, snapshot_at)
-from .config import RunConfig
+from .config import RunConfig, renamed
 from .disk import NotEnoughDiskError, WriteSizes, gb, room_for
 from .layout import WEIGHTS_FILE
 from .phema import FILE_PREFIX, key, store_state, stores_at
@@ -61,8 +61,8 @@ SNAPSHOT, STORE = "snapshot", "post-hoc EMA store"
 def promised_config(cfg: RunConfig, checkpoint: Path) -> RunConfig:
     """What decided the writes up to `checkpoint`: its stored config's snapshot_every and post-hoc EMA settings (a
     resume may have changed them since), with this session's max_steps (a stored one may be a max_epochs rule)."""
-    saved = checkpoint_config(checkpoint) or {}
-    fields = ("snapshot_every", "phema_every", "phema_sigma_rels")
+    saved = renamed(checkpoint_config(checkpoint) or {})  # a checkpoint written before a field was renamed
+    fields = ("snapshot_every", "phema_every", "phema_ema_lengths")
     return cfg.replace(**{k: saved[k] for k in fields if k in saved})
 
 
@@ -73,9 +73,9 @@ def missing_writes(cfg: RunConfig, promised: RunConfig, upto: int) -> list[tuple
     for step in range(1, upto + 1):
         if snapshot_at(step, max_steps, every) and not (layout.unet_dir(checkpoint_name(step)) / WEIGHTS_FILE).exists():
             missing.append((SNAPSHOT, step))
-        if promised.phema_sigma_rels and stores_at(step, max_steps, every, promised.phema_every):
+        if promised.phema_ema_lengths and stores_at(step, max_steps, every, promised.phema_every):
             folder = layout.phema / checkpoint_name(step)
-            if not all((folder / f"{FILE_PREFIX}{key(s)}.safetensors").exists() for s in promised.phema_sigma_rels):
+            if not all((folder / f"{FILE_PREFIX}{key(s)}.safetensors").exists() for s in promised.phema_ema_lengths):
                 missing.append((STORE, step))
     return missing
 
@@ -88,7 +88,7 @@ def rewrite(cfg: RunConfig, promised: RunConfig, kind: str, step: int, ckpt: dic
     phema = ckpt["state"].get("phema")
     if phema is None:  # trained with post-hoc EMA off at that time
         return False
-    store_state(cfg.layout.phema, step, phema, promised.phema_sigma_rels)
+    store_state(cfg.layout.phema, step, phema, promised.phema_ema_lengths)
     return True
 
 
@@ -102,7 +102,7 @@ def ema_unet(unet, ema_state: dict):
 
 
 def check_room_for(cfg: RunConfig, unet, promised: RunConfig, writes: list[tuple[str, int]]) -> None:
-    sizes = WriteSizes.of(unet, len(promised.phema_sigma_rels))
+    sizes = WriteSizes.of(unet, len(promised.phema_ema_lengths))
     need = sum(sizes.snapshot if kind == SNAPSHOT else sizes.phema for kind, _ in writes)
     fits, free = room_for(cfg.run_dir, need)
     if not fits:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 
 from .checkpoint import checkpoint_step
+from .config import renamed
 
 # field -> why it cannot change under a trained checkpoint
 SHAPE_FIELDS = {
@@ -45,11 +46,13 @@ def config_changes(saved: dict, current: dict) -> dict[str, tuple]:
 def check_resume(checkpoint, saved: dict | None, cfg, verbose: bool = True) -> dict[str, tuple]:
     """Refuse a resume that changes a SHAPE_FIELDS setting; return (and, if verbose, print) the allowed changes.
 
-    `saved`: the checkpoint's config (helpers.checkpoint.checkpoint_config), None for old checkpoints."""
+    `saved`: the checkpoint's config (helpers.checkpoint.checkpoint_config), None for old checkpoints; a field
+    renamed since it was written is compared under its current name (helpers.config.RENAMED)."""
     if saved is None:
         if verbose:
             print(f"{checkpoint}: written before checkpoints stored their config; cannot tell what changed since")
         return {}
+    saved = renamed(saved)
     current = json.loads(cfg.to_json())
     changes = config_changes(saved, current)
     refused = {k: v for k, v in changes.items() if k in SHAPE_FIELDS and k in saved}

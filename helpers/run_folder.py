@@ -7,7 +7,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from .config import RunConfig, check_fields, field_problem, profile_config, resolve_path
+from .config import RunConfig, check_fields, field_problem, profile_config, renamed, resolve_path
 from .files import atomic_write_text, read_json
 
 
@@ -17,7 +17,7 @@ def load_config(path: str | Path) -> RunConfig:
         path = path / "config.json"
     if not path.exists():
         raise FileNotFoundError(f"No run config at {path}: run notebooks/01_data.ipynb for this run first")
-    values = read_json(path)
+    values = renamed(read_json(path))  # a config.json written before a field was renamed loads as it is
     check_fields(values)
     return _where_it_is(RunConfig(**values).validate(), path.parent)
 

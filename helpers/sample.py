@@ -147,8 +147,8 @@ def sample_images(model, prompts, seeds, setting: Setting, *, batch_size: int = 
                   on_step: Callable[[int, int], None] | None = None) -> torch.Tensor:
     """[B, 3, H, W] images in [-1, 1] (on the CPU) for `prompts`, one seed each, decoded by the autoencoder.
 
-    `model` must already hold the U-Net of setting.snapshot (helpers.selection.with_setting), and of its ema_length
-    and guide (helpers.selection.with_setting: checked here).
+    `model` must already hold the U-Net of setting.snapshot (helpers.weights.with_setting), and of its ema_length
+    and guide (helpers.weights.with_setting: checked here).
     `on_step(done, total)` is called after each denoising step of each batch of `batch_size` prompts.
     """
     prompts, seeds = list(prompts), [int(s) for s in seeds]
@@ -210,7 +210,7 @@ def check_holds(model, setting: Setting) -> None:
     if ema_length != setting.ema_length or (setting.autoguided and guide != setting.guide):
         raise ValueError(f"the model holds EMA length {ema_length:g} and guide {guide or 'none'!r}; the setting "
                          f"asks for {setting.ema_length:g} and {setting.guide if setting.autoguided else 'none'!r}: "
-                         f"load it with helpers.selection.with_setting(model, cfg, setting)")
+                         f"load it with helpers.weights.with_setting(model, cfg, setting)")
 
 
 def to_output_pils(images: torch.Tensor, size: int = 256) -> list[Image.Image]:

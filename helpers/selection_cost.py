@@ -166,7 +166,7 @@ def run_flop_report(cfg: RunConfig, model, settings=None, n_judged: int | None =
     `n_judged` prompts; None: the config's), its U-Net measured by torch's FLOP counter, and the SD VAE's decode
     (nothing for pixel-space profiles)."""
     from .data import load_prompts
-    from .selection import snapshot_step
+    from .weights import snapshot_step
     from .unet import forward_gflops
 
     names = cfg.layout.snapshot_names()

@@ -34,7 +34,8 @@ class Setting:
     # U-Net of snapshot `guide` ("" = none) with weight guide_weight (1 = off); helpers.sample states the formula
     guide: str = NO_GUIDE
     guide_weight: float = 1.0
-    # sigma_rel of a post-hoc EMA of the snapshot reconstructed from the stored profiles (helpers.phema; EDM2),
+    # the EMA length (EDM2's sigma_rel) of a post-hoc EMA of the snapshot reconstructed from the stored profiles
+    # (helpers.phema),
     # 0 = the snapshot's own half-life EMA
     ema_length: float = 0.0
 
@@ -54,7 +55,7 @@ class Setting:
         lo_hi = self.guidance_interval
         where = f"guided for σ∈({lo_hi[0]:g}, {lo_hi[1]:g}]" if lo_hi else "guided every step"
         rescale = f", rescale {self.guidance_rescale:g}" if self.guidance_rescale else ""
-        ema = f" (EMA σ_rel {self.ema_length:g})" if self.ema_length else ""
+        ema = f" (EMA length {self.ema_length:g})" if self.ema_length else ""
         guide = f", autoguided by {self.guide} × {self.guide_weight:g}" if self.autoguided else ""
         return (f"{self.snapshot}{ema}, guidance {self.guidance:g}{rescale}{guide}, {self.steps} {self.scheduler} "
                 f"steps, {where}")

@@ -246,7 +246,11 @@ def save_reference(folder: Path, context: dict, kind: str, reference: dict) -> N
 
 
 def cell_id(setting: Setting, weights: str, context: dict) -> str:
-    return hashlib.sha256(json.dumps([setting.to_dict(), weights, context], sort_keys=True).encode()).hexdigest()[:20]
+    """The name of a cell's records file: the hash of its key (helpers.selection.cell_key)."""
+    from .selection import cell_key
+
+    key = cell_key({"setting": setting.to_dict(), "weights": weights, "context": context})
+    return hashlib.sha256(key.encode()).hexdigest()[:20]
 
 
 # ---------------------------------------------------------------- the sweep
@@ -254,15 +258,18 @@ def cell_id(setting: Setting, weights: str, context: dict) -> str:
 
 def staged_sweep(model, cfg: RunConfig, judge, settings: list[Setting], prompts: list[str], seeds: list[int], *,
                  batch_size: int, stage_prompts: list[int] | None = None, keep: float | None = None,
-                 budget_hours: float | None = None, progress: bool = True, folder=None) -> tuple[list[dict], dict]:
+                 budget_hours: float | None = None, progress: bool = True, folder=None,
+                 loaded=None) -> tuple[list[dict], dict]:
     """(rows of the finalists judged on every prompt, the stage record written to selection/stages.json).
 
     `judge` needs `per_prompt(images, positions)`, `reference`, `kind` and `key` (helpers.judges). Every process of
     an `accelerate launch` calls this: each samples its share of every cell's missing prompts (helpers.shards) and
-    the main process writes the records. `folder`: where the per-cell records go (default selection/staged)."""
+    the main process writes the records. `folder`: where the per-cell records go (default selection/staged).
+    `loaded`: the cache of loaded U-Nets to use (helpers.weights.LoadedWeights on `model`; default a new one)."""
     from .files import atomic_write_json
-    from .selection import append_cell, read_cells, setting_weights_id
+    from .selection import append_cell, cell_key, read_cells
     from .shards import Shards
+    from .weights import LoadedWeights, setting_weights_id
 
     shards = Shards.current()
     stage_prompts = cfg.sweep_stage_prompts if stage_prompts is None else stage_prompts
@@ -279,7 +286,7 @@ def staged_sweep(model, cfg: RunConfig, judge, settings: list[Setting], prompts:
     order = prompt_order(n, cfg.seed)
     plan = make_plan(settings, n, cfg.replace(sweep_stage_prompts=stage_prompts, sweep_keep=keep),
                      model.scheduler_config)
-    loaded = _Loaded(model, cfg)
+    loaded = loaded if loaded is not None else LoadedWeights(model, cfg)
 
     # the cost, measured on the first-stage images of the first cell that lacks them (which the sweep needs anyway),
     # or read back from the interrupted sweep's stages.json
@@ -317,13 +324,12 @@ def staged_sweep(model, cfg: RunConfig, judge, settings: list[Setting], prompts:
         if shards.is_main:
             atomic_write_json(cfg.layout.selection / "stages.json", summary)
 
-    done = {json.dumps([r["setting"], r["weights"], r["context"]], sort_keys=True)
-            for r in read_cells(cfg.layout.cells)}
+    done = {cell_key(r) for r in read_cells(cfg.layout.cells)}
     rows = []
     for s in alive:
         row = {"setting": s.to_dict(), "weights": weights[s], "context": context,
                **scores_from(kind, reference, records[s].arrays)}
-        if shards.is_main and json.dumps([row["setting"], row["weights"], context], sort_keys=True) not in done:
+        if shards.is_main and cell_key(row) not in done:
             append_cell(cfg.layout.cells, row)
         rows.append(row)
     shards.barrier()
@@ -359,21 +365,7 @@ def _earlier_measurement(path: Path, context: dict) -> float | None:
     return None
 
 
-class _Loaded:
-    """The model holding one setting's weights; consecutive cells with the same weights load them once."""
-
-    def __init__(self, model, cfg: RunConfig):
-        self.model, self.cfg, self.key, self.current = model, cfg, None, None
-
-    def for_setting(self, s: Setting):
-        from .selection import _weights_key, with_setting
-
-        if _weights_key(s) != self.key:
-            self.key, self.current = _weights_key(s), with_setting(self.model, self.cfg, s)
-        return self.current
-
-
-def _fill(loaded: _Loaded, s: Setting, records: CellRecords, positions, prompts, seeds, judge, batch_size,
+def _fill(loaded, s: Setting, records: CellRecords, positions, prompts, seeds, judge, batch_size,
           shards) -> int:
     """Sample and judge the prompts at `positions` the cell lacks; returns how many were new."""
     todo = records.missing(positions)

@@ -20,7 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .estimators import PROBE_ATTRIBUTES, PROBE_GATED, scores_from
+from .estimators import PROBE_ATTRIBUTES, scores_from
+from .probe import GATED
 from .staged import context_id, prompt_order
 
 BOOTSTRAP = 200  # resamples per cell
@@ -168,7 +169,7 @@ def bootstrap_sd(kind: str, reference: dict, arrays: dict, positions, resamples:
             rows = positions[pick]
             hits = np.asarray(arrays["correct"], np.float64)[rows]
             values["mean_accuracy"].append(float(np.mean([hits[:, PROBE_ATTRIBUTES.index(a)].mean()
-                                                          for a in PROBE_GATED])))
+                                                          for a in GATED])))
             values["frechet_distance"].append(max(frechet_of_rows(np.asarray(arrays["features"])[rows],
                                                                   np.asarray(reference["real_features"])[rows]), 0.0))
     return {k: float(np.std(v, ddof=1)) for k, v in values.items() if len(v) > 1}

@@ -14,7 +14,7 @@ from .selection import lookup, sweep_table
 CHOSEN_BACKGROUND = "#fff1b8"
 # short column names, so that the sweep table fits a laptop window
 SHORT = {"frechet_distance": "FD", "mean_accuracy": "mean acc.", "clip_t": "CLIP-T", "fid": "FID",
-         "guidance": "guidance", "steps": "steps", "ema_length": "EMA σ_rel", "guidance_interval": "guided σ",
+         "guidance": "guidance", "steps": "steps", "ema_length": "EMA length", "guidance_interval": "guided σ",
          "guidance_rescale": "rescale", "guide": "guide", "guide_weight": "guide ×", "scheduler": "scheduler"}
 _CELL = "padding:1px 8px;white-space:nowrap;text-align:right"
 _TABLE = 'style="border-collapse:collapse;font-size:12px;font-variant-numeric:tabular-nums"'

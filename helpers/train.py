@@ -250,7 +250,7 @@ def set_up(cfg: RunConfig, accelerator, resume: bool, began: float) -> Run:
     if cfg.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     ema = EMA(unet, cfg.ema_halflife_images, cfg.ema_rampup)
-    phema = PowerEMA(unet, cfg.phema_sigma_rels) if cfg.phema_sigma_rels else None  # post-hoc EMA profiles
+    phema = PowerEMA(unet, cfg.phema_ema_lengths) if cfg.phema_ema_lengths else None  # post-hoc EMA profiles
     objective = training_objective(cfg, device)
     optimizer, lr_schedule = make_optimizer(cfg, unet, device)
     ddp_unet, optimizer = accelerator.prepare(unet, optimizer)

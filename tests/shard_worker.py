@@ -7,7 +7,7 @@ import torch
 from helpers.data import load_prompts
 from helpers.model import load_model
 from helpers.run_folder import open_run
-from helpers.selection import setting_weights_id
+from helpers.weights import setting_weights_id
 from helpers.setting import Setting
 from helpers.shards import Shards
 from helpers.submission import write_test_set

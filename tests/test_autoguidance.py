@@ -114,7 +114,7 @@ def test_one_extra_unet_call_per_step_only_while_the_guide_is_active(nets, g, w,
 
 def test_setting_names_and_checks_its_ema_length_and_guide():
     s = Setting(snapshot="step-000004", guidance=2, guide="step-000002", guide_weight=2, ema_length=0.07)
-    assert "step-000004 (EMA σ_rel 0.07)" in s.label() and "autoguided by step-000002 × 2" in s.label()
+    assert "step-000004 (EMA length 0.07)" in s.label() and "autoguided by step-000002 × 2" in s.label()
     assert Setting.from_dict(s.to_dict()) == s and s.autoguided
     assert not Setting(guide="step-000002").autoguided and not Setting(guide_weight=3.0).autoguided
     problems = " ".join(Setting(ema_length=0.5, guide_weight=float("nan"), guide=3).problems())
@@ -167,7 +167,7 @@ def test_with_setting_loads_the_rebuilt_ema_and_the_guide(run, capsys):
 
     from helpers.model import load_model
     from helpers.sample import sample_images
-    from helpers.selection import setting_weights_id, with_setting
+    from helpers.weights import setting_weights_id, with_setting
 
     model = load_model(run)
     s = Setting(snapshot="step-000004", guidance=2.0, steps=2, scheduler="ddim", ema_length=0.05,
@@ -183,11 +183,11 @@ def test_with_setting_loads_the_rebuilt_ema_and_the_guide(run, capsys):
     assert all(torch.equal(dict(loaded.guide_unet.named_parameters())[k].detach(), v) for k, v in guide.items())
     images = sample_images(loaded, ["a monster number 1."], [3], s, batch_size=1)
     assert images.shape[0] == 1 and images.isfinite().all()
-    with pytest.raises(ValueError, match="load it with helpers.selection.with_setting"):
+    with pytest.raises(ValueError, match="load it with helpers.weights.with_setting"):
         sample_images(model, ["a monster number 1."], [3], s)  # a model loaded for another setting
     from diffusers import UNet2DConditionModel
 
-    from helpers.selection import setting_unet_folder
+    from helpers.weights import setting_unet_folder
 
     folder = setting_unet_folder(run, s)  # what a hand-in would pack as its U-Net
     saved = dict(UNet2DConditionModel.from_pretrained(folder).named_parameters())
@@ -199,11 +199,12 @@ def test_with_setting_loads_the_rebuilt_ema_and_the_guide(run, capsys):
 
 def test_sweep_over_ema_lengths_and_guides_loads_each_weight_set_once(run, monkeypatch, capsys):
     import helpers.selection as selection
+    import helpers.weights as weights
     from helpers.model import load_model
 
     loads = []
-    real = selection.with_setting
-    monkeypatch.setattr(selection, "with_setting", lambda m, c, s: loads.append(s) or real(m, c, s))
+    real = weights.with_setting
+    monkeypatch.setattr(weights, "with_setting", lambda m, c, s: loads.append(s) or real(m, c, s))
     axes = selection.sweep_axes(run, snapshots=["step-000004"], guidances=[2.0], steps_list=[2],
                                 ema_lengths=[0.0, 0.07], guides=["", "step-000002"], guide_weights=[2.0])
     settings = selection.sweep_settings(Setting(scheduler="ddim"), **axes)

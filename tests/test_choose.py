@@ -120,7 +120,7 @@ def test_an_interrupted_test_set_leaves_one_story_and_05_refuses_the_earlier_set
 def test_handing_in_again_keeps_a_zip_that_already_holds_exactly_this(fresh, model, prompts, tmp_path):
     from helpers.handin import hand_in
     from helpers.results import results_manifest
-    from helpers.selection import setting_weights_id
+    from helpers.weights import setting_weights_id
 
     choose_and_write(fresh, model, prompts, select=False, overrides=GOOD.to_dict(), progress=False)
     want = results_manifest(GOOD, setting_weights_id(fresh, GOOD), prompts, seed=fresh.seed, size=fresh.output_size)

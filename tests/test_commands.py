@@ -359,7 +359,7 @@ def test_the_estimate_is_an_upper_bound_within_10_percent_of_what_a_run_writes(t
 
     cfg = make_run(tmp_path, course_dir, max_steps=2, checkpoint_every=2, snapshot_every=0)
     train(cfg, progress=False)
-    sizes = WriteSizes.of(unet_for_cache(cfg, load_cache(cfg)), len(cfg.phema_sigma_rels))  # post-hoc EMA on
+    sizes = WriteSizes.of(unet_for_cache(cfg, load_cache(cfg)), len(cfg.phema_ema_lengths))  # post-hoc EMA on
     written = dict(checkpoint=cfg.run_dir / "checkpoints" / "step-000002",
                    snapshot=cfg.run_dir / "snapshots" / "step-000002", model=cfg.run_dir / "model",
                    phema=cfg.run_dir / "phema" / "step-000002")
@@ -383,7 +383,7 @@ def test_a_run_that_cannot_fit_is_refused_before_step_1_with_settings_that_fit(t
     from helpers.step import unet_for_cache
 
     cfg = make_run(tmp_path, course_dir, max_steps=8, snapshot_every=1, checkpoint_every=4)
-    sizes = WriteSizes.of(unet_for_cache(cfg, load_cache(cfg)), len(cfg.phema_sigma_rels))  # post-hoc EMA stores
+    sizes = WriteSizes.of(unet_for_cache(cfg, load_cache(cfg)), len(cfg.phema_ema_lengths))  # post-hoc EMA stores
     free = RESERVE_BYTES + 2 * sizes.checkpoint + sizes.model + 3 * (sizes.snapshot + sizes.phema)  # 3, not 8
     fake_free(monkeypatch, lambda path: free)
     before = files_under(cfg.run_dir)

@@ -47,6 +47,25 @@ def test_open_run_saves_then_applies_overrides(tmp_path):
         open_run("r1", "demo", outputs_dir=str(tmp_path))
 
 
+def test_a_config_json_written_before_a_field_was_renamed_still_loads(tmp_path, capsys):
+    from helpers.resume import check_resume
+
+    cfg = open_run("old", "tiny", outputs_dir=str(tmp_path), create=True)
+    stored = json.loads(cfg.to_json())
+    stored["phema_sigma_rels"] = stored.pop("phema_ema_lengths")[:1]  # as a run of before the rename wrote it
+    cfg.layout.config.write_text(json.dumps(stored))
+    loaded = load_config(cfg.run_dir)
+    assert loaded.phema_ema_lengths == cfg.phema_ema_lengths[:1] and "phema_sigma_rels" not in loaded.to_json()
+    assert open_run("old", None, outputs_dir=str(tmp_path)).phema_ema_lengths == cfg.phema_ema_lengths[:1]
+    assert "phema_ema_lengths" in json.loads(cfg.layout.config.read_text())  # saved back under the new name
+    # a checkpoint's config of before the rename: the same lengths are no change, other ones are the field's
+    assert check_resume("step-000002", stored, loaded) == {}
+    changed = check_resume("step-000002", stored, loaded.replace(phema_ema_lengths=[0.1]))
+    assert changed == {"phema_ema_lengths": (cfg.phema_ema_lengths[:1], [0.1])}
+    with pytest.raises(ValueError, match=r"'phema_sigma_rels' \(did you mean 'phema_ema_lengths'\?\)"):
+        profile_config("tiny", phema_sigma_rels=[0.05])  # a new value is set under the new name
+
+
 def test_malformed_config_json_names_line_and_column(tmp_path):
     (tmp_path / "config.json").write_text('{"lr": 1e-3,\n  "batch_size": }')
     with pytest.raises(ValueError, match=r"config.json: malformed JSON at line 2, column"):

@@ -133,7 +133,8 @@ def test_a_flow_run_resumes_exactly_and_goes_through_post_hoc_ema_autoguidance_s
     from helpers.model import load_model
     from helpers.panel import make_panel
     from helpers.sample import sample_images
-    from helpers.selection import sweep_settings, with_setting
+    from helpers.selection import sweep_settings
+    from helpers.weights import with_setting
     from helpers.staged import staged_sweep
     from helpers.train import train
     from helpers.trainlog import read_log

@@ -27,7 +27,7 @@ GOOD = Setting("step-000004", 1.0, 2, "ddim")
 def write_run_test_set(cfg, model, prompts, setting):
     """(stats, weights id) of the run's test set of `setting`, written as 04 writes it (no sweep, every field set)."""
     from helpers.choose import choose_and_write
-    from helpers.selection import setting_weights_id
+    from helpers.weights import setting_weights_id
 
     outcome = choose_and_write(cfg, model, prompts, select=False, overrides=setting.to_dict())
     return outcome.written, setting_weights_id(cfg, outcome.setting)
@@ -223,7 +223,7 @@ def test_a_run_that_does_not_exist_is_named_and_not_created(tmp_path):
 @pytest.mark.parametrize("role", ["snapshot", "guide"])
 def test_a_truncated_weights_file_is_named_as_truncated(run, tmp_path, role):
     from helpers.layout import WEIGHTS_FILE
-    from helpers.selection import setting_unet
+    from helpers.weights import setting_unet
 
     cfg = open_run("cut", "tiny", outputs_dir=str(tmp_path))
     shutil.copytree(run.layout.snapshots, cfg.layout.snapshots)

@@ -253,12 +253,12 @@ def test_the_snapshot_picker(model, recorder, tmp_path):
     assert recorder.calls[-1]["guidance"] == 2.0
     assert re.fullmatch(r"\(empty prompt\) · chosen setting( · guided at \d of 3 steps)? · seeds 0…3",
                         captions(p.rows.value)[0])
-    assert p.models[("step-000002", 0.0, "")].unet is not model.unet  # loaded from its folder, once
+    assert p.loaded.models[("step-000002", 0.0, "")].unet is not model.unet  # loaded from its folder, once
     p.c["all_snapshots"].value = True
     assert p.c["snapshot"].disabled  # every snapshot: the list does nothing, and looks it
     click(p)
     assert [c.split(" · ")[1] for c in captions(p.rows.value)] == ["chosen setting", "chosen setting but step-000004"]
-    assert p.models[("step-000004", 0.0, "")] is run_model
+    assert p.loaded.models[("step-000004", 0.0, "")] is run_model
     p.c["guidance"].value = "1, 3"
     click(p)  # two fields vary: a grid, snapshots down, guidance across, both axes labelled
     assert len(recorder.calls) == 7 and len(captions(p.rows.value)) == 4

@@ -16,11 +16,11 @@ from helpers.model import TextToImage, noise_scheduler
 from helpers.panel import make_panel
 from helpers.phema import PowerEMA
 from helpers.sample import to_output_pils
-from helpers.selection import setting_weights_id, with_setting
 from helpers.setting import FINAL, Setting
 from helpers.submission import write_test_set
 from helpers.text import load_text_encoder
 from helpers.unet import build_unet
+from helpers.weights import setting_weights_id, with_setting
 
 CHOSEN = Setting("step-000004", 2.0, 3, "ddim", (0.3, 5.0), 0.25, guide="step-000002", guide_weight=1.5,
                  ema_length=0.05)

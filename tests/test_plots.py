@@ -56,7 +56,7 @@ def test_the_y_axis_is_the_score_that_still_discriminates_and_each_series_is_one
     series = [line for line in full.lines if line.get_label() != "chosen"]
     assert len(series) == 4 and all(len(line.get_xdata()) == 3 for line in series)  # never σ_rel 0 and 0.05 joined
     assert {line.get_label() for line in series} == {
-        f"{s}, {e}, 10 steps" for s in ("step-000300", "step-000900") for e in ("half-life EMA", "EMA σ_rel 0.05")}
+        f"{s}, {e}, 10 steps" for s in ("step-000300", "step-000900") for e in ("half-life EMA", "EMA length 0.05")}
     assert all(t.get_fontsize() >= 10 for t in close.texts)
 
 

@@ -138,7 +138,8 @@ def test_sigkill_inside_the_last_post_hoc_ema_store_then_the_command_line_resume
 
 def test_snapshots_not_on_the_phema_grid_rebuild_from_their_own_store_and_the_sweep_drops_what_cannot(
         tmp_path, course_dir, capsys):
-    from helpers.selection import setting_unet, sweep_axes
+    from helpers.selection import sweep_axes
+    from helpers.weights import setting_unet
 
     cfg = make_run(tmp_path, course_dir, max_steps=4, snapshot_every=3, phema_every=2, checkpoint_every=4)
     train(cfg, progress=False)

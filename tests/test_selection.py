@@ -248,9 +248,26 @@ def test_04_and_05_offline_on_course_data_report_every_skipped_metric(run, tmp_p
 
 def test_a_pretrained_pipeline_run_is_one_model_without_snapshots(tmp_path):
     from helpers.config import profile_config
-    from helpers.selection import weights_id, with_setting
+    from helpers.weights import weights_id, with_setting
 
     cfg = profile_config("sd-baseline", outputs_dir=str(tmp_path), pipeline="some/sd-model")
     pipeline = object()
     assert cfg.layout.snapshot_names() == [] and with_setting(pipeline, cfg, Setting(snapshot=FINAL)) is pipeline
     assert weights_id(cfg, FINAL) == "pretrained:some/sd-model" and sweep_axes(cfg)["snapshot"] == [FINAL]
+
+
+def test_the_cache_of_loaded_unets_keeps_the_last_ones_and_never_drops_the_given_model(monkeypatch):
+    import helpers.weights as weights
+
+    loads = []
+    monkeypatch.setattr(weights, "with_setting", lambda m, c, s: loads.append(s.snapshot) or object())
+    given = object()
+    cache = weights.LoadedWeights(given, None, keep=2, holds=Setting(snapshot="a"))
+    assert cache.for_setting(Setting(snapshot="a", guidance=7.0)) is given and loads == []
+    b = cache.for_setting(Setting(snapshot="b"))
+    assert cache.for_setting(Setting(snapshot="b", steps=3)) is b  # other fields: the same U-Nets
+    assert Setting(snapshot="b", guide="a", guide_weight=1.0) in cache  # a guide at weight 1 is no guide
+    cache.for_setting(Setting(snapshot="c"))
+    cache.for_setting(Setting(snapshot="d"))
+    assert loads == ["b", "c", "d"]
+    assert list(cache.models) == [weights.weights_key(Setting(snapshot=x)) for x in "acd"]  # the oldest went first

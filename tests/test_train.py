@@ -107,10 +107,10 @@ def test_resume_is_exact(tmp_path, course_dir):
 def test_post_hoc_ema_profiles_are_stored_and_reconstruct(tmp_path, course_dir, capsys):
     from helpers.phema import plan_rebuild, stored_profiles
 
-    cfg = make_run(tmp_path, course_dir, max_steps=4, snapshot_every=2, checkpoint_every=2, phema_sigma_rels=[])
+    cfg = make_run(tmp_path, course_dir, max_steps=4, snapshot_every=2, checkpoint_every=2, phema_ema_lengths=[])
     train(cfg, progress=False, stop_at=2)
     assert not (cfg.run_dir / "phema").exists()  # [] = off
-    train(cfg.replace(phema_sigma_rels=[0.05, 0.1]), progress=False)
+    train(cfg.replace(phema_ema_lengths=[0.05, 0.1]), progress=False)
     assert "Post-hoc EMA profiles [0.05, 0.1] start at this step (the checkpoint has none)" in capsys.readouterr().out
     stored = stored_profiles(cfg.run_dir / "phema")
     assert [(p.step, p.images, p.sigma_rel) for p in stored] == [(4, 32, 0.05), (4, 32, 0.1)]
@@ -257,7 +257,7 @@ def test_a_resume_is_one_call_to_the_runs_saved_state(tmp_path, course_dir):
     io = CheckpointIO.open(cfg, accelerator, resume=True)
     assert io.found[0].name == "step-000004" and io.saved_config["max_steps"] == 6
     unet = unet_for_cache(cfg, load_cache(cfg))
-    ema, phema = EMA(unet, cfg.ema_halflife_images, cfg.ema_rampup), PowerEMA(unet, cfg.phema_sigma_rels)
+    ema, phema = EMA(unet, cfg.ema_halflife_images, cfg.ema_rampup), PowerEMA(unet, cfg.phema_ema_lengths)
     optimizer, lr_schedule = make_optimizer(cfg, unet, torch.device("cpu"))
     io.attach(unet, ema, phema, optimizer, lr_schedule, cfg.batch_size)
     assert io.load_latest() == (4, 4 * cfg.batch_size)  # step and data position
