@@ -36,10 +36,6 @@ class Precision:
     def dtype(self) -> torch.dtype | None:
         return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.mode)
 
-    @property
-    def loss_scaling(self) -> bool:
-        return self.mode == "fp16"  # bf16 has fp32's exponent range: its gradients do not underflow
-
     def autocast(self, device):
         """The autocast of this precision on `device` (a no-op for "no")."""
         device = torch.device(device)

@@ -179,5 +179,10 @@ def run_flop_report(cfg: RunConfig, model, settings=None, n_judged: int | None =
                        n_judged=n_judged, stage_prompts=stage_prompts)
 
 
-if __name__ == "__main__":
+def main() -> None:
+    """`python -m helpers.selection_cost`: the hw6 selection and test set against training, in FLOP."""
     print(hw6_flop_report())
+
+
+if __name__ == "__main__":
+    main()

@@ -22,7 +22,6 @@ def test_auto_picks_what_the_card_computes_natively(monkeypatch, cc, mode, words
     monkeypatch.setattr(precision, "capability", lambda device: cc)
     chosen = decide("auto", "cuda")
     assert chosen.mode == mode and words in chosen.reason and f"sm_{cc[0]}{cc[1]}" in chosen.reason
-    assert chosen.loss_scaling == (mode == "fp16")
 
 
 @pytest.mark.parametrize("native", ["AMX", "AVX512-BF16", None])
@@ -46,7 +45,7 @@ def test_explicit_values_are_honoured_or_explained_on_any_cpu_for_both_uses(monk
 def test_auto_on_a_cpu_with_native_bf16_samples_in_bf16_and_trains_in_fp32(monkeypatch, native):
     monkeypatch.setattr(precision, "cpu_native_bf16", lambda: native)
     sampling, training = decide("auto", "cpu", use="sample"), decide("auto", "cpu", use="train")
-    assert sampling.mode == "bf16" and sampling.dtype == torch.bfloat16 and not sampling.loss_scaling
+    assert sampling.mode == "bf16" and sampling.dtype == torch.bfloat16
     assert f"natively ({native}" in sampling.reason and "training stays fp32" in sampling.reason
     assert training.mode == "no" and training.dtype is None
     assert "0.74x" in training.reason and native in training.reason
