@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def run_preset(preset: str, outputs_dir: Path, hours: float, extra: dict) -> dict:
-    from helpers.config import load_config
+    from helpers.run_folder import load_config
     from helpers.runs import run_pipeline
 
     name = f"budget-{preset}"

@@ -8,7 +8,7 @@
   runs slower than the run's (a CPU speeds up over its first tens of steps), and until warm-up ends the learning rate
   does not depend on the total. The warm-up keeps its length; the cosine decay follows the new total.
 - `budget.json` in the run folder keeps the plan, its correction and each session's training seconds. 04 gives the
-  staged sweep what the plan reserved for it, less what training ran over (`sweep_budget_hours`).
+  staged sweep what the whole budget leaves after training as it went and the rest of 04 (`sweep_budget_hours`).
 """
 from __future__ import annotations
 
@@ -214,6 +214,21 @@ def png_seconds(size: int) -> float:
     return perf_counter() - start
 
 
+def start_seconds(cfg: RunConfig, device) -> float:
+    """Loading the frozen parts 04 samples with (text encoder, autoencoder): timed here, once, then let go."""
+    from .hub import WeightsUnavailableError
+    from .model import load_frozen_parts
+
+    start = perf_counter()
+    try:
+        parts = load_frozen_parts(cfg, device)
+    except WeightsUnavailableError:  # not here (a cache made elsewhere): 04 will say so; training goes on
+        return 0.0
+    seconds = perf_counter() - start
+    del parts
+    return seconds
+
+
 def judge_seconds(cfg: RunConfig) -> float:
     """The demo judge's set-up: training its probe (helpers.probe, cached per dataset and settings); 0 where the
     data has no attributes (the course judge loads pretrained weights: seconds, not counted)."""
@@ -228,7 +243,8 @@ def judge_seconds(cfg: RunConfig) -> float:
 def after_training(cfg: RunConfig, cache, unet, device):
     """plan_budget's reserve for a run of `cfg` on `cache`: n_snapshots -> (seconds, one line, parts) that 04 will
     take: the staged sweep (at its average cost per image), the test set, the grids at 04's defaults (timed at their
-    small batch), loading each candidate's weights, and the demo's probe, at speeds measured here."""
+    small batch), loading the frozen parts and each candidate's weights, and the demo's probe, at speeds measured
+    here."""
     from .data import load_prompts
     from .selection_cost import sd_vae_decode_gflop, selection_cost, unet_gflop
 
@@ -241,7 +257,7 @@ def after_training(cfg: RunConfig, cache, unet, device):
     per_eval_grid = sampling_seconds_per_eval(cfg, unet, cache, device, GRID_PROMPTS)
     gflop = unet_gflop(cfg, c, size, cache.embeddings.shape[-1])
     decode = (sd_vae_decode_gflop(size) / gflop if cfg.autoencoder != "identity" else 0.0)  # in U-Net evaluations
-    per_png, probe = png_seconds(cfg.output_size), judge_seconds(cfg)
+    per_png, probe, start = png_seconds(cfg.output_size), judge_seconds(cfg), start_seconds(cfg, device)
     param_bytes = sum(p.numel() * 4 for p in unet.parameters())
 
     def reserve(n_snapshots: int) -> tuple[float, str, dict]:
@@ -250,7 +266,7 @@ def after_training(cfg: RunConfig, cache, unet, device):
         parts = dict(
             sweep=(cost.selection_unet_evals + cost.selection_images * decode) * per_eval,
             test_set=(cost.test_unet_evals + cost.test_images * decode) * per_eval + cost.test_images * per_png,
-            grids=grid_unet_evals(cfg) * per_eval_grid, loads=weights * 3 * param_bytes / DISK_BYTES_PER_S,
+            grids=grid_unet_evals(cfg) * per_eval_grid, loads=weights * 3 * param_bytes / DISK_BYTES_PER_S + start,
             judge=probe)
         total = sum(parts.values())
         return total, (f"04 ≈ {duration(total)}: selection {duration(parts['sweep'])} ({len(cost.plan.settings)} "
@@ -353,16 +369,17 @@ def record_session(cfg: RunConfig, first: int, last: int, seconds: float) -> Non
 
 
 def sweep_budget_hours(cfg: RunConfig) -> tuple[float, str]:
-    """(hours for 04's staged sweep, why): select_budget_hours when set; else, for a budgeted run, what its plan
-    reserved for the sweep less what training ran over the plan (0: no limit)."""
+    """(hours for 04's staged sweep, why): select_budget_hours when set; else, for a budgeted run, what the whole
+    job's budget leaves for it after training as it went and the rest of 04 as planned (0: no limit)."""
     if cfg.select_budget_hours > 0:
         return cfg.select_budget_hours, f"select_budget_hours={cfg.select_budget_hours:g}"
     record = read_record(cfg)
     if not record.get("parts"):
         return 0.0, ""
     trained = sum(s["seconds"] for s in record.get("sessions", []))
-    over = max(0.0, trained - record["seconds"])
-    left = max(record["parts"]["sweep"] - over, 1.0)
-    return left / 3600, (f"time_budget_hours={record['time_budget_hours']:g}: the plan reserved "
-                         f"{duration(record['parts']['sweep'])} for the sweep; training took {duration(trained)} "
-                         f"against {duration(record['seconds'])} planned, so the sweep gets {duration(left)}")
+    rest = record["after_training_s"] - record["parts"]["sweep"]
+    left = max(record["time_budget_hours"] * 3600 * (1 - BUDGET_MARGIN) - trained - rest, 1.0)
+    fits = "it fits" if left >= record["parts"]["sweep"] else "cells are dropped to fit"
+    return left / 3600, (f"time_budget_hours={record['time_budget_hours']:g}: training took {duration(trained)} "
+                         f"(planned {duration(record['seconds'])}), so the sweep may take {duration(left)} of the "
+                         f"{duration(record['parts']['sweep'])} planned: {fits}")

@@ -262,7 +262,7 @@ def probe_folder(data_dir: Path, resolution: int, cache_dir, settings: dict) -> 
 def probe_seconds(data_dir, *, resolution: int, cache_dir, seed: int = 0, crop_to_content: bool = False,
                   steps: int = PROBE_STEPS) -> float:
     """Estimated seconds of train_probe with these settings: 0 when cached; else loading the real images (timed on
-    the first 16) and `steps` training steps (3 timed on random images of the resolution)."""
+    the first 16) and `steps` training steps (8 timed on random images of the resolution)."""
     from time import perf_counter
 
     data_dir = Path(data_dir)
@@ -277,12 +277,12 @@ def probe_seconds(data_dir, *, resolution: int, cache_dir, seed: int = 0, crop_t
     images, gen = torch.rand(batch, 3, resolution, resolution), torch.Generator().manual_seed(0)
     labels = {k: torch.zeros(batch, dtype=torch.long) for k in CLASSES}
     opt = torch.optim.AdamW(net.parameters(), lr=1e-3)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-3, total_steps=4)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-3, total_steps=10)
     with one_thread():
-        _train_loop(net, images, labels, opt, sched, 1, batch, gen, False)  # warm-up
+        _train_loop(net, images, labels, opt, sched, 2, batch, gen, False)  # warm-up
         start = perf_counter()
-        _train_loop(net, images, labels, opt, sched, 3, batch, gen, False)
-    return load + steps * (perf_counter() - start) / 3
+        _train_loop(net, images, labels, opt, sched, 8, batch, gen, False)
+    return load + steps * (perf_counter() - start) / 8
 
 
 def train_probe(data_dir, *, resolution: int, cache_dir, steps: int = PROBE_STEPS, batch_size: int = 64, lr: float = 1e-2,

@@ -72,6 +72,7 @@ def test_the_reserve_counts_what_04_does_at_the_measured_sampling_speed(hw6_exce
     seconds_per_eval = {cfg.sample_batch_size: 0.004, budget.GRID_PROMPTS: 0.01}
     monkeypatch.setattr(budget, "sampling_seconds_per_eval", lambda c, u, k, d, batch: seconds_per_eval[batch])
     monkeypatch.setattr(budget, "png_seconds", lambda size: 0.01)
+    monkeypatch.setattr(budget, "start_seconds", lambda cfg, device: 5.0)
     unet = torch.nn.Linear(1000, 1000)
     reserve = budget.after_training(cfg, cache, unet, "cpu")
     images, param_bytes, ips = HW6.values()
@@ -147,15 +148,15 @@ def test_a_budget_too_short_for_one_step_stops_with_one_line(tmp_path, course_di
     assert not (cfg.run_dir / "checkpoints").exists()
 
 
-def test_04_gives_the_sweep_the_plans_share_less_what_training_ran_over(tmp_path, course_dir):
-    cfg = make_run(tmp_path, course_dir, time_budget_hours=1.0)
+def test_04_gives_the_sweep_what_the_whole_budget_leaves_after_training(tmp_path, course_dir):
+    cfg = make_run(tmp_path, course_dir, time_budget_hours=0.5)  # 1,710 s with the margin
     assert budget.sweep_budget_hours(cfg) == (0.0, "")  # no plan: no limit
-    budget.write_record(cfg, time_budget_hours=1.0, seconds=600.0, parts=dict(sweep=300.0, test_set=60.0),
-                        sessions=[dict(steps=[1, 10], seconds=500.0)])
+    budget.write_record(cfg, time_budget_hours=0.5, seconds=1000.0, after_training_s=400.0,
+                        parts=dict(sweep=300.0, test_set=100.0), sessions=[dict(steps=[1, 10], seconds=900.0)])
+    hours, why = budget.sweep_budget_hours(cfg)  # 1,710 - 900 trained - 100 for the rest of 04
+    assert hours * 3600 == pytest.approx(710) and "it fits" in why  # training ended early: room to spare
+    budget.record_session(cfg, 11, 20, 500.0)  # 1,400 s against 1,000 planned
     hours, why = budget.sweep_budget_hours(cfg)
-    assert hours == pytest.approx(300 / 3600) and "the sweep gets 5.0 min" in why  # training ended early: as planned
-    budget.record_session(cfg, 11, 20, 220.0)  # 720 s against 600 planned: 120 s over
-    hours, why = budget.sweep_budget_hours(cfg)
-    assert hours == pytest.approx(180 / 3600) and "training took 12.0 min against 10.0 min planned" in why
-    assert budget.sweep_budget_hours(cfg.replace(select_budget_hours=0.5))[0] == 0.5  # set by hand: it wins
-    assert len(train_rows(cfg, load_cache(cfg))) > 0
+    assert hours * 3600 == pytest.approx(210) and "training took 23.3 min (planned 16.7 min)" in why
+    assert "cells are dropped to fit" in why
+    assert budget.sweep_budget_hours(cfg.replace(select_budget_hours=0.25))[0] == 0.25  # set by hand: it wins
