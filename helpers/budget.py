@@ -83,14 +83,14 @@ def plan_budget(cfg: RunConfig, images_per_s: float, num_train_images: int, para
     after_s, after, parts = after_training(snapshots + 1) if after_training else (0.0, "", None)
     budget = cfg.time_budget_hours * 3600 * (1 - BUDGET_MARGIN) - after_s - spent_s
     fitting = done + math.floor((budget - once) / per_step)
-    if fitting < max(done, 1):
+    if done == 0 and fitting < 1:  # before step 1 the user can still choose; mid-run the run ends with its saves
         need = (spent_s + once + per_step + after_s) / 3600 / (1 - BUDGET_MARGIN)
         raise DoesNotFitBudgetError(
             f"time_budget_hours={cfg.time_budget_hours} is too short for one step and the saves on this device "
             f"(measured {images_per_s:.3g} images/s)" + (f" after reserving {duration(after_s)} for selection and the "
                                                          f"test set" if after_s else "")
             + f": at least {need:.3g} hours are needed")
-    steps = max(done, min(configured, fitting))
+    steps = max(done + 1, min(configured, fitting))  # a correction past the budget: one more step, then the end
     snapshot_every = max(1, -(-steps // snapshots)) if snapshots and steps < configured else cfg.snapshot_every
     seconds = spent_s + (steps - done) * per_step + once
     now = now or datetime.now().astimezone()

@@ -50,6 +50,8 @@ def test_a_plan_made_again_counts_the_steps_done_and_the_time_spent():
     assert (again.end - NOW).total_seconds() == pytest.approx(again.seconds - 3600.0)
     slower = budget.plan_budget(cfg, 0.8 * ips, images, param_bytes, now=NOW, done=1000, spent_s=3600.0)
     assert 1000 < slower.steps < first.steps
+    overrun = budget.plan_budget(cfg, ips, images, param_bytes, now=NOW, done=1000, spent_s=9 * 3600.0)
+    assert overrun.steps == 1001  # already past the budget at the correction: no error mid-run, one step and the end
     changes = budget.plan_changes(cfg, again, done=1000)  # the warm-up stays as long as it was
     assert changes["warmup_steps"] == budget.warmup_steps_for(cfg, cfg.max_steps) and changes["warmup_fraction"] == 0
     assert budget.plan_changes(cfg, first)["warmup_steps"] == round(0.05 * first.steps)  # hw6: 5 % of the plan
