@@ -1,9 +1,9 @@
 """The whole job's time budget (`time_budget_hours`): one plan for training, choosing a setting and the test set.
 
-- Before step 1 (helpers.fit measures a step), `plan_budget` reserves what 04 will take (`after_training`: the
-  judge's set-up, loading each candidate's weights, the staged sweep, the grids and the test set, with the U-Net
-  evaluations timed at the *sampling* batch and precision on this device) and fits training's steps and saves into
-  the rest. The budget's clock starts with `train()`: the set-up before the plan counts.
+- Before step 1 (helpers.fit measures a step), `plan_budget` reserves what 04 will take (`after_training`: its
+  imports, the judge's set-up, loading each candidate's weights, the staged sweep, the grids and the test set, each
+  sampling counted in U-Net forwards of the batch sizes 04 will use, timed in the *sampling* precision on this
+  device) and fits training's steps and saves into the rest. The budget's clock starts with `train()`: the set-up before the plan counts.
 - At the end of warm-up, `Replan` makes the plan again, once, from the run's own steps: a step measured before step 1
   runs slower than the run's (a CPU speeds up over its first tens of steps), and until warm-up ends the learning rate
   does not depend on the total. The warm-up keeps its length; the cosine decay follows the new total.
@@ -12,6 +12,7 @@
 """
 from __future__ import annotations
 
+import functools
 import io
 import json
 import math
@@ -180,26 +181,43 @@ def plan_the_hours(cfg: RunConfig, cache, cost: StepCost, n_images: int, acceler
 # ---------------------------------------------------------------- what 04 will take
 
 
-def sampling_seconds_per_eval(cfg: RunConfig, unet, cache, device, batch: int, repeats: int = 5) -> float:
-    """Seconds of one U-Net evaluation of one image when sampling `batch` prompts with CFG (2 x batch rows per
-    forward) in the sampling precision on `device`: the unit the sweep, the grids and the test set are counted in.
-    The median of `repeats` timed forwards, after one that chooses kernels and allocates."""
+def forward_seconds(cfg: RunConfig, unet, cache, device, rows: set[int], repeats: int = 3) -> dict[int, float]:
+    """Seconds of one U-Net forward of each row count in `rows` (a batch of prompts, 2 rows each on a guided step) in
+    the sampling precision on `device`: the median of `repeats` timed forwards after one that picks the kernels.
+    Timed at exactly the sizes 04 will sample (a forward of 24 rows costs more than 24/128 of one of 128)."""
     from .precision import decide
 
     precision = decide(cfg.mixed_precision, device, use="sample")
-    c, size, rows = cache.mean.shape[2], cache.mean.shape[-1], 2 * batch
-    x = torch.randn(rows, c, size, size, device=device)
-    text = cache.embeddings[:1].to(device, torch.float32).expand(rows, *cache.embeddings.shape[1:]).contiguous()
-    t = torch.full((rows,), 500, device=device)
+    c, size = cache.mean.shape[2], cache.mean.shape[-1]
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    times = []
+    seconds = {}
     with torch.no_grad(), precision.autocast(device):
-        for _ in range(repeats + 1):
-            start = perf_counter()
-            unet(x, t, encoder_hidden_states=text)
-            sync()
-            times.append(perf_counter() - start)
-    return sorted(times[1:])[repeats // 2] / rows
+        for n in sorted(rows):
+            x = torch.randn(n, c, size, size, device=device)
+            text = cache.embeddings[:1].to(device, torch.float32).expand(n, *cache.embeddings.shape[1:]).contiguous()
+            t = torch.full((n,), 500, device=device)
+            times = []
+            for _ in range(repeats + 1):
+                start = perf_counter()
+                unet(x, t, encoder_hidden_states=text)
+                sync()
+                times.append(perf_counter() - start)
+            seconds[n] = sorted(times[1:])[repeats // 2]
+    return seconds
+
+
+def batches(prompts: int, batch: int) -> list[int]:
+    """The batch sizes helpers.sample.sample_images draws `prompts` images in."""
+    return [batch] * (prompts // batch) + ([prompts % batch] if prompts % batch else [])
+
+
+def sampling_seconds(guided: int, total: int, autoguided: bool, prompts: int, batch: int,
+                     forward: dict[int, float]) -> float:
+    """Seconds to sample `prompts` images of a setting that guides `guided` of its `total` steps, in batches of
+    `batch`: one forward per step, of twice the batch on a guided (CFG) step, plus the guide's on every step when
+    `autoguided` (forward: seconds by rows, from forward_seconds)."""
+    return sum(guided * forward[2 * n] + (total - guided + (total if autoguided else 0)) * forward[n]
+               for n in batches(prompts, batch))
 
 
 def png_seconds(size: int) -> float:
@@ -215,7 +233,8 @@ def png_seconds(size: int) -> float:
 
 
 def start_seconds(cfg: RunConfig, device) -> float:
-    """Loading the frozen parts 04 samples with (text encoder, autoencoder): timed here, once, then let go."""
+    """Starting 04: its imports (`import_seconds`) and loading the frozen parts it samples with (text encoder,
+    autoencoder), timed here, once, then let go."""
     from .hub import WeightsUnavailableError
     from .model import load_frozen_parts
 
@@ -223,9 +242,43 @@ def start_seconds(cfg: RunConfig, device) -> float:
     try:
         parts = load_frozen_parts(cfg, device)
     except WeightsUnavailableError:  # not here (a cache made elsewhere): 04 will say so; training goes on
-        return 0.0
+        return import_seconds(cfg)
     seconds = perf_counter() - start
     del parts
+    return seconds + import_seconds(cfg)
+
+
+IMPORTS_04 = ("import torch, diffusers, transformers, matplotlib.pyplot; from diffusers import UNet2DConditionModel; "
+              "import helpers.choose, helpers.judges, helpers.grids")
+
+
+def import_seconds(cfg: RunConfig) -> float:
+    """Seconds a fresh Python takes to import what 04 works with (torch, diffusers' U-Net, transformers: ~10 s on
+    2 CPU cores), timed once per environment in a child process and kept in <outputs_dir>/cache/import_seconds.json;
+    0 where it cannot be timed."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import diffusers
+
+    key = f"{sys.executable} torch {torch.__version__} diffusers {diffusers.__version__}"
+    path = cfg.cache_dir / "import_seconds.json"
+    try:
+        known = json.loads(path.read_text())
+        if known.get("environment") == key:
+            return float(known["seconds"])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        pass
+    code = f"import time; t = time.perf_counter(); {IMPORTS_04}; print(time.perf_counter() - t)"
+    try:
+        done = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1],
+                              capture_output=True, text=True, timeout=300, check=True)
+        seconds = float(done.stdout.strip().splitlines()[-1])
+    except (OSError, ValueError, IndexError, subprocess.SubprocessError):
+        return 0.0
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(path, {"environment": key, "seconds": seconds})
     return seconds
 
 
@@ -242,47 +295,55 @@ def judge_seconds(cfg: RunConfig) -> float:
 
 def after_training(cfg: RunConfig, cache, unet, device):
     """plan_budget's reserve for a run of `cfg` on `cache`: n_snapshots -> (seconds, one line, parts) that 04 will
-    take: the staged sweep (at its average cost per image), the test set, the grids at 04's defaults (timed at their
-    small batch), loading the frozen parts and each candidate's weights, and the demo's probe, at speeds measured
-    here."""
+    take: the staged sweep (each stage's cells at the sweep's average cost), the test set, the grids at 04's defaults,
+    starting (imports, the frozen parts) and loading each candidate's weights, and the demo's probe. Every sampling
+    cost is counted in U-Net forwards of the batch sizes 04 will use, timed here (`forward_seconds`)."""
     from .data import load_prompts
+    from .sample import guided_steps
+    from .schedulers import schedulers_for
     from .selection_cost import sd_vae_decode_gflop, selection_cost, unet_gflop
+    from .setting import Setting
+    from .staged import train_scheduler_config
 
     test_json = cfg.data_path / "test.json"
     if not test_json.exists():
         return lambda n_snapshots: (0.0, f"nothing reserved: no {test_json} to choose for", {})
-    n_test = len(load_prompts(test_json))
+    n_test, batch = len(load_prompts(test_json)), cfg.sample_batch_size
     c, size = cache.mean.shape[2], cache.mean.shape[-1]  # [N, 2 (mirrored), C, h, w]
-    per_eval = sampling_seconds_per_eval(cfg, unet, cache, device, cfg.sample_batch_size)
-    per_eval_grid = sampling_seconds_per_eval(cfg, unet, cache, device, GRID_PROMPTS)
+    schedule, base = train_scheduler_config(cfg), Setting.from_config(cfg)
+    stages = selection_cost(cfg, 1, n_test).plan.sizes  # the stage sizes do not depend on the snapshots
+    new = [n - (stages[k - 1] if k else 0) for k, n in enumerate(stages)]
+    rows = {r for n in [*new, n_test, GRID_PROMPTS] for b in batches(n, batch) for r in (b, 2 * b)}
+    forward = forward_seconds(cfg, unet, cache, device, rows)
     gflop = unet_gflop(cfg, c, size, cache.embeddings.shape[-1])
     decode = (sd_vae_decode_gflop(size) / gflop if cfg.autoencoder != "identity" else 0.0)  # in U-Net evaluations
+    decode_s = decode * forward[max(forward)] / max(forward)  # per image, at the largest batch's speed
     per_png, probe, start = png_seconds(cfg.output_size), judge_seconds(cfg), start_seconds(cfg, device)
     param_bytes = sum(p.numel() * 4 for p in unet.parameters())
+    steps = functools.lru_cache(maxsize=None)(lambda s: (*guided_steps(schedule, s), s.autoguided))
+
+    def sample_s(setting, prompts: int) -> float:
+        return sampling_seconds(*steps(setting), prompts, batch, forward)
+
+    grid_settings = [base.replace(guidance=g, steps=s) for g in GRID_GUIDANCES for s in GRID_STEPS]
+    grids = sum(sample_s(s, GRID_PROMPTS) for s in grid_settings + [base.replace(scheduler=name)
+                                                                     for name in schedulers_for(schedule)])
+    test_set = sample_s(base, n_test) + n_test * (decode_s + per_png)
 
     def reserve(n_snapshots: int) -> tuple[float, str, dict]:
         cost = selection_cost(cfg, n_snapshots, n_test)
-        weights = len({(s.snapshot, s.ema_length) for s in cost.plan.settings}) + 1  # + the test set's, reloaded
-        parts = dict(
-            sweep=(cost.selection_unet_evals + cost.selection_images * decode) * per_eval,
-            test_set=(cost.test_unet_evals + cost.test_images * decode) * per_eval + cost.test_images * per_png,
-            grids=grid_unet_evals(cfg) * per_eval_grid, loads=weights * 3 * param_bytes / DISK_BYTES_PER_S + start,
-            judge=probe)
+        plan = cost.plan
+        per_cell = [sum(sample_s(s, n) for s in plan.settings) / len(plan.settings) for n in new]  # which cells move on is not known: the average cell
+        sweep = sum(count * (seconds + n * decode_s) for count, seconds, n in zip(plan.counts, per_cell, new))
+        weights = len({(s.snapshot, s.ema_length) for s in plan.settings}) + 1  # + the test set's, reloaded
+        parts = dict(sweep=sweep, test_set=test_set, grids=grids,
+                     loads=weights * 3 * param_bytes / DISK_BYTES_PER_S + start, judge=probe)
         total = sum(parts.values())
-        return total, (f"04 ≈ {duration(total)}: selection {duration(parts['sweep'])} ({len(cost.plan.settings)} "
-                       f"cells staged over {cost.plan.sizes} prompts, {cost.selection_images:,} images), test set "
-                       f"{duration(parts['test_set'])} ({cost.test_images:,} images), grids, loads and judge "
+        return total, (f"04 ≈ {duration(total)}: selection {duration(parts['sweep'])} ({len(plan.settings)} "
+                       f"cells staged over {plan.sizes} prompts, {cost.selection_images:,} images), test set "
+                       f"{duration(parts['test_set'])} ({cost.test_images:,} images), grids, start, loads and judge "
                        f"{duration(parts['grids'] + parts['loads'] + parts['judge'])}"), parts
     return reserve
-
-
-def grid_unet_evals(cfg: RunConfig) -> float:
-    """U-Net evaluations per image of 04's two grids at its defaults: guidance x steps, and every scheduler at the
-    setting's steps (2 per guided step; an upper bound where a guidance interval spares some)."""
-    from .sample import SCHEDULERS
-
-    guided = sum(s * (1 if g == 1.0 else 2) for g in GRID_GUIDANCES for s in GRID_STEPS)
-    return GRID_PROMPTS * (guided + len(SCHEDULERS) * cfg.sample_steps * 2)
 
 
 # ---------------------------------------------------------------- the record, the correction, 04's share

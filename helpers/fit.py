@@ -115,7 +115,7 @@ def measure_step(cfg: RunConfig, unet, batch: tuple, micro_splits: int = 1, grad
     device = next(unet.parameters()).device
     unet.enable_gradient_checkpointing() if gradient_checkpointing else unet.disable_gradient_checkpointing()
     unet.train()
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-12, fused=on_cuda(device))  # tiny lr: weights barely move
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-12, fused=device.type in ("cuda", "cpu"))  # tiny lr: weights barely move
     ema = EMA(unet, cfg.ema_halflife_images, cfg.ema_rampup)
     params = set(p.untyped_storage().data_ptr() for p in unet.parameters())
     saved: list[int] = []

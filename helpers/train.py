@@ -70,8 +70,9 @@ def make_optimizer(cfg: RunConfig, unet, device):
     """AdamW and its warm-up + decay schedule (stepped by us once per optimizer step)."""
     from diffusers.optimization import get_scheduler
 
+    # fused: one kernel for all parameters; on a CPU the default loops over them (22 ms a demo step against 5 ms)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                  fused=device.type == "cuda")
+                                  fused=device.type in ("cuda", "cpu"))
     lr_schedule = get_scheduler(cfg.lr_schedule, optimizer=optimizer,
                                 num_warmup_steps=warmup_steps_for(cfg, cfg.max_steps), num_training_steps=cfg.max_steps)
     return optimizer, lr_schedule

@@ -71,42 +71,87 @@ def test_the_reserve_counts_what_04_does_at_the_measured_sampling_speed(hw6_exce
     """One budget for the whole job: the hw6 T4 case, with the staged selection and the test set reserved first."""
     cfg = profile_config("hw6", time_budget_hours=9.0, data_dir=str(hw6_excerpt))
     cache = types.SimpleNamespace(mean=torch.empty(1, 2, 4, 32, 32), embeddings=torch.empty(1, 77, 512))
-    seconds_per_eval = {cfg.sample_batch_size: 0.004, budget.GRID_PROMPTS: 0.01}
-    monkeypatch.setattr(budget, "sampling_seconds_per_eval", lambda c, u, k, d, batch: seconds_per_eval[batch])
+    per_row, timed = [0.004], []
+    monkeypatch.setattr(budget, "forward_seconds", lambda c, u, k, d, rows: timed.append(set(rows)) or
+                        {r: 0.01 + per_row[0] * r for r in rows})  # a fixed cost per forward, and one per row
     monkeypatch.setattr(budget, "png_seconds", lambda size: 0.01)
     monkeypatch.setattr(budget, "start_seconds", lambda cfg, device: 5.0)
     unet = torch.nn.Linear(1000, 1000)
     reserve = budget.after_training(cfg, cache, unet, "cpu")
+    from helpers.data import load_prompts
+
+    n_test = len(load_prompts(hw6_excerpt / "test.json"))  # under the first stage's 48: one stage of them all
+    assert timed[0] == {n_test, 2 * n_test, budget.GRID_PROMPTS, 2 * budget.GRID_PROMPTS}  # the sizes 04 samples
     images, param_bytes, ips = HW6.values()
     alone = budget.plan_budget(cfg, ips, images, param_bytes, now=NOW)
     job = budget.plan_budget(cfg, ips, images, param_bytes, now=NOW, after_training=reserve)
     seconds, line, parts = reserve(alone.configured_steps // cfg.snapshot_every + 1)
     assert set(parts) == {"sweep", "test_set", "grids", "loads", "judge"} and parts["judge"] == 0  # no probe on hw6
     assert job.after_training_s == pytest.approx(seconds) == pytest.approx(sum(parts.values()))
-    assert parts["grids"] == pytest.approx(budget.grid_unet_evals(cfg) * 0.01)
+    # the recipe's setting (15 steps, guidance 3 at every step) on the test prompts: 15 forwards of 2 rows each + PNGs
+    decode = parts["test_set"] - 15 * (0.01 + 0.004 * 2 * n_test) - n_test * 0.01
+    from helpers.selection_cost import sd_vae_decode_gflop, unet_gflop
+
+    in_evals = sd_vae_decode_gflop(32) / unet_gflop(cfg, 4, 32, 512)  # the VAE's decode of an image, in U-Net forwards
+    assert decode == pytest.approx(n_test * in_evals * (0.01 + 0.004 * 2 * n_test) / (2 * n_test))  # per row
     assert alone.seconds - job.seconds == pytest.approx(seconds, abs=10)  # training gives way by the reserve (± a step)
     assert job.seconds + job.after_training_s <= 9 * 3600 * (1 - budget.BUDGET_MARGIN)
     assert "selection" in line and "test set" in line and "whole job ends" in budget.describe_budget(cfg, job)
     bigger = profile_config("hw6", time_budget_hours=9.0, data_dir=str(hw6_excerpt), sweep_steps=[10, 15, 20, 30])
     assert budget.after_training(bigger, cache, unet, "cpu")(10)[2]["sweep"] > parts["sweep"]  # a wider sweep
-    seconds_per_eval[cfg.sample_batch_size] *= 2  # sampling twice as slow: the sweep and test set take twice as long
+    per_row[0] *= 2  # sampling slower: the sweep, test set and grids take longer
     slower = budget.after_training(cfg, cache, unet, "cpu")(alone.configured_steps // cfg.snapshot_every + 1)[2]
-    assert slower["sweep"] == pytest.approx(2 * parts["sweep"]) and slower["test_set"] > parts["test_set"]
+    assert all(slower[k] > 1.5 * parts[k] for k in ("sweep", "grids")) and slower["test_set"] > parts["test_set"]
+
+
+def test_sampling_time_counts_each_batchs_forwards_at_their_size():
+    forward = {r: 0.01 + 0.001 * r for r in (2, 4, 64, 128)}
+    # 6 of 10 steps guided (CFG: 2 rows a prompt), the other 4 one row a prompt; 130 prompts in 64, 64 and 2
+    expect = 2 * (6 * forward[128] + 4 * forward[64]) + 6 * forward[4] + 4 * forward[2]
+    assert budget.sampling_seconds(6, 10, False, 130, 64, forward) == pytest.approx(expect)
+    assert budget.sampling_seconds(6, 10, True, 2, 64, forward) == pytest.approx(6 * forward[4] + 14 * forward[2])
+    assert budget.batches(130, 64) == [64, 64, 2] and budget.batches(128, 64) == [64, 64]
+
+
+def test_04s_imports_are_timed_once_per_environment(tmp_path, monkeypatch):
+    import subprocess
+    import sys
+
+    cfg = profile_config("tiny", outputs_dir=str(tmp_path))
+    runs = []
+
+    def run(args, **kwargs):
+        runs.append(args)
+        return types.SimpleNamespace(stdout="12.5\n")
+    monkeypatch.setattr(subprocess, "run", run)
+    assert budget.import_seconds(cfg) == budget.import_seconds(cfg) == 12.5 and len(runs) == 1  # then remembered
+    assert budget.IMPORTS_04 in runs[0][-1]
+    record = json.loads((cfg.cache_dir / "import_seconds.json").read_text())
+    monkeypatch.setattr(sys, "executable", "/another/python")
+    assert budget.import_seconds(cfg) == 12.5 and len(runs) == 2  # another environment: timed again
+    assert record["seconds"] == 12.5
+
+    def failing(args, **kwargs):
+        raise subprocess.TimeoutExpired(args, 300)
+    monkeypatch.setattr(subprocess, "run", failing)
+    (cfg.cache_dir / "import_seconds.json").unlink()
+    assert budget.import_seconds(cfg) == 0.0  # not timed: left out of the estimate, training goes on
 
 
 def test_sampling_speed_is_measured_on_the_unet_in_the_sampling_precision(tmp_path, course_dir):
     cfg = make_run(tmp_path, course_dir)
     cache = load_cache(cfg)
     unet = unet_for_cache(cfg, cache).eval()
-    per_eval = budget.sampling_seconds_per_eval(cfg, unet, cache, torch.device("cpu"), 4)
-    assert 0 < per_eval < 1
+    forward = budget.forward_seconds(cfg, unet, cache, torch.device("cpu"), {2, 8})
+    assert set(forward) == {2, 8} and all(0 < s < 1 for s in forward.values())
     assert budget.png_seconds(256) > 0
 
 
 def test_time_budget_plans_the_run_corrects_it_at_warm_up_and_a_resume_keeps_it(tmp_path, course_dir, monkeypatch,
                                                                                  capsys):
     monkeypatch.setattr(fit, "perf_counter", mocked_clock(1.0))  # 3 timed steps of 8 images in 1 s: 24 images/s
-    monkeypatch.setattr(budget, "sampling_seconds_per_eval", lambda *a: 1e-3)
+    monkeypatch.setattr(budget, "forward_seconds", lambda c, u, k, d, rows: {r: 1e-3 * r for r in rows})
+    monkeypatch.setattr(budget, "import_seconds", lambda cfg: 0.0)  # not timed in a child process here
     # the run's own steps turn out 1.5x the measured speed: the correction lengthens the plan
     monkeypatch.setattr(budget.Replan, "speed", lambda self, images_per_step: 36.0)
     monkeypatch.setattr(budget, "elapsed", lambda began: 1.0)  # the set-up and the first steps, whatever this host
@@ -140,7 +185,8 @@ def test_a_budget_too_short_for_one_step_stops_with_one_line(tmp_path, course_di
     from helpers.train import main
 
     monkeypatch.setattr(fit, "perf_counter", mocked_clock(1.0))
-    monkeypatch.setattr(budget, "sampling_seconds_per_eval", lambda *a: 1e-3)
+    monkeypatch.setattr(budget, "forward_seconds", lambda c, u, k, d, rows: {r: 1e-3 * r for r in rows})
+    monkeypatch.setattr(budget, "import_seconds", lambda cfg: 0.0)  # not timed in a child process here
     cfg = make_run(tmp_path, course_dir, max_steps=4, time_budget_hours=1e-5)  # 0.036 s: less than one step
     with pytest.raises(SystemExit) as stop:
         main(["--run-name", str(cfg.run_dir), "--no-progress"])

@@ -63,6 +63,24 @@ def test_same_seed_same_image_whatever_the_batch(model, scheduler):
     assert (other_seed[0] - together[0]).abs().max() > 1e-2
 
 
+def test_each_distinct_prompt_is_encoded_once_and_reads_as_encoded(tmp_path, monkeypatch):
+    model = tiny_model(tmp_path)
+    direct = model.text_encoder.encode(PROMPTS)
+    seen = []
+    encode = model.text_encoder.encode
+    monkeypatch.setattr(model.text_encoder, "encode", lambda captions, **kw: seen.append(list(captions)) or encode(captions))
+    first = model.encode_prompts(PROMPTS[:2] + PROMPTS[:1])
+    again = model.encode_prompts(list(reversed(PROMPTS)))
+    assert seen == [PROMPTS[:2], PROMPTS[2:]]  # the repeat within a call and the two known ones: not encoded again
+    assert torch.allclose(first, direct[[0, 1, 0]], atol=1e-5) and torch.allclose(again, direct.flip(0), atol=1e-5)
+    import dataclasses
+    assert dataclasses.replace(model, guide="x").encoded is model.encoded  # settings' copies share what is known
+    monkeypatch.setattr("helpers.model.PROMPTS_KEPT", 2)
+    model.encode_prompts(["a fourth prompt"])
+    assert list(model.encoded) == [PROMPTS[2], "a fourth prompt"]  # the oldest let go
+    assert model.encode_prompts([]).shape == (0, *direct.shape[1:])
+
+
 def test_guidance_one_skips_the_unconditional_half_and_guidance_changes_the_image(model):
     batches = []
     hook = model.unet.register_forward_pre_hook(lambda m, args: batches.append(args[0].shape[0]))
