@@ -150,6 +150,7 @@ class LossScaleWatch:
 
     def __init__(self, accelerator):
         self.accelerator, self.skipped = accelerator, 0
+        self.last = self.scale
 
     @property
     def scale(self) -> float | None:
@@ -157,8 +158,13 @@ class LossScaleWatch:
         return float(scaler.get_scale()) if scaler is not None else None
 
     def after_step(self) -> None:
-        if self.accelerator.scaler is not None and self.accelerator.optimizer_step_was_skipped:
+        """Count the step if GradScaler skipped it: it lowers the scale (x backoff_factor) on exactly those steps.
+        Not Accelerate's optimizer_step_was_skipped: with a fused optimizer GradScaler always calls step() (the
+        kernel itself skips on overflow), so that flag never comes up."""
+        now = self.scale
+        if now is not None and self.last is not None and now < self.last:
             self.skipped += 1
+        self.last = now
 
     def problem(self, step: int) -> str | None:
         """One line when the loss scale has collapsed, else None."""

@@ -39,10 +39,6 @@ class SelectionCost:
         new = [n - (self.plan.sizes[k - 1] if k else 0) for k, n in enumerate(self.plan.sizes)]
         return sum(sum(costly[:c]) * m for c, m in zip(self.plan.counts, new))
 
-    @property
-    def test_unet_evals(self) -> int:
-        return self.test_images * self.test_evals_per_image
-
 
 def stand_in_snapshots(cfg: RunConfig, n_snapshots: int) -> list[str]:
     """The snapshot names a run of this config will have (n_snapshots of them, evenly spaced over training)."""

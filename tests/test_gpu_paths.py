@@ -4,7 +4,7 @@
   GradScaler on a CPU, so the test puts a real `torch.amp.GradScaler("cpu")` where Accelerate puts its CUDA one
   (`accelerator.scaler`, with `native_amp`: accelerate/accelerator.py, "Mixed precision attributes"); from there
   Accelerate's own code runs as on a GPU: fp16 autocast, `scaler.scale(loss).backward()`, `unscale_` before the
-  clip, `scaler.step` / `update` and `optimizer_step_was_skipped`, inside the project's real loop
+  clip, `scaler.step` / `update` (the fused AdamW's step skipping an overflow itself), inside the project's real loop
   (helpers.train), whose LossScaleWatch, checkpoints (helpers.run_state) and resume then run for real.
 - two processes: gloo on CPU under torchrun (as tests/test_shards.py), the worker tests/train_worker.py.
 """

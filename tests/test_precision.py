@@ -164,12 +164,12 @@ class FakeScaler:
 
 
 def test_fp16_skipped_steps_are_counted_and_a_collapsed_scale_stops():
-    accelerator = types.SimpleNamespace(scaler=FakeScaler(65536.0), optimizer_step_was_skipped=True)
+    # GradScaler halves its scale after exactly the steps it skipped, and grows it after a run of good ones
+    accelerator = types.SimpleNamespace(scaler=FakeScaler(65536.0))
     watch = LossScaleWatch(accelerator)
-    watch.after_step()
-    watch.after_step()
-    accelerator.optimizer_step_was_skipped = False
-    watch.after_step()
+    for scale in (32768.0, 16384.0, 16384.0, 32768.0):  # skipped, skipped, taken, taken (and grown)
+        accelerator.scaler.scale = scale
+        watch.after_step()
     assert watch.skipped == 2 and watch.problem(3) is None
     accelerator.scaler.scale = 0.25
     line = watch.problem(40)
