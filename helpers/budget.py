@@ -3,7 +3,8 @@
 - Before step 1 (helpers.fit measures a step), `plan_budget` reserves what 04 will take (`after_training`: its
   imports, the judge's set-up, loading each candidate's weights, the staged sweep, the grids and the test set, each
   sampling counted in U-Net forwards of the batch sizes 04 will use, timed in the *sampling* precision on this
-  device) and fits training's steps and saves into the rest. The budget's clock starts with `train()`: the set-up before the plan counts.
+  device) and fits training's steps and saves into the rest. The budget's clock starts with `train()`: the set-up
+  before the plan counts.
 - At the end of warm-up, `Replan` makes the plan again, once, from the run's own steps: a step measured before step 1
   runs slower than the run's (a CPU speeds up over its first tens of steps), and until warm-up ends the learning rate
   does not depend on the total. The warm-up keeps its length; the cosine decay follows the new total.
@@ -253,7 +254,7 @@ IMPORTS_04 = ("import torch, diffusers, transformers, matplotlib.pyplot; from di
 
 
 def import_seconds(cfg: RunConfig) -> float:
-    """Seconds a fresh Python takes to import what 04 works with (torch, diffusers' U-Net, transformers: ~10 s on
+    """Seconds a fresh Python takes to import what 04 works with (torch, diffusers' U-Net, transformers: 5-10 s on
     2 CPU cores), timed once per environment in a child process and kept in <outputs_dir>/cache/import_seconds.json;
     0 where it cannot be timed."""
     import subprocess
@@ -333,7 +334,8 @@ def after_training(cfg: RunConfig, cache, unet, device):
     def reserve(n_snapshots: int) -> tuple[float, str, dict]:
         cost = selection_cost(cfg, n_snapshots, n_test)
         plan = cost.plan
-        per_cell = [sum(sample_s(s, n) for s in plan.settings) / len(plan.settings) for n in new]  # which cells move on is not known: the average cell
+        # which cells move on is not known before: each stage at the average cell
+        per_cell = [sum(sample_s(s, n) for s in plan.settings) / len(plan.settings) for n in new]
         sweep = sum(count * (seconds + n * decode_s) for count, seconds, n in zip(plan.counts, per_cell, new))
         weights = len({(s.snapshot, s.ema_length) for s in plan.settings}) + 1  # + the test set's, reloaded
         parts = dict(sweep=sweep, test_set=test_set, grids=grids,

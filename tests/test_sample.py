@@ -68,7 +68,8 @@ def test_each_distinct_prompt_is_encoded_once_and_reads_as_encoded(tmp_path, mon
     direct = model.text_encoder.encode(PROMPTS)
     seen = []
     encode = model.text_encoder.encode
-    monkeypatch.setattr(model.text_encoder, "encode", lambda captions, **kw: seen.append(list(captions)) or encode(captions))
+    monkeypatch.setattr(model.text_encoder, "encode",
+                        lambda captions, **kw: seen.append(list(captions)) or encode(captions))
     first = model.encode_prompts(PROMPTS[:2] + PROMPTS[:1])
     again = model.encode_prompts(list(reversed(PROMPTS)))
     assert seen == [PROMPTS[:2], PROMPTS[2:]]  # the repeat within a call and the two known ones: not encoded again
