@@ -27,7 +27,8 @@ from .length import total_steps
 from .diffusion import EMA
 from .model import training_objective
 from .precision import decide
-from .step import DeviceCache, data_rows, loss_function, split_backward, step_generator, train_rows, unet_for_cache
+from .step import (DeviceCache, adamw, data_rows, loss_function, split_backward, step_generator, train_rows,
+                   unet_for_cache)
 
 FIT_SHARE = 0.95  # a step "fits" when its peak plus one more copy of the weights stays under this share of memory
 
@@ -115,7 +116,7 @@ def measure_step(cfg: RunConfig, unet, batch: tuple, micro_splits: int = 1, grad
     device = next(unet.parameters()).device
     unet.enable_gradient_checkpointing() if gradient_checkpointing else unet.disable_gradient_checkpointing()
     unet.train()
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-12, fused=device.type in ("cuda", "cpu"))  # tiny lr: weights barely move
+    optimizer = adamw(unet, device, lr=1e-12)  # tiny lr: weights barely move
     ema = EMA(unet, cfg.ema_halflife_images, cfg.ema_rampup)
     params = set(p.untyped_storage().data_ptr() for p in unet.parameters())
     saved: list[int] = []

@@ -94,6 +94,12 @@ def unet_for_cache(cfg: RunConfig, cache: LatentCache):
                       sample_size=cache.mean.shape[-1], seed=cfg.seed)
 
 
+def adamw(unet, device, **options) -> torch.optim.AdamW:
+    """The run's optimizer, as the loop and the fit measurement make it: AdamW, fused on a CPU too (one kernel for all
+    parameters; the default loops over them: 22 ms a demo step against 5 ms)."""
+    return torch.optim.AdamW(unet.parameters(), fused=torch.device(device).type in ("cuda", "cpu"), **options)
+
+
 def loss_function(objective: Objective, forward):
     """loss_of(x0, context, eps, t): the run's loss of `forward` (the U-Net, maybe wrapped) on a chunk."""
     return lambda *chunk: objective.loss(forward, *chunk)
